@@ -1,0 +1,62 @@
+"""Argument checks shared by the layers, the pattern and the converters.
+
+Every check raises before any work starts, with one sentence that names the argument, the value
+that was given and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["check_int", "check_tuple", "check_odd", "check_input"]
+
+
+def check_int(name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} ({value}) must be an int >= {minimum}")
+    return value
+
+
+def check_tuple(name: str, value: object, dims: int, minimum: int = 1) -> tuple[int, ...]:
+    """Turn an int or a sequence of ``dims`` ints into a tuple, like ``nn.Conv2d`` does."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        items = tuple(value)
+        if len(items) != dims:
+            raise ValueError(f"{name} ({value!r}) must be an int or a sequence of {dims} ints")
+        for item in items:
+            check_int(name, item, minimum)
+        return items
+    return (check_int(name, value, minimum),) * dims
+
+
+def check_odd(name: str, value: tuple[int, ...]) -> tuple[int, ...]:
+    """Require every entry of a kernel size to be odd, so the kernel has a centre tap."""
+    if any(k % 2 == 0 for k in value):
+        shown = value[0] if len(set(value)) == 1 else value
+        raise ValueError(
+            f"{name} ({shown}) must be odd so that the k x k kernel has a centre tap "
+            "for the 1x1 kernels to sit on"
+        )
+    return value
+
+
+def check_input(input: object, in_channels: int, dims: int, who: str) -> None:
+    """Check a layer's input: a tensor of rank ``dims + 2`` with ``in_channels`` channels."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{who} expects input to be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() != dims + 2:
+        layout = "(batch, channels, height, width)" if dims == 2 else "(batch, channels, depth, height, width)"
+        raise ValueError(
+            f"{who} expects a {dims + 2}-D input {layout}, got a {input.dim()}-D input "
+            f"of shape {tuple(input.shape)}"
+        )
+    if input.shape[1] != in_channels:
+        raise ValueError(
+            f"{who} expects input with {in_channels} channels (dim 1), got {input.shape[1]} "
+            f"(input shape {tuple(input.shape)})"
+        )

@@ -1,0 +1,237 @@
+"""Converters between the forms of a HetConv model, and from standard CNNs into HetConv ones.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+
+* :func:`to_sparse` — masked (and published ``gwc``/``pwc``) layers -> :class:`SparseHetConv2d`.
+* :func:`to_masked` — the exact inverse.
+* :func:`hetconvify` — standard ``nn.Conv2d`` k x k layers -> HetConv layers, to fine-tune.
+
+All of them work on a deep copy unless ``inplace=True``, keep module names, every other module,
+train/eval state, device and dtype, and check the whole model before changing anything: on an
+error the input model is untouched. Hooks registered on a replaced module are not carried over.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ._checks import check_int
+from .masked import MaskedHetConv2d, MaskedHetConv3d, _MaskedHetConvNd
+from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd
+
+__all__ = ["to_sparse", "to_masked", "hetconvify", "HetConvifyReport"]
+
+_SPARSE_BY_DIMS = {2: SparseHetConv2d, 3: SparseHetConv3d}
+_MASKED_BY_DIMS = {2: MaskedHetConv2d, 3: MaskedHetConv3d}
+_FORMS = ("sparse", "masked")
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _looks_published(module: nn.Module) -> bool:
+    return isinstance(module, _MaskedHetConvNd) or (
+        isinstance(getattr(module, "gwc", None), nn.Module) and isinstance(getattr(module, "pwc", None), nn.Module)
+    )
+
+
+def _plan(model: nn.Module, build) -> list[tuple[str, nn.Module]]:
+    """Walk the tree top-down; ``build(path, module)`` returns a replacement or None.
+
+    A replaced module's children are not visited. Nothing is changed here.
+    """
+    plan, skip = [], []
+    for path, module in model.named_modules():
+        if any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        new = build(path, module)
+        if new is not None:
+            plan.append((path, new))
+            skip.append(path)
+    return plan
+
+
+def _apply(model: nn.Module, plan: list[tuple[str, nn.Module]]) -> nn.Module:
+    for path, new in plan:
+        if not path:
+            return new
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, new)
+    return model
+
+
+def _convert(model, build, inplace: bool, what: str) -> nn.Module:
+    _check_model(model)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = _plan(model, build)  # raises before anything is changed; the input is never touched
+    if not plan:
+        warnings.warn(f"{what}: the model has no layer to convert; returned it unchanged", stacklevel=3)
+    return _apply(model, plan)
+
+
+def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto") -> nn.Module:
+    """Turn every masked HetConv in ``model`` into a :class:`SparseHetConv2d` (or ``3d``).
+
+    Converted: :class:`MaskedHetConv2d` / ``3d``, and every module shaped like the published
+    HetConv: children ``gwc`` (a grouped k x k convolution, padding ``k // 2``) and ``pwc`` (a 1 x 1
+    convolution) with matching channels and stride and output ``gwc(x) + pwc(x)``. The result is
+    exact. A non-zero ``pwc`` block diagonal is folded into ``gwc``'s centre taps (DESIGN
+    section 4), so unmasked "approximate HetConv" models, trained without gradient masking,
+    convert exactly too. ``model`` itself may be such a layer.
+
+    Args:
+        model (nn.Module): the model (or a single layer).
+        inplace (bool): change ``model`` itself instead of a deep copy.
+        backend (str): the ``backend`` of the new sparse layers.
+
+    Returns:
+        nn.Module: the converted model.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a module with ``gwc``/``pwc`` children that is not an exact HetConv; the
+            message names its path, and ``model`` is left untouched.
+
+    Example:
+        >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
+        >>> type(to_sparse(masked)[0]).__name__
+        'SparseHetConv2d'
+    """
+
+    def build(path, module):
+        if not _looks_published(module):
+            return None
+        from .masked import read_hetconv_weights
+
+        read = read_hetconv_weights(module, path)
+        return _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
+
+    return _convert(model, build, inplace, "to_sparse")
+
+
+def to_masked(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turn every :class:`SparseHetConv2d` (``3d``) in ``model`` into a :class:`MaskedHetConv2d`.
+
+    The exact inverse of :func:`to_sparse`: ``to_masked(to_sparse(m))`` computes what ``m`` did,
+    with the published module layout (``gwc``/``pwc`` keys), e.g. to save a checkpoint for code
+    that expects it. Copies unless ``inplace=True``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+
+    def build(path, module):
+        return module.to_masked() if isinstance(module, _SparseHetConvNd) else None
+
+    return _convert(model, build, inplace, "to_masked")
+
+
+@dataclass
+class HetConvifyReport:
+    """What :func:`hetconvify` did: replaced layers, skipped layers with the reason, parameters."""
+
+    part: int
+    form: str
+    replaced: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def reduction(self) -> float:
+        """Parameters after / before (1.0 when nothing changed)."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def __str__(self) -> str:
+        lines = [f"hetconvify(part={self.part}, form={self.form!r}): replaced {len(self.replaced)} layers, "
+                 f"skipped {len(self.skipped)}; parameters {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.reduction:.1%})"]
+        lines += [f"  replaced {name}" for name in self.replaced]
+        lines += [f"  skipped  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def hetconvify(
+    model: nn.Module,
+    part: int,
+    form: str = "sparse",
+    skip_first: bool = True,
+    reduce: str = "centre",
+    include=None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> tuple[nn.Module, HetConvifyReport]:
+    """Replace standard k x k convolutions by HetConv layers initialised from their weights.
+
+    Every ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``, dilation 1, an odd kernel larger than
+    1 with padding ``k // 2`` and channels divisible by ``part`` becomes a HetConv: the k x k
+    kernels on the pattern's blocks are kept exactly and every other kernel is reduced to a 1 x 1
+    weight (``reduce="centre"``: its centre tap; ``"sum"``: the sum of its taps). The output
+    changes — fine-tune afterwards. This is how a pretrained standard CNN becomes a HetConv one.
+
+    Args:
+        model (nn.Module): the model.
+        part (int): ``P`` for every replaced layer.
+        form (str): ``"sparse"`` (:class:`SparseHetConv2d`) or ``"masked"``.
+        skip_first (bool): leave the first convolution (module order) alone, as the paper does
+            with the RGB stem. Default True.
+        reduce (str): ``"centre"`` or ``"sum"``, see above.
+        include (callable, optional): ``include(path, conv) -> bool``; False skips the layer.
+        inplace (bool): change ``model`` itself instead of a deep copy.
+        backend (str): ``backend`` of new sparse layers.
+
+    Returns:
+        (nn.Module, HetConvifyReport): the new model and what was replaced / skipped and why.
+
+    Raises:
+        TypeError / ValueError: bad arguments, before anything is changed.
+    """
+    _check_model(model)
+    check_int("part", part)
+    if form not in _FORMS:
+        raise ValueError(f"form ({form!r}) must be one of {_FORMS}")
+    if reduce not in ("centre", "sum"):
+        raise ValueError(f"reduce ({reduce!r}) must be 'centre' or 'sum'")
+    if include is not None and not callable(include):
+        raise TypeError(f"include must be callable or None, got {type(include).__name__}")
+    report = HetConvifyReport(part, form, params_before=sum(p.numel() for p in model.parameters()))
+    seen_first = []
+
+    def build(path, module):
+        if type(module) not in (nn.Conv2d, nn.Conv3d):
+            return None
+        dims = 2 if isinstance(module, nn.Conv2d) else 3
+        if skip_first and not seen_first:
+            seen_first.append(path)
+            report.skipped[path] = "first convolution (skip_first=True)"
+            return None
+        if include is not None and not include(path, module):
+            report.skipped[path] = "excluded by include()"
+            return None
+        reason = _dense_conv_problem(module, part, dims)
+        if reason:
+            report.skipped[path] = reason
+            return None
+        report.replaced.append(path)
+        sparse = _SPARSE_BY_DIMS[dims].from_dense(module, part, reduce, backend)
+        return sparse if form == "sparse" else sparse.to_masked()
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = _plan(model, build)
+    model = _apply(model, plan)
+    report.params_after = sum(p.numel() for p in model.parameters())
+    if not plan:
+        warnings.warn(f"hetconvify: no convolution could be replaced with part={part}; see the report",
+                      stacklevel=2)
+    return model, report
