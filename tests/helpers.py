@@ -1,0 +1,76 @@
+"""Shared test helpers: the definition oracle, devices and dtypes, small builders.
+
+The oracle computes HetConv straight from its definition (DESIGN section 2): one tiny
+convolution per (filter, channel) pair. It shares no code with the library: it decides which
+channel carries a k x k and which a 1 x 1 kernel by itself, and reads the compact 1 x 1 values
+row by row in increasing channel order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = ["dense", "blocked", "torch_sparse", "auto"]
+CONV = {2: F.conv2d, 3: F.conv3d}
+
+
+def kxk_channels(j: int, in_channels: int, out_channels: int, part: int) -> list[int]:
+    """Channels on which filter ``j`` has k x k kernels: the block of its group."""
+    m, n = in_channels // part, out_channels // part
+    g = j // n
+    return list(range(g * m, (g + 1) * m))
+
+
+def one_by_one_channels(j: int, in_channels: int, out_channels: int, part: int) -> list[int]:
+    """Channels on which filter ``j`` has 1 x 1 kernels, in increasing order."""
+    inside = set(kxk_channels(j, in_channels, out_channels, part))
+    return [c for c in range(in_channels) if c not in inside]
+
+
+def oracle(x, weight_kxk, weight_1x1, bias, stride, part):
+    """HetConv by definition: ``y[b, j] = sum_c kernel(j, c) * x[b, c]`` (float64 recommended).
+
+    Args:
+        x: (B, M, *S); weight_kxk: (N, M/P, *k); weight_1x1: (N, M - M/P) or None; bias: (N,) or None.
+    """
+    dims = weight_kxk.dim() - 2
+    conv = CONV[dims]
+    in_channels, out_channels = x.shape[1], weight_kxk.shape[0]
+    kernel = weight_kxk.shape[2:]
+    padding = tuple(k // 2 for k in kernel)
+    stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
+    columns = []
+    for j in range(out_channels):
+        terms = []
+        for t, c in enumerate(kxk_channels(j, in_channels, out_channels, part)):
+            terms.append(conv(x[:, c:c + 1], weight_kxk[j, t][None, None], None, stride, padding))
+        for t, c in enumerate(one_by_one_channels(j, in_channels, out_channels, part)):
+            one = weight_1x1[j, t].reshape((1, 1) + (1,) * dims)
+            terms.append(conv(x[:, c:c + 1], one, None, stride))
+        y = torch.stack(terms).sum(0)
+        if bias is not None:
+            y = y + bias[j]
+        columns.append(y)
+    return torch.cat(columns, dim=1)
+
+
+def oracle_of(layer, x):
+    """The oracle applied to a SparseHetConv layer's parameters."""
+    return oracle(x, layer.weight_kxk, layer.weight_1x1, layer.bias, layer.stride, layer.part)
+
+
+def masked_reference_weights(masked):
+    """(weight_kxk, compact 1x1 values, bias) of a MaskedHetConv, read by definition."""
+    n_out, n_in, part = masked.out_channels, masked.in_channels, masked.part
+    dense = masked.pwc.weight.reshape(n_out, n_in)
+    values = torch.stack([dense[j, one_by_one_channels(j, n_in, n_out, part)] for j in range(n_out)]) \
+        if part > 1 else None
+    return masked.gwc.weight, values, masked.gwc.bias
+
+
+def assert_close(actual, expected, what: str, rtol=1e-7, atol=1e-9):
+    """``torch.testing.assert_close`` with a message that says what was compared."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
