@@ -45,8 +45,9 @@ def check_odd(name: str, value: tuple[int, ...]) -> tuple[int, ...]:
     return value
 
 
-def check_input(input: object, in_channels: int, dims: int, who: str) -> None:
-    """Check a layer's input: a tensor of rank ``dims + 2`` with ``in_channels`` channels."""
+def check_input(input: object, in_channels: int | None, dims: int, who: str) -> None:
+    """Check a layer's input: a tensor of rank ``dims + 2`` with ``in_channels`` channels
+    (any number of channels when ``in_channels`` is None)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{who} expects input to be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != dims + 2:
@@ -55,7 +56,7 @@ def check_input(input: object, in_channels: int, dims: int, who: str) -> None:
             f"{who} expects a {dims + 2}-D input {layout}, got a {input.dim()}-D input "
             f"of shape {tuple(input.shape)}"
         )
-    if input.shape[1] != in_channels:
+    if in_channels is not None and input.shape[1] != in_channels:
         raise ValueError(
             f"{who} expects input with {in_channels} channels (dim 1), got {input.shape[1]} "
             f"(input shape {tuple(input.shape)})"

@@ -16,6 +16,7 @@ Every backend computes the same numbers; they differ only in speed:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -72,11 +73,11 @@ def _one_by_one_blocked(input: Tensor, weight_1x1: Tensor, pattern: HetConvPatte
     values = weight_1x1.view(p, n, pattern.num_1x1)
     if _channels_last(x):
         # (B, L, M) view of a channels-last tensor: channel slices are column blocks.
-        rows = x.movedim(1, -1).reshape(batch, -1, pattern.in_channels)
+        rows = x.movedim(1, -1).reshape(batch, math.prod(spatial), pattern.in_channels)
         parts = [_group_sum(rows[..., :g * m], rows[..., (g + 1) * m:], values[g].t(), g * m, right=True)
                  for g in range(p)]
         return torch.cat(parts, dim=-1).view(batch, *spatial, pattern.out_channels).movedim(-1, 1)
-    cols = x.reshape(batch, pattern.in_channels, -1)
+    cols = x.reshape(batch, pattern.in_channels, math.prod(spatial))
     parts = [_group_sum(cols[:, :g * m], cols[:, (g + 1) * m:], values[g], g * m, right=False)
              for g in range(p)]
     return torch.cat(parts, dim=1).view(batch, pattern.out_channels, *spatial)
@@ -99,7 +100,7 @@ def _group_sum(before: Tensor, after: Tensor, values: Tensor, split: int, right:
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values.reshape(-1), size=shape)
+        return torch.sparse_csr_tensor(crow, col, values.reshape(-1), size=shape, check_invariants=False)
 
 
 class _CsrMatmul(torch.autograd.Function):
@@ -140,7 +141,7 @@ def _one_by_one_torch_sparse(input: Tensor, weight_1x1: Tensor, pattern: HetConv
     batch, spatial = x.shape[0], x.shape[2:]
     # MKL's sparse kernels on the CPU have no half-precision path: compute those in float32.
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    cols = x.movedim(1, 0).reshape(pattern.in_channels, -1).to(compute)
+    cols = x.movedim(1, 0).reshape(pattern.in_channels, batch * math.prod(spatial)).to(compute)
     values = weight_1x1.to(compute)
     if cols.shape[1] == 0:
         y = cols.new_zeros((pattern.out_channels, 0)) + 0 * values.sum()
@@ -192,10 +193,9 @@ def het_conv(
     if pattern is None:
         if backend not in BACKENDS:
             raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
-        pattern = HetConvPattern(input.shape[1] if input.dim() > 1 else 0, weight_kxk.shape[0], part,
-                                 tuple(weight_kxk.shape[2:]), dims)
+        check_input(input, None, dims, "het_conv")
+        pattern = HetConvPattern(input.shape[1], weight_kxk.shape[0], part, tuple(weight_kxk.shape[2:]), dims)
         _check_weights(pattern, weight_kxk, weight_1x1, bias)
-        check_input(input, pattern.in_channels, dims, "het_conv")
     stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
     out = _CONV[dims](input, weight_kxk, bias, stride, pattern.padding, 1, pattern.part)
     if pattern.part == 1:

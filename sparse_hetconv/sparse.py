@@ -123,7 +123,8 @@ class _SparseHetConvNd(_HetConvBase):
         if layout == torch.sparse_coo:
             rows = torch.arange(self.out_channels, device=device).repeat_interleave(p.num_1x1)
             indices = torch.stack([rows, p.col_indices(device)])
-            return torch.sparse_coo_tensor(indices, values.reshape(-1), size=shape, is_coalesced=True)
+            return torch.sparse_coo_tensor(indices, values.reshape(-1), size=shape, is_coalesced=True,
+                                           check_invariants=False)
         raise ValueError(f"layout ({layout}) must be torch.sparse_csr or torch.sparse_coo")
 
     def to_scipy(self) -> scipy.sparse.csr_array:
