@@ -11,6 +11,7 @@ kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models e
 
 from . import functional, models
 from .convert import HetConvifyReport, hetconvify, to_masked, to_sparse
+from .counting import count_macs, count_model, count_params
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .sparse import SparseHetConv2d, SparseHetConv3d
@@ -24,6 +25,9 @@ __all__ = [
     "MaskedHetConv3d",
     "SparseHetConv2d",
     "SparseHetConv3d",
+    "count_macs",
+    "count_model",
+    "count_params",
     "functional",
     "hetconvify",
     "models",

@@ -1,0 +1,175 @@
+"""Tests for sparse_hetconv.counting: hand-worked layers, FlopCounterMode, the paper's column."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparse_hetconv import (MaskedHetConv2d, SparseHetConv2d, count_macs, count_model, count_params, to_sparse)
+from sparse_hetconv.functional import select_backend
+from sparse_hetconv.models import create_model, vgg16_cifar
+
+# HetConv paper, Table 1: VGG-16 on CIFAR-10, FLOPs (MACs) in millions for P = 1 ... 64.
+PAPER_VGG16_MMACS = {1: 313.74, 2: 175.23, 4: 105.98, 8: 71.35, 16: 54.04, 32: 45.38, 64: 41.05}
+
+
+def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs as torch.utils.flop_counter.FlopCounterMode sees them (it reports 2 FLOPs per MAC).
+
+    Autograd stays on: inference-only fused kernels (oneDNN's post-op sum) are not aten ops the
+    counter can see, although they do the same multiply-accumulates.
+    """
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    total = counter.get_total_flops()
+    assert total % 2 == 0, f"FlopCounterMode reported an odd FLOP count {total}"
+    return total // 2
+
+
+# -- tiny hand-worked layers -----------------------------------------------------------------------
+def test_hetconv_layer_by_hand():
+    # M=8, N=4, P=4: m=2, each filter 2 k x k kernels (9 taps) and 6 1x1 kernels; 5x5 output.
+    masked = MaskedHetConv2d(8, 4, part=4)
+    counts = count_model(masked, (1, 8, 5, 5))
+    assert counts.useful_macs == 25 * 4 * (2 * 9 + 6) == 2400, counts.table()
+    assert counts.executed_macs == 25 * 4 * (2 * 9 + 8) == 2600, "the masked form runs all 8 1x1 weights"
+    assert counts.params == 4 * (2 * 9 + 6) == 96 and counts.stored_params == 72 + 32 == 104, counts.table()
+    # stride 2 on a 5x5 input: a 3x3 output, batch 3
+    strided = SparseHetConv2d(8, 4, part=4, stride=2, backend="blocked")
+    assert count_macs(strided, (3, 8, 5, 5)) == 3 * 9 * 4 * 24 == 2592
+    assert count_macs(strided, (3, 8, 5, 5), executed=True) == 2592, "blocked computes only existing kernels"
+    strided.backend = "dense"
+    assert count_macs(strided, (3, 8, 5, 5), executed=True) == 3 * 9 * 4 * 26, "dense runs a full N x M product"
+
+
+def test_standard_layers_by_hand():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),          # 6x6x4 outputs, 27 MACs each
+        nn.BatchNorm2d(4),                      # one MAC per output
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, groups=2),  # 6x6x8 outputs, 2*9 MACs each
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),                        # 5 outputs, 8 MACs each
+    )
+    expected = 144 * 27 + 288 * 18 + 5 * 8
+    assert count_macs(model, (1, 3, 6, 6), norm=False) == expected
+    assert count_macs(model, (1, 3, 6, 6)) == expected + 144, "BatchNorm counts one MAC per output"
+    assert count_macs(model, (2, 3, 6, 6), norm=False) == 2 * expected, "counts are for the whole batch"
+    assert count_params(model) == count_params(model, stored=True) == sum(p.numel() for p in model.parameters())
+
+
+def test_rows_and_table():
+    model = nn.Sequential(MaskedHetConv2d(8, 8, part=2), nn.BatchNorm2d(8), nn.ReLU())
+    counts = count_model(model, (1, 8, 4, 4))
+    assert [(r.name, r.kind) for r in counts.layers] == [("0", "MaskedHetConv2d"), ("1", "BatchNorm2d")], \
+        "the masked layer is one row; its gwc / pwc children are not counted again"
+    assert counts.layers[0].output_shape == (1, 8, 4, 4)
+    table = counts.table()
+    assert f"{counts.useful_macs:,}" in table and f"{counts.executed_macs:,}" in table, table
+    assert str(counts) == table
+
+
+def test_shared_module_counts_each_call_and_params_once():
+    conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+    model = nn.Sequential(conv, conv)
+    assert count_macs(model, (1, 2, 3, 3)) == 2 * 9 * 2 * 18
+    assert count_params(model) == 36
+
+
+# -- agreement with FlopCounterMode ----------------------------------------------------------------
+@pytest.mark.parametrize("name, size", [("vgg16_cifar", 32), ("resnet18", 64), ("resnet50", 64)])
+def test_standard_models_agree_with_flop_counter(name, size):
+    model = create_model(name, part=1).eval()  # part 1: standard convolutions only
+    x = torch.randn(2, 3, size, size)
+    assert count_macs(model, x.shape, norm=False) == flop_counter_macs(model, x)
+
+
+@pytest.mark.parametrize("form, backend", [("masked", None), ("sparse", "dense"), ("sparse", "blocked")])
+def test_executed_macs_agree_with_flop_counter(form, backend):
+    layer = MaskedHetConv2d(16, 8, part=4, stride=2)
+    if form == "sparse":
+        layer = SparseHetConv2d.from_masked(layer, backend=backend)
+    x = torch.randn(2, 16, 7, 7)
+    assert count_macs(layer, x.shape, executed=True) == flop_counter_macs(layer, x), \
+        f"{form}/{backend}: executed MACs must be what the stock kernels run"
+
+
+def test_auto_backend_counts_what_it_resolves_to():
+    layer = SparseHetConv2d(64, 64, part=4, backend="auto")
+    x = torch.zeros(1, 64, 8, 8)
+    chosen = select_backend(layer.pattern, x, False)
+    pinned = SparseHetConv2d(64, 64, part=4, backend=chosen)
+    assert count_macs(layer, x.shape, executed=True) == count_macs(pinned, x.shape, executed=True)
+
+
+# -- the paper's convention -------------------------------------------------------------------------
+@pytest.mark.parametrize("part", sorted(PAPER_VGG16_MMACS))
+def test_paper_vgg16_column(part):
+    masked = vgg16_cifar(part=part, form="masked")
+    counts = count_model(masked, (1, 3, 32, 32))
+    paper = PAPER_VGG16_MMACS[part] * 1e6
+    error = abs(counts.useful_macs - paper) / paper
+    assert error < 0.005, f"P={part}: {counts.useful_macs / 1e6:.2f} M MACs vs the paper's {paper / 1e6:.2f} M"
+    plain = count_macs(masked, (1, 3, 32, 32), norm=False)
+    assert abs(plain - paper) / paper < 0.005, f"P={part}: conv + linear only: {plain / 1e6:.2f} M"
+    if part > 1:
+        assert counts.executed_macs > counts.useful_macs, "the masked form executes its zeroed weights"
+    sparse = to_sparse(masked) if part > 1 else masked  # part 1 has no HetConv layer to convert
+    assert count_macs(sparse, (1, 3, 32, 32)) == counts.useful_macs, "one model counts the same in both forms"
+    assert count_params(sparse) == count_params(masked) == count_params(sparse, stored=True)
+
+
+def test_paper_baseline_exact():
+    assert round(count_macs(vgg16_cifar(part=1), (1, 3, 32, 32)) / 1e6, 2) == PAPER_VGG16_MMACS[1]
+
+
+def test_hetconv_layers_count_their_pattern():
+    model = vgg16_cifar(part=8, form="sparse")
+    modules = dict(model.named_modules())
+    for row in count_model(model, (1, 3, 32, 32)).layers:
+        layer = modules[row.name]
+        if isinstance(layer, SparseHetConv2d):
+            pixels = row.output_shape[2] * row.output_shape[3]
+            assert row.useful_macs == pixels * layer.pattern.useful_macs_per_pixel(), row
+            assert row.params == layer.pattern.num_params(), row
+
+
+# -- the model is left as it was ---------------------------------------------------------------------
+def test_counting_leaves_the_model_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2),
+                          nn.BatchNorm1d(2))
+    model.train()
+    model[1].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_macs(model, (1, 3, 6, 6))  # batch 1 would fail BatchNorm1d in train mode: counting runs in eval
+    assert [m.training for m in model] == [True, False, True, True, True], "train/eval flags restored"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+    assert not any(m._forward_hooks for m in model.modules()), "hooks removed"
+
+
+def test_uncounted_module_warns():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.warns(UserWarning, match=r"no MAC handler for '1' \(LayerNorm\)"):
+        counts = count_model(model, (2, 4))
+    assert counts.useful_macs == 2 * 4 * 4 and counts.params == 20 + 8
+
+
+@pytest.mark.parametrize("size", [(3,), "1x3x32x32", (1, 3, 0, 32), (1, 3.0, 32, 32), 32])
+def test_bad_input_size(size):
+    with pytest.raises((ValueError, TypeError), match="input_size"):
+        count_macs(nn.Conv2d(3, 3, 1), size)
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        count_macs("vgg", (1, 3, 32, 32))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        count_params(None)
+    with pytest.raises(TypeError, match="executed must be a bool"):
+        count_macs(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), executed="yes")
+    with pytest.raises(TypeError, match="stored must be a bool"):
+        count_params(nn.Conv2d(3, 3, 1), stored=1)

@@ -1,0 +1,121 @@
+"""Tests for the model registry (every registered model) and the HetConv ResNets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, count_params, to_sparse
+from sparse_hetconv.models import create_model, list_models, resnet18, resnet34, resnet50
+from sparse_hetconv.models.layers import FORMS
+
+# Smallest input (height = width) each registered model is tested at; a newly registered model
+# must be added here (test_every_model_has_a_test_size says so).
+TEST_SIZES = {"vgg16_cifar": 32, "resnet18": 64, "resnet34": 64, "resnet50": 64}
+# Parameters of the standard (part 1) ResNets, as torchvision documents them for its ImageNet models.
+TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
+HETCONV = (MaskedHetConv2d, SparseHetConv2d)
+
+
+def test_registry_lists_the_models():
+    assert {"vgg16_cifar", "resnet18", "resnet34", "resnet50"} <= set(list_models()), list_models()
+    with pytest.raises(ValueError, match=r"model \('resnet99'\) is not registered; available: .*resnet18"):
+        create_model("resnet99")
+
+
+def test_every_model_has_a_test_size():
+    missing = sorted(set(list_models()) - set(TEST_SIZES))
+    assert not missing, f"add a test input size to TEST_SIZES for {missing}"
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("part", [1, 4])
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_every_model_trains(name, part, form):
+    torch.manual_seed(0)
+    model = create_model(name, part=part, form=form, num_classes=7).train()
+    size = TEST_SIZES[name]
+    out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7), f"{name}: output shape {tuple(out.shape)}"
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, param in model.named_parameters():
+        assert param.grad is not None, f"{name}(part={part}, form={form}): {pname} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name}: {pname} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{name}(part={part}, form={form}): {pname} got a zero gradient"
+    hetconvs = [m for m in model.modules() if isinstance(m, HETCONV)]
+    if part == 1:
+        assert not hetconvs, f"{name}(part=1) must use standard convolutions only"
+    else:
+        expected = MaskedHetConv2d if form == "masked" else SparseHetConv2d
+        assert hetconvs and all(type(m) is expected for m in hetconvs), f"{name}(form={form}) built another form"
+
+
+@pytest.mark.parametrize("name", sorted(TEST_SIZES))
+def test_masked_and_sparse_compute_the_same(name):
+    torch.manual_seed(0)
+    masked = create_model(name, part=4, form="masked").eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the check sees every layer
+        for module in masked.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    sparse = to_sparse(masked)
+    x = torch.randn(2, 3, TEST_SIZES[name], TEST_SIZES[name])
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), masked(x), rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"{name}: sparse and masked differ: {m}")
+    assert count_params(sparse) == count_params(masked) == count_params(sparse, stored=True)
+
+
+# -- ResNets --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("builder, blocks, three_by_three", [(resnet18, 8, 16), (resnet34, 16, 32), (resnet50, 16, 16)])
+def test_resnet_every_3x3_is_hetconv(builder, blocks, three_by_three):
+    model = builder(part=4, form="sparse")
+    het = {name: m for name, m in model.named_modules() if isinstance(m, SparseHetConv2d)}
+    convs = {name: m for name, m in model.named_modules() if type(m) is nn.Conv2d}
+    assert len(het) == three_by_three, f"{builder.__name__}: {len(het)} HetConv layers, expected {three_by_three}"
+    assert all(m.kernel_size == (3, 3) and m.part == 4 for m in het.values())
+    assert all(m.kernel_size in ((7, 7), (1, 1)) for m in convs.values()), \
+        f"{builder.__name__}: a standard 3x3 convolution is left: {[n for n, m in convs.items() if m.kernel_size == (3, 3)]}"
+    strided = sorted(name for name, m in het.items() if m.stride == (2, 2))
+    assert len(strided) == 3, f"{builder.__name__}: the stride-2 3x3 layers must be HetConv too, got {strided}"
+    assert convs["conv1"].kernel_size == (7, 7) and convs["conv1"].stride == (2, 2), "the RGB stem stays standard"
+    assert sum(1 for m in model.modules() if hasattr(m, "downsample") and m.downsample is not None) == (
+        3 if builder is not resnet50 else 4)
+    assert len([m for m in model.modules() if m.__class__.__name__ in ("BasicBlock", "Bottleneck")]) == blocks
+
+
+@pytest.mark.parametrize("builder", [resnet18, resnet34, resnet50])
+def test_resnet_parameters(builder):
+    name = builder.__name__
+    assert count_params(builder(part=1)) == TORCHVISION_PARAMS[name], f"{name}(part=1) is not the standard ResNet"
+    standard, het = builder(part=1), builder(part=4, form="masked")
+    # each 3x3 layer keeps M/P of its 3x3 kernels and turns the rest into 1x1 ones
+    saved = sum(m.out_channels * (m.in_channels - m.in_channels // 4) * 8 for m in het.modules()
+                if isinstance(m, MaskedHetConv2d))
+    assert count_params(het) == count_params(standard) - saved
+
+
+def test_resnet_imagenet_layout():
+    model = resnet18(part=2, form="masked").eval()
+    shapes = {}
+    for name in ("maxpool", "layer1", "layer2", "layer3", "layer4"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, o.shape))
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000)
+    assert {k: tuple(v[2:]) for k, v in shapes.items()} == {
+        "maxpool": (56, 56), "layer1": (56, 56), "layer2": (28, 28), "layer3": (14, 14), "layer4": (7, 7)}
+    assert "layer2.0.conv1.gwc.weight" in model.state_dict(), "masked form keeps the published gwc/pwc layout"
+
+
+def test_resnet_bad_arguments():
+    with pytest.raises(ValueError, match=r"part \(3\) must divide 64"):
+        resnet18(part=3)
+    with pytest.raises(ValueError, match=r"form \('dense'\) must be one of"):
+        resnet50(form="dense")
+    with pytest.raises(TypeError, match="part must be an int"):
+        resnet34(part=2.0)
+    with pytest.raises(ValueError, match=r"num_classes \(0\)"):
+        resnet18(num_classes=0)
