@@ -9,14 +9,12 @@ parameters, no gradient ever reaches a missing one: no masking, and any stock op
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse
 import torch
 from torch import Tensor, nn
 
-from ._base import _HetConvBase
+from ._compact import _CompactHetConv
 from ._checks import check_int
-from .functional import BACKENDS, _csr, het_conv
+from .functional import BACKENDS, het_conv
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
 
 __all__ = ["SparseHetConv2d", "SparseHetConv3d"]
@@ -24,7 +22,7 @@ __all__ = ["SparseHetConv2d", "SparseHetConv3d"]
 _REDUCTIONS = ("centre", "sum")
 
 
-class _SparseHetConvNd(_HetConvBase):
+class _SparseHetConvNd(_CompactHetConv):
     _masked_type: type
 
     def __init__(
@@ -42,18 +40,7 @@ class _SparseHetConvNd(_HetConvBase):
         super().__init__()
         self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
         self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        p = self.pattern
-        self.weight_kxk = nn.Parameter(torch.empty((out_channels, p.block_in) + p.kernel_size, **factory))
-        if part > 1:
-            self.weight_1x1 = nn.Parameter(torch.empty((out_channels, p.num_1x1), **factory))
-        else:
-            self.register_parameter("weight_1x1", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
+        self._init_parameters(bias, device, dtype)
 
     # -- nn.Module ----------------------------------------------------------------------------
     @property
@@ -68,14 +55,6 @@ class _SparseHetConvNd(_HetConvBase):
             raise ValueError(f"backend ({value!r}) must be one of {BACKENDS}")
         self._backend = value
 
-    def reset_parameters(self) -> None:
-        """Uniform in ``+-1/sqrt(fan_in)``, ``fan_in = k^2 m + M - m`` (``nn.ConvNd``'s default
-        bound over the kernels that exist)."""
-        bound = self._init_bound()
-        for param in (self.weight_kxk, self.weight_1x1, self.bias):
-            if param is not None:
-                nn.init.uniform_(param, -bound, bound)
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         return het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.part,
@@ -88,91 +67,6 @@ class _SparseHetConvNd(_HetConvBase):
         if self._backend != "auto":
             text += f", backend={self._backend!r}"
         return text
-
-    # -- views of the 1 x 1 part ----------------------------------------------------------------
-    def _values(self) -> Tensor:
-        if self.weight_1x1 is None:
-            return self.weight_kxk.new_zeros((self.out_channels, 0))
-        return self.weight_1x1.detach()
-
-    def dense_1x1(self) -> Tensor:
-        """Returns:
-        Tensor[out_channels, in_channels]: the 1 x 1 weights as a dense matrix, zero on the block
-        diagonal (a new tensor, detached; what ``pwc.weight`` holds in the masked form).
-        """
-        return self.pattern.scatter_1x1(self._values())
-
-    def sparse_weight(self, layout: torch.layout = torch.sparse_csr) -> Tensor:
-        """The 1 x 1 part as a torch.sparse ``(out_channels, in_channels)`` matrix.
-
-        The values are a view of ``weight_1x1`` (no copy: writes to one show in the other); the
-        indices are derived from ``(M, N, P)``. The view is detached from autograd: PyTorch does
-        not carry gradients from a CSR tensor back to its values (issue #98929), so train through
-        ``forward`` (or :func:`sparse_hetconv.functional.het_conv2d`), not through this view.
-
-        Args:
-            layout: ``torch.sparse_csr`` (default) or ``torch.sparse_coo``.
-
-        Returns:
-            Tensor[out_channels, in_channels] in the requested sparse layout.
-        """
-        p, values = self.pattern, self._values()
-        device, shape = values.device, (self.out_channels, self.in_channels)
-        if layout == torch.sparse_csr:
-            return _csr(p.crow_indices(device), p.col_indices(device), values, shape)
-        if layout == torch.sparse_coo:
-            rows = torch.arange(self.out_channels, device=device).repeat_interleave(p.num_1x1)
-            indices = torch.stack([rows, p.col_indices(device)])
-            return torch.sparse_coo_tensor(indices, values.reshape(-1), size=shape, is_coalesced=True,
-                                           check_invariants=False)
-        raise ValueError(f"layout ({layout}) must be torch.sparse_csr or torch.sparse_coo")
-
-    def to_scipy(self) -> scipy.sparse.csr_array:
-        """The 1 x 1 part as a ``scipy.sparse.csr_array`` of shape ``(out_channels, in_channels)``
-        (a copy on the host; bfloat16 and float16 values become float32)."""
-        p, values = self.pattern, self._values().cpu()
-        if values.dtype in (torch.bfloat16, torch.float16):
-            values = values.float()
-        return scipy.sparse.csr_array(
-            (values.reshape(-1).numpy().copy(), p.col_indices().numpy().copy(), p.crow_indices().numpy().copy()),
-            shape=(self.out_channels, self.in_channels),
-        )
-
-    def from_scipy(self, matrix) -> "_SparseHetConvNd":
-        """Load the 1 x 1 part from a ``scipy.sparse`` matrix; returns ``self``.
-
-        Entries missing from the matrix are zero weights. Stored entries on the block diagonal
-        must be zero: a non-zero one does not fit the HetConv pattern (``weight_kxk`` is untouched
-        either way; to fold such a matrix into the centre taps, use :func:`to_sparse` on a module).
-
-        Raises:
-            TypeError: ``matrix`` is not a scipy sparse matrix or array.
-            ValueError: wrong shape, or a non-zero entry where the pattern has no 1 x 1 kernel.
-        """
-        if not scipy.sparse.issparse(matrix):
-            raise TypeError(f"matrix must be a scipy.sparse matrix or array, got {type(matrix).__name__}")
-        expected = (self.out_channels, self.in_channels)
-        if tuple(matrix.shape) != expected:
-            raise ValueError(f"matrix has shape {tuple(matrix.shape)}, expected {expected} (out_channels, in_channels)")
-        coo = scipy.sparse.coo_array(matrix)
-        rows, cols, data = np.asarray(coo.row), np.asarray(coo.col), np.asarray(coo.data)
-        p = self.pattern
-        off = (rows // p.block_out == cols // p.block_in) & (data != 0)
-        if off.any():
-            r, c = int(rows[off][0]), int(cols[off][0])
-            raise ValueError(
-                f"matrix does not have the HetConv pattern: {int(off.sum())} non-zero entries on the "
-                f"block diagonal, first at (row {r}, col {c}); filter {r} has its k x k kernels on "
-                f"channels {p.kxk_channels(r).start}..{p.kxk_channels(r).stop - 1} (part={self.part})"
-            )
-        if self.weight_1x1 is None:
-            return self
-        dense = torch.zeros(expected, dtype=torch.float64)
-        dense.index_put_((torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))),
-                         torch.from_numpy(data.astype(np.float64)), accumulate=True)
-        with torch.no_grad():
-            self.weight_1x1.copy_(p.gather_1x1(dense))
-        return self
 
     # -- conversions --------------------------------------------------------------------------
     @classmethod
