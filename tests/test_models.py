@@ -49,6 +49,10 @@ def test_every_model_trains(name, part, form):
     else:
         expected = MaskedHetConv2d if form == "masked" else SparseHetConv2d
         assert hetconvs and all(type(m) is expected for m in hetconvs), f"{name}(form={form}) built another form"
+        for m in hetconvs:
+            if form == "masked":  # the model's own initialisation must not touch the zero diagonal
+                diagonal = m.pattern.block_diagonal(m.pwc.weight.detach().view(m.out_channels, m.in_channels))
+                assert not diagonal.any(), f"{name}: a masked layer was built with a non-zero block diagonal"
 
 
 @pytest.mark.parametrize("name", sorted(TEST_SIZES))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._base import _HetConvBase
 from .._checks import check_int
 from ._registry import register_model
 from .layers import check_form, make_conv
@@ -126,8 +127,12 @@ class ResNet(nn.Module):
             setattr(self, f"layer{index + 1}", nn.Sequential(*stage))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, num_classes)
+        # He initialisation for the standard convolutions; HetConv layers (and the masked form's
+        # gwc / pwc children, whose block diagonal must stay zero) keep their own.
+        inside = {id(child) for module in self.modules() if isinstance(module, _HetConvBase)
+                  for child in module.modules()}
         for module in self.modules():
-            if type(module) is nn.Conv2d:  # HetConv layers keep their own initialisation
+            if isinstance(module, nn.Conv2d) and id(module) not in inside:
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
