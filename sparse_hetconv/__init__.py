@@ -10,11 +10,13 @@ kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models e
 """
 
 from . import functional, models
+from .checkpoint import convert_checkpoint
 from .convert import HetConvifyReport, hetconvify, to_masked, to_sparse
 from .counting import count_macs, count_model, count_params
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .sparse import SparseHetConv2d, SparseHetConv3d
+from .train import TrainConfig, train_cifar
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "MaskedHetConv3d",
     "SparseHetConv2d",
     "SparseHetConv3d",
+    "TrainConfig",
+    "convert_checkpoint",
     "count_macs",
     "count_model",
     "count_params",
@@ -34,4 +38,5 @@ __all__ = [
     "shifted_to_block_permutation",
     "to_masked",
     "to_sparse",
+    "train_cifar",
 ]

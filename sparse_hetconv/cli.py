@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Modules that define subcommands; each has add_parser(subparsers).
-_COMMANDS = ["sparse_hetconv.cli_demo"]
+_COMMANDS = ["sparse_hetconv.cli_demo", "sparse_hetconv.cli_train", "sparse_hetconv.cli_convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
