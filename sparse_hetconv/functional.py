@@ -130,7 +130,8 @@ class _CsrMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_cols = (grad.t() @ matrix).t()
         if ctx.needs_input_grad[0]:
-            template = _csr(crow, col, torch.empty_like(values), ctx.shape)
+            # zeros, not empty: sampled_addmm reads the template even with beta=0 (NaN otherwise)
+            template = _csr(crow, col, torch.zeros_like(values), ctx.shape)
             sampled = torch.sparse.sampled_addmm(template, grad.contiguous(), cols.t().contiguous(), beta=0.0)
             grad_values = sampled.values().view_as(values)
         return grad_values, grad_cols, None, None, None

@@ -1,0 +1,256 @@
+"""to_sparse / to_masked / hetconvify on whole models: exactness, copies, names, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_close
+from sparse_hetconv import (
+    MaskedHetConv2d,
+    MaskedHetConv3d,
+    SparseHetConv2d,
+    SparseHetConv3d,
+    hetconvify,
+    to_masked,
+    to_sparse,
+)
+
+
+class PublishedHetConv(nn.Module):
+    """The module as the published code writes it (gwc grouped 3x3, pwc full 1x1, no mask)."""
+
+    def __init__(self, in_channels, out_channels, p, stride=1, kernel_size=3, bias=False, pwc_groups=1):
+        super().__init__()
+        self.gwc = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=p, bias=bias)
+        self.pwc = nn.Conv2d(in_channels, out_channels, 1, stride, groups=pwc_groups, bias=bias)
+
+    def forward(self, x):
+        return self.gwc(x) + self.pwc(x)
+
+
+class ProductNotSum(PublishedHetConv):
+    def forward(self, x):
+        return self.gwc(x) * self.pwc(x)
+
+
+class WithExtra(PublishedHetConv):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.bn = nn.BatchNorm2d(args[1])
+
+
+def _net(dtype=torch.float32):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Sequential(MaskedHetConv2d(8, 16, part=4, stride=2), nn.ReLU()),
+        MaskedHetConv2d(16, 16, part=2, bias=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).to(dtype)
+
+
+def _state_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_to_sparse_converts_whole_tree_exactly_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = _net(torch.float64).eval()
+    before = copy.deepcopy(model.state_dict())
+    sparse = to_sparse(model)
+    assert isinstance(sparse[3][0], SparseHetConv2d) and isinstance(sparse[4], SparseHetConv2d)
+    assert isinstance(sparse[0], nn.Conv2d) and isinstance(sparse[1], nn.BatchNorm2d), "other modules kept"
+    assert sparse[3][0].stride == (2, 2) and sparse[4].bias is not None
+    assert not sparse.training and not sparse[4].training, "eval state kept"
+    assert {p.dtype for p in sparse.parameters()} == {torch.float64}, "dtype kept"
+    assert _state_equal(model.state_dict(), before), "to_sparse must not touch its input"
+    assert isinstance(model[4], MaskedHetConv2d), "input model must keep its layers"
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    assert_close(sparse(x), model(x), "sparse vs masked model", rtol=1e-12, atol=1e-12)
+
+
+def test_train_state_kept_per_module():
+    model = _net().train()
+    model[4].eval()
+    sparse = to_sparse(model)
+    assert sparse.training and sparse[3][0].training and not sparse[4].training
+
+
+def test_round_trip_masked_sparse_masked_is_exact():
+    torch.manual_seed(0)
+    model = _net()
+    back = to_masked(to_sparse(model))
+    assert isinstance(back[4], MaskedHetConv2d)
+    assert _state_equal(back.state_dict(), model.state_dict()), "masked -> sparse -> masked changed weights"
+
+
+def test_round_trip_sparse_masked_sparse_is_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseHetConv2d(8, 8, part=4, bias=True), nn.ReLU(), SparseHetConv3d(8, 4, part=2))
+    back = to_sparse(to_masked(model))
+    assert isinstance(back[2], SparseHetConv3d)
+    assert _state_equal(back.state_dict(), model.state_dict())
+
+
+def test_inplace_returns_the_same_model():
+    model = _net()
+    out = to_sparse(model, inplace=True)
+    assert out is model and isinstance(model[4], SparseHetConv2d)
+
+
+def test_a_single_layer_converts_too():
+    layer = MaskedHetConv2d(8, 8, part=2)
+    assert isinstance(to_sparse(layer), SparseHetConv2d)
+    assert isinstance(to_masked(SparseHetConv2d(8, 8, part=2)), MaskedHetConv2d)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel_size", [3, 5])
+@pytest.mark.parametrize("pwc_groups", [1, 2])
+def test_published_layout_with_unmasked_diagonal_converts_exactly(stride, kernel_size, pwc_groups):
+    """An "approximate HetConv": gwc + unmasked pwc. Folding makes the conversion exact."""
+    torch.manual_seed(0)
+    layer = PublishedHetConv(8, 12, p=4, stride=stride, kernel_size=kernel_size, bias=True,
+                             pwc_groups=pwc_groups).double()
+    model = nn.Sequential(layer, nn.ReLU())
+    sparse = to_sparse(model)
+    assert isinstance(sparse[0], SparseHetConv2d) and sparse[0].part == 4
+    x = torch.randn(2, 8, 11, 10, dtype=torch.float64)
+    assert_close(sparse(x), model(x), f"published layout stride={stride} k={kernel_size}", rtol=1e-10, atol=1e-12)
+
+
+def test_published_checkpoint_loads_into_masked_form_by_key():
+    torch.manual_seed(0)
+    published = nn.Sequential(PublishedHetConv(8, 8, p=2), nn.ReLU())
+    with torch.no_grad():  # what the published training loop leaves: a zero block diagonal
+        published[0].pwc.weight.view(8, 8).masked_fill_(~MaskedHetConv2d(8, 8, 2).pattern.mask_1x1(), 0)
+    ours = nn.Sequential(MaskedHetConv2d(8, 8, part=2), nn.ReLU())
+    ours.load_state_dict(published.state_dict())
+    x = torch.randn(1, 8, 5, 5)
+    assert_close(ours(x), published(x), "published checkpoint in MaskedHetConv2d", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: ProductNotSum(8, 8, 2), r"module '0' \(ProductNotSum\) has gwc and pwc but its forward is not gwc\(x\) \+ pwc\(x\)"),
+    (lambda: WithExtra(8, 8, 2), r"module '0' \(WithExtra\) holds more than gwc and pwc"),
+])
+def test_modules_that_are_not_hetconv_are_refused(bad, message):
+    model = nn.Sequential(bad(), MaskedHetConv2d(8, 8, part=2))
+    before = copy.deepcopy(model.state_dict())
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=message):
+            to_sparse(model, inplace=inplace)
+        assert isinstance(model[1], MaskedHetConv2d), "a failed conversion must leave the model untouched"
+        assert _state_equal(model.state_dict(), before)
+
+
+def test_mismatched_gwc_pwc_names_the_path_and_problem():
+    odd = PublishedHetConv(8, 8, p=2)
+    odd.pwc = nn.Conv2d(8, 8, 1, stride=2, bias=False)
+    model = nn.Sequential(nn.Sequential(nn.ReLU(), odd))
+    with pytest.raises(ValueError, match=r"module '0.1' \(PublishedHetConv\) cannot be read as a HetConv: "
+                                         r"pwc.stride \(2, 2\) differs from gwc.stride \(1, 1\)"):
+        to_sparse(model)
+    odd.pwc = nn.Linear(8, 8)
+    with pytest.raises(ValueError, match=r"module '0.1' .* expected children 'gwc' and 'pwc' that are both"):
+        to_sparse(model)
+
+
+def test_gwc_with_wrong_padding_is_refused():
+    odd = PublishedHetConv(8, 8, p=2)
+    odd.gwc = nn.Conv2d(8, 8, 3, padding=0, groups=2, bias=False)
+    with pytest.raises(ValueError, match=r"gwc.padding \(0, 0\) must be kernel_size // 2 = \(1, 1\)"):
+        to_sparse(nn.Sequential(odd))
+
+
+def test_conversion_errors_for_non_modules_and_warning_when_nothing_to_do():
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
+        to_sparse({})
+    with pytest.raises(TypeError, match=r"inplace must be a bool, got str"):
+        to_masked(nn.ReLU(), inplace="yes")
+    with pytest.warns(UserWarning, match=r"to_sparse: the model has no layer to convert"):
+        to_sparse(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_3d_layers_convert():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedHetConv3d(4, 8, part=2, stride=2, bias=True)).double()
+    sparse = to_sparse(model)
+    assert isinstance(sparse[0], SparseHetConv3d)
+    x = torch.randn(1, 4, 5, 6, 5, dtype=torch.float64)
+    assert_close(sparse(x), model(x), "3-D to_sparse", rtol=1e-12, atol=1e-12)
+
+
+# -- hetconvify --------------------------------------------------------------------------------
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(32, 30, 3, padding=1), nn.ReLU(),  # 30 not divisible by 4
+        nn.Conv2d(30, 32, 1), nn.ReLU(),  # 1x1: nothing to make heterogeneous
+        nn.Conv2d(32, 32, 3, padding=1, groups=2),
+    )
+
+
+def test_hetconvify_replaces_what_fits_and_reports_why_not():
+    torch.manual_seed(0)
+    model = _cnn()
+    new, report = hetconvify(model, part=4)
+    assert report.replaced == ["2"], report
+    assert set(report.skipped) == {"0", "4", "6", "8"}
+    assert "first convolution" in report.skipped["0"]
+    assert "out_channels (30) is not divisible by part (4)" in report.skipped["4"]
+    assert "1x1 convolution" in report.skipped["6"] and "groups is 2" in report.skipped["8"]
+    assert isinstance(new[2], SparseHetConv2d) and new[2].stride == (2, 2) and new[2].bias is None
+    assert isinstance(model[2], nn.Conv2d), "input model untouched"
+    dense_params = 32 * 16 * 9
+    het_params = new[2].pattern.num_params()
+    assert report.params_before - report.params_after == dense_params - het_params
+    assert "replaced 1 layers, skipped 4" in str(report)
+
+
+def test_hetconvify_keeps_block_kernels_and_masked_form():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=True))
+    new, report = hetconvify(model, part=2, form="masked", skip_first=False)
+    layer = new[0]
+    assert isinstance(layer, MaskedHetConv2d) and report.replaced == ["0"]
+    w = model[0].weight
+    assert torch.equal(layer.gwc.weight[:4], w[:4, :4]) and torch.equal(layer.gwc.weight[4:], w[4:, 4:])
+    assert torch.equal(layer.pwc.weight[0, 4:, 0, 0], w[0, 4:, 1, 1]), "centre tap for 1x1 kernels"
+    assert torch.equal(layer.gwc.bias, model[0].bias)
+
+
+def test_hetconvify_include_filter_and_warning():
+    model = _cnn()
+    _, report = hetconvify(model, part=2, include=lambda path, conv: path != "2")
+    assert report.skipped["2"] == "excluded by include()" and "4" in report.replaced
+    with pytest.warns(UserWarning, match=r"hetconvify: no convolution could be replaced with part=3"):
+        hetconvify(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)), part=3)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(part=0), ValueError, r"part \(0\) must be an int >= 1"),
+    (dict(part=2, form="dense"), ValueError, r"form \('dense'\) must be one of"),
+    (dict(part=2, reduce="max"), ValueError, r"reduce \('max'\) must be 'centre' or 'sum'"),
+    (dict(part=2, include="all"), TypeError, r"include must be callable or None, got str"),
+])
+def test_hetconvify_argument_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        hetconvify(_cnn(), **kwargs)
+
+
+def test_hetconvify_then_fine_tune_works_with_plain_sgd():
+    torch.manual_seed(0)
+    model, _ = hetconvify(_cnn(), part=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(2, 3, 8, 8)
+    opt.zero_grad()
+    model(x).mean().backward()
+    opt.step()
+    assert all(p.grad is not None for p in model.parameters()), "every parameter should get a gradient"
