@@ -56,6 +56,7 @@ class LayerCount:
         params (int): parameters of the existing kernels (the masked form's zeros left out).
         stored_params (int): parameter elements the module stores.
         counted (bool): False for a module with parameters but no MAC handler.
+        backend (str): for a sparse HetConv layer, the backend that computed its 1 x 1 part.
     """
 
     name: str
@@ -66,6 +67,7 @@ class LayerCount:
     params: int = 0
     stored_params: int = 0
     counted: bool = True
+    backend: str = ""
 
 
 @dataclass
@@ -97,16 +99,16 @@ class ModelCounts:
 
     def table(self) -> str:
         """The per-layer breakdown as plain text, with a total row."""
-        head = (f"{'layer':<28}{'type':<18}{'output':<20}{'useful MACs':>15}{'executed MACs':>15}"
+        head = (f"{'layer':<28}{'type':<26}{'output':<20}{'useful MACs':>15}{'executed MACs':>15}"
                 f"{'params':>12}{'stored':>12}")
         lines = [f"input {tuple(self.input_size)}", head, "-" * len(head)]
         for row in self.layers:
-            kind = row.kind if row.counted else row.kind + "*"
+            kind = row.kind + (f"[{row.backend}]" if row.backend else "") + ("" if row.counted else "*")
             shape = "x".join(map(str, row.output_shape)) or "-"
-            lines.append(f"{(row.name or '<model>')[:27]:<28}{kind[:17]:<18}{shape[:19]:<20}"
+            lines.append(f"{(row.name or '<model>')[:27]:<28}{kind[:25]:<26}{shape[:19]:<20}"
                          f"{row.useful_macs:>15,}{row.executed_macs:>15,}{row.params:>12,}{row.stored_params:>12,}")
         lines.append("-" * len(head))
-        lines.append(f"{'total':<66}{self.useful_macs:>15,}{self.executed_macs:>15,}{self.params:>12,}"
+        lines.append(f"{'total':<74}{self.useful_macs:>15,}{self.executed_macs:>15,}{self.params:>12,}"
                      f"{self.stored_params:>12,}")
         if any(not row.counted for row in self.layers):
             lines.append("* no MAC handler for this type: its MACs are not counted")
@@ -138,18 +140,18 @@ def _masked_macs(module: _MaskedHetConvNd, input: torch.Tensor, output: torch.Te
     return pixels * p.useful_macs_per_pixel(), pixels * p.masked_macs_per_pixel()
 
 
-def _sparse_macs(module: _SparseHetConvNd, input: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
+def _sparse_macs(module: _SparseHetConvNd, input: torch.Tensor, output: torch.Tensor) -> tuple[int, int, str]:
     pixels = output.numel() // module.out_channels
     p = module.pattern
     useful = pixels * p.useful_macs_per_pixel()
     if p.part == 1:
-        return useful, useful
+        return useful, useful, ""
     backend = module.backend
-    if backend == "auto":  # resolved exactly as het_conv resolves it for this call
+    if backend == "auto":  # resolved as the layer resolves it for this call (no autograd here)
         backend = select_backend(p, input, torch.is_grad_enabled() and module.weight_1x1.requires_grad)
     if backend in _FULL_1X1_BACKENDS:  # the values are scattered into a zero N x M matrix
-        return useful, pixels * p.masked_macs_per_pixel()
-    return useful, useful  # the other backends multiply the existing kernels only
+        return useful, pixels * p.masked_macs_per_pixel(), backend
+    return useful, useful, backend  # the other backends multiply the existing kernels only
 
 
 def _prod(values) -> int:
@@ -259,8 +261,9 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
 
     def hook(name):
         def record(module, args, output):
-            useful, executed = handled[name](module, args[0] if args else None, output)
+            useful, executed, *backend = handled[name](module, args[0] if args else None, output)
             row = rows[name]
+            row.backend = backend[0] if backend else ""
             row.useful_macs += int(useful)
             row.executed_macs += int(executed)
             row.output_shape = tuple(output.shape)

@@ -103,6 +103,7 @@ def test_auto_backend_counts_what_it_resolves_to():
     chosen = select_backend(layer.pattern, x, False)
     pinned = SparseHetConv2d(64, 64, part=4, backend=chosen)
     assert count_macs(layer, x.shape, executed=True) == count_macs(pinned, x.shape, executed=True)
+    assert count_model(layer, x.shape).layers[0].backend == chosen, "the row names the backend that ran"
 
 
 # -- the paper's convention -------------------------------------------------------------------------
