@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 # Options that define a run; with --resume, the ones not given are read from the checkpoint.
 _RECIPE_OPTIONS = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
@@ -44,8 +45,9 @@ def add_parser(subparsers) -> None:
                         help="no random horizontal flips")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=None, help=f"random seed, deterministic runs (default {d.seed})")
-    parser.add_argument("--out", dest="out_dir", default=d.out_dir,
-                        help=f"folder for last.pt, best.pt, model_sparse.pt (default {d.out_dir})")
+    parser.add_argument("--out", dest="out_dir", default=None,
+                        help=f"folder for last.pt, best.pt, model_sparse.pt (default {d.out_dir}, or the folder "
+                             "of --resume)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                         help=f"save last.pt every N epochs (default {d.checkpoint_every})")
     parser.add_argument("--resume", default=None, help="continue from a last.pt / best.pt checkpoint")
@@ -65,6 +67,8 @@ def config_from_args(args):
     if values.get("milestones") is not None:
         values["milestones"] = _milestones(values["milestones"])
     stored = config_from_checkpoint(args.resume) if args.resume and not args.eval_only else {}
+    if values.get("out_dir") is None:
+        values["out_dir"] = str(Path(args.resume).parent) if stored else TrainConfig.out_dir
     for name in _RECIPE_OPTIONS:
         if values.get(name) is None:
             if name in stored:

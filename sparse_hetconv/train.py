@@ -252,9 +252,11 @@ def _payload(model, optimizer, scheduler, config, seed, epoch, best_acc, best_ep
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
 
 
-def _check_resume(payload: object, config: TrainConfig, seed: int | None) -> None:
+def _check_resume(payload: object, config: TrainConfig, seed: int | None, recipe: bool = True) -> None:
     if not isinstance(payload, dict) or payload.get("format") != TRAIN_FORMAT:
         raise ValueError(f"resume ({config.resume}) is not a training checkpoint written by sparse_hetconv.train")
+    if not recipe:
+        return
     stored = payload["config"]
     given = asdict(config)
     given["milestones"] = list(config.milestones)
@@ -320,8 +322,8 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
     config.validate()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     payload = read_checkpoint(config.resume) if config.resume else None
-    if payload is not None:
-        _check_resume(payload, config, config.seed)
+    if payload is not None:  # eval_only takes model, part and form from the checkpoint
+        _check_resume(payload, config, None if config.eval_only else config.seed, recipe=not config.eval_only)
     data = load_cifar10(config.data)
     seed = config.seed if config.seed is not None else (
         payload["config"]["seed"] if payload is not None else random.randrange(2**31))

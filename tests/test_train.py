@@ -158,12 +158,34 @@ def test_eval_only(runs, capsys):
     assert f"test accuracy {100 * runs['straight'].final_acc:.2f}%" in capsys.readouterr().out
 
 
+def test_command_line_resume_reads_the_recipe(runs):
+    from sparse_hetconv.cli_train import config_from_args
+
+    last = runs["out"] / "a" / "last.pt"
+    args = cli.build_parser().parse_args(["train", "--resume", str(last), "--epochs", "5", "--lr", "0.1"])
+    config = config_from_args(args)
+    assert (config.part, config.form, config.epochs, config.seed) == (4, "masked", 5, 0)
+    assert config.out_dir == str(last.parent), "a resumed run writes next to its checkpoint by default"
+    fresh = config_from_args(cli.build_parser().parse_args(["train", "--milestones", "3,7"]))
+    assert (fresh.part, fresh.form, fresh.milestones) == (4, "sparse", (3, 7))
+
+
+def test_eval_only_from_a_training_checkpoint(runs):
+    result = train_cifar(data=str(runs["root"]), eval_only=True, resume=str(runs["out"] / "b" / "last.pt"),
+                         progress=False)
+    assert result.final_acc == runs["straight"].final_acc == result.converted_acc
+
+
 def test_resume_with_another_recipe_fails_before_training(runs, tmp_path):
     last = runs["out"] / "a" / "last.pt"
     with pytest.raises(ValueError, match=r"trained with other settings: part=4 \(given 8\)"):
         train_cifar(data=str(runs["root"]), resume=str(last), part=8, form="masked", out_dir=str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
     assert config_from_checkpoint(last)["form"] == "masked"
+    weights_only = runs["out"] / "a" / "model_sparse.pt"
+    with pytest.raises(ValueError, match="is not a training checkpoint written by sparse_hetconv.train"):
+        train_cifar(data=str(runs["root"]), resume=str(weights_only), out_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_same_seed_same_run(runs, tmp_path):
