@@ -98,7 +98,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path} is not a CIFAR-10 batch file: keys {sorted(map(str, entry))}, "
                          "expected 'data' and 'labels'")
     images = np.asarray(entry["data"])
-    labels = np.asarray(entry["labels"], dtype=np.int64)
+    try:
+        labels = np.asarray(entry["labels"], dtype=np.int64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: 'labels' must be a list of ints in 0..9 ({error})") from error
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {images.dtype} "
                          f"{images.shape}")

@@ -131,9 +131,11 @@ class TrainConfig:
                 raise FileNotFoundError(f"{name} ({path}) does not exist")
         if self.device is not None:
             try:
-                torch.device(self.device)
-            except RuntimeError as error:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
                 raise ValueError(f"device ({self.device!r}) is not a torch device: {error}") from error
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device ({self.device!r}) is not available: torch.cuda.is_available() is False")
 
 
 @dataclass
@@ -312,6 +314,8 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
         >>> result = train_cifar(data="data", part=4, form="sparse", epochs=330)  # doctest: +SKIP
         >>> result.best_acc, result.converted_acc  # doctest: +SKIP
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig or None, got {type(config).__name__}")
     config = TrainConfig(**asdict(config)) if config is not None else TrainConfig()
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)

@@ -201,6 +201,8 @@ def test_same_seed_same_run(runs, tmp_path):
     ({"lr": -1.0}, r"lr \(-1.0\) must be a finite number >= 0"),
     ({"model": "alexnet"}, r"model \('alexnet'\) is not registered"),
     ({"eval_only": True}, r"eval_only needs weights"),
+    ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "tpu"},
+     r"device \('(cuda:0|tpu)'\) is not"),
 ])
 def test_bad_settings(setting, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -211,6 +213,8 @@ def test_bad_settings(setting, message, tmp_path):
 def test_unknown_setting_and_missing_data(tmp_path):
     with pytest.raises(TypeError, match=r"unknown settings \['learning_rate'\]"):
         train_cifar(learning_rate=0.1)
+    with pytest.raises(TypeError, match="config must be a TrainConfig or None, got dict"):
+        train_cifar({"part": 4})
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         train_cifar(TrainConfig(data=str(tmp_path), out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists(), "nothing is written when the data are missing"
