@@ -294,6 +294,20 @@ def _recheck(model, data, config, device, result: TrainResult) -> nn.Module:
     return model if is_sparse else other
 
 
+def _eval_model(config: TrainConfig, payload: dict | None) -> nn.Module:
+    """The model to evaluate in ``eval_only`` mode, with its weights loaded (form from the file)."""
+    if config.weights:
+        stored = read_checkpoint(config.weights)
+        name = config.model
+        if isinstance(stored, dict) and stored.get("format") == TRAIN_FORMAT:
+            name = stored["config"]["model"]
+        return load_model(config.weights, name, state=state_dict_of(stored, config.weights))[0]
+    stored = payload["config"]
+    model = create_model(stored["model"], part=stored["part"], form=stored["form"])
+    model.load_state_dict(state_dict_of(payload, config.resume))
+    return model
+
+
 def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
     """Train (or evaluate) a HetConv model on CIFAR-10 with the published recipe.
 
@@ -328,6 +342,7 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
     payload = read_checkpoint(config.resume) if config.resume else None
     if payload is not None:  # eval_only takes model, part and form from the checkpoint
         _check_resume(payload, config, None if config.eval_only else config.seed, recipe=not config.eval_only)
+    model = _eval_model(config, payload) if config.eval_only else None  # bad weights fail here
     data = load_cifar10(config.data)
     seed = config.seed if config.seed is not None else (
         payload["config"]["seed"] if payload is not None else random.randrange(2**31))
@@ -336,18 +351,7 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
 
     with _deterministic(config.seed is not None):
         if config.eval_only:
-            if config.weights:
-                stored = read_checkpoint(config.weights)
-                name = config.model
-                if isinstance(stored, dict) and stored.get("format") == TRAIN_FORMAT:
-                    name = stored["config"]["model"]
-                model, _ = load_model(config.weights, name, state=state_dict_of(stored, config.weights))
-            else:
-                stored = payload["config"]
-                model = create_model(stored["model"], part=stored["part"], form=stored["form"])
-                model.load_state_dict(state_dict_of(payload, config.resume))
-            model.to(device)
-            result.model = _recheck(model, data, config, device, result)
+            result.model = _recheck(model.to(device), data, config, device, result)
             result.best_acc = result.final_acc
             return result
 

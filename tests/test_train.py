@@ -219,3 +219,10 @@ def test_unknown_setting_and_missing_data(tmp_path):
         train_cifar(TrainConfig(data=str(tmp_path), out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists(), "nothing is written when the data are missing"
     assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_eval_only_bad_weights_fail_before_reading_data(tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
+        train_cifar(data=str(tmp_path / "no_data"), eval_only=True, weights=str(weights))
