@@ -1,14 +1,280 @@
-"""How ``backend="auto"`` picks the backend that computes a layer's 1 x 1 part."""
+"""How ``backend="auto"`` picks the backend that computes a HetConv layer's 1 x 1 part.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Every backend of
+:mod:`sparse_hetconv.functional` computes the same numbers; which is fastest depends on the call's
+*signature*: (in/out channels, part, kernel, batch, spatial size, device, dtype, memory format,
+training or not). The choice is made once per signature and cached, in one of two modes:
+
+* ``"model"`` (default): a cost model of the stock convolution kernels (below). Deterministic,
+  free, and checked against measurements by ``benchmarks/`` (``sparse-hetconv bench`` reports, per
+  layer, auto's pick beside the fastest backend measured).
+* ``"measure"``: like ``torch.backends.cudnn.benchmark``, the first call of a signature times the
+  candidate backends on random data of that signature (forward, plus backward when training) and
+  keeps the fastest. Adapts to any machine; costs a few calls per new signature.
+
+The cost model, in multiply-accumulate equivalents. A convolution with ``c_in`` input and
+``c_out`` output channels per group runs at an efficiency ``e(c_in) e(c_out)`` of its peak, with
+``e(c) = c / (c + C0)`` (oneDNN is slow with few channels per group), plus a fixed cost per call;
+an elementwise pass costs a few MAC-equivalents per element. Then, for ``L`` output pixels:
+
+* ``dense``: one ``M -> N`` 1 x 1 convolution of ``L M N`` MACs, on the dense matrix; without
+  autograd the sum into the k x k output is fused (free), with autograd it is one pass, and the
+  backward is two more convolutions of the same size.
+* ``grouped``: ``P - 1`` grouped convolutions of ``L m N`` MACs each with ``m`` and ``n`` channels
+  per group, each followed by a pass that adds it into the output. Fewer MACs (``(P - 1) / P``),
+  lower efficiency and more calls: it wins for small ``P`` with wide groups (``P = 2``).
+* ``blocked`` and ``torch_sparse``: matrix products (MKL) that run at a fraction of oneDNN's
+  convolution speed on this kind of CPU; the model ranks them last, as measured.
+
+``grouped`` is only chosen where the model predicts it at least ``MARGIN`` faster than ``dense``,
+which costs what the masked form's own 1 x 1 convolution costs: the sparse layer is then never
+meaningfully slower than the masked layer it replaces. The model is calibrated for CPUs (oneDNN,
+float32 and bfloat16); elsewhere (CUDA, float64, float16) ``"model"`` picks ``dense``, the masked
+form's own kernel, and ``"measure"`` is the way to let a machine decide.
+
+Example:
+    >>> layer = SparseHetConv2d(256, 256, part=2)
+    >>> choose(layer.pattern, torch.randn(32, 256, 8, 8).contiguous(memory_format=torch.channels_last))
+    'grouped'
+"""
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+from torch import Tensor, nn
 
 from .pattern import HetConvPattern
 
-__all__ = ["choose"]
+__all__ = ["MODES", "choose", "choices", "clear", "estimate", "get_mode", "resolve_backends", "set_mode",
+           "mode", "signature"]
+
+MODES = ("model", "measure")
+CANDIDATES = ("dense", "grouped", "blocked", "torch_sparse")
+MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
+C0 = 16.0  # channels per group at which a convolution runs at half its peak efficiency
+CALL = 2.0e4  # fixed cost of one convolution call, in MAC-equivalents
+PASS = 2.0  # cost of an elementwise pass, MAC-equivalents per element
+MATMUL_SPEED = 0.5  # MKL matrix products relative to oneDNN convolutions (measured: 0.4-0.6)
+SPARSE_SPEED = 0.15  # torch.sparse CSR products relative to oneDNN convolutions (measured)
+_FAST_DTYPES = (torch.float32, torch.bfloat16)
+
+_state = {"mode": "model"}
+_CHOICES: dict[tuple, tuple[str, str]] = {}  # signature -> (backend, how it was decided)
 
 
-def choose(pattern: HetConvPattern, input: torch.Tensor | None = None, training: bool | None = None) -> str:
-    """The backend for this pattern and input: ``"dense"``, the stock 1 x 1 convolution."""
-    return "dense"
+def set_mode(value: str) -> None:
+    """Choose how ``"auto"`` decides: ``"model"`` (cost model) or ``"measure"`` (timing).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if value not in MODES:
+        raise ValueError(f"mode ({value!r}) must be one of {MODES}")
+    _state["mode"] = value
+
+
+def get_mode() -> str:
+    """The current mode, ``"model"`` or ``"measure"``."""
+    return _state["mode"]
+
+
+@contextmanager
+def mode(value: str) -> Iterator[None]:
+    """Context manager form of :func:`set_mode`; restores the previous mode on exit."""
+    previous = get_mode()
+    set_mode(value)
+    try:
+        yield
+    finally:
+        _state["mode"] = previous
+
+
+def clear() -> None:
+    """Forget every cached choice (the next call of each signature decides again)."""
+    _CHOICES.clear()
+
+
+def choices() -> dict[tuple, tuple[str, str]]:
+    """The cached decisions: ``signature -> (backend, "model" | "measure" | "fixed")``."""
+    return dict(_CHOICES)
+
+
+def _memory_format(input: Tensor) -> str:
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return "channels_last"
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():
+        return "channels_last"
+    return "contiguous"
+
+
+def signature(pattern: HetConvPattern, input: Tensor | None, training: bool) -> tuple:
+    """The key a choice is cached under (everything the choice may depend on)."""
+    if input is None:
+        return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, None, bool(training))
+    return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, tuple(input.shape),
+            input.device.type, input.dtype, _memory_format(input), bool(training))
+
+
+def _efficiency(channels: int) -> float:
+    return channels / (channels + C0)
+
+
+def _conv_cost(macs: float, c_in: int, c_out: int) -> float:
+    return macs / (_efficiency(c_in) * _efficiency(c_out)) + CALL
+
+
+def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, float]:
+    """The cost model's estimate for each backend (MAC-equivalents; only ratios matter).
+
+    Args:
+        pattern: the layer.
+        pixels (int): output pixels of the call, ``batch * prod(out_spatial)``.
+        training (bool): whether autograd records the call (backward included in the cost).
+
+    Returns:
+        dict: backend name -> estimated cost of the 1 x 1 part (forward, or forward + backward).
+    """
+    M, N, P = pattern.in_channels, pattern.out_channels, pattern.part
+    m, n = pattern.block_in, pattern.block_out
+    out = pixels * N
+    passes = 3 if training else 1  # forward and the two backward products
+    dense = passes * _conv_cost(pixels * M * N, M, N) + (PASS * out + 2 * PASS * N * M if training else 0.0)
+    grouped = (P - 1) * (passes * _conv_cost(pixels * m * N, m, n) + PASS * out * (2 if training else 1))
+    useful = pixels * (M - m) * N
+    blocked = passes * (useful / (MATMUL_SPEED * _efficiency(m) * _efficiency(n)) + 2 * P * CALL) + PASS * out
+    torch_sparse = passes * useful / SPARSE_SPEED + PASS * (out + pixels * M)
+    return {"dense": dense, "grouped": grouped, "blocked": blocked, "torch_sparse": torch_sparse}
+
+
+def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool) -> str:
+    if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
+        return "dense"
+    if not torch.backends.mkldnn.is_available():
+        return "dense"
+    pixels = input.shape[0] * math.prod(input.shape[2:])  # input pixels: the stride is not part of the key
+    costs = estimate(pattern, max(pixels, 1), training)
+    if _memory_format(input) != "channels_last":
+        # In NCHW oneDNN reorders grouped convolutions' data; only dense was measured to hold up.
+        return "dense"
+    return "grouped" if costs["grouped"] < MARGIN * costs["dense"] else "dense"
+
+
+def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None) -> str:
+    """The backend ``"auto"`` uses for a layer of this pattern called on this input.
+
+    Args:
+        pattern: the layer's :class:`HetConvPattern`.
+        input (Tensor, optional): the call's input (shape, device, dtype and memory format are
+            read, never the values). Without one, ``"dense"``.
+        training (bool, optional): whether autograd records the call; default
+            ``torch.is_grad_enabled()``.
+
+    Returns:
+        str: one of ``"dense"``, ``"grouped"``, ``"blocked"``, ``"torch_sparse"``.
+    """
+    if training is None:
+        training = torch.is_grad_enabled()
+    if pattern.part == 1:
+        return "dense"
+    key = signature(pattern, input, training)
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit[0]
+    if torch.compiler.is_compiling():
+        return _model_choice(pattern, input, training)
+    if _state["mode"] == "measure" and input is not None:
+        backend, how = _measured_choice(pattern, input, training), "measure"
+    else:
+        backend, how = _model_choice(pattern, input, training), "model"
+    _CHOICES[key] = (backend, how)
+    return backend
+
+
+def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, repeats: int = 3) -> str:
+    """Time each candidate on random data of the call's signature; the fastest wins."""
+    from .functional import _het_conv
+
+    factory = {"device": input.device, "dtype": input.dtype}
+    generator_input = torch.randn(input.shape, **factory)
+    if _memory_format(input) == "channels_last":
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        generator_input = generator_input.contiguous(memory_format=fmt)
+    kxk = torch.randn((pattern.out_channels, pattern.block_in) + pattern.kernel_size, **factory)
+    values = torch.randn((pattern.out_channels, pattern.num_1x1), **factory)
+    stride = (1,) * pattern.dims
+    sync = torch.cuda.synchronize if input.device.type == "cuda" else (lambda: None)
+
+    def run(backend: str) -> None:
+        with torch.enable_grad() if training else torch.no_grad():
+            x = generator_input.requires_grad_(training)
+            out = _het_conv(x, kxk.requires_grad_(training), values.requires_grad_(training), None, stride,
+                            pattern, backend)
+            if training:
+                out.backward(torch.ones_like(out))
+                x.grad = kxk.grad = values.grad = None
+
+    timings = {}
+    for backend in CANDIDATES:
+        run(backend)  # warm-up (oneDNN primitive creation)
+        sync()
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(backend)
+            sync()
+            best = min(best, time.perf_counter() - start)
+        timings[backend] = best
+    return min(timings, key=timings.get)
+
+
+def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = False,
+                     pin: bool = False) -> dict[str, str]:
+    """What ``"auto"`` resolves to in every sparse HetConv layer of ``model`` for this input.
+
+    Runs one forward pass (under ``torch.no_grad`` unless ``training``) with every module in eval
+    mode (so BatchNorm statistics are not touched; the train/eval flags are restored after) and
+    reads each layer's :attr:`~sparse_hetconv.SparseHetConv2d.resolved_backend`.
+
+    Args:
+        model (nn.Module): a model with :class:`SparseHetConv2d` / ``3d`` layers.
+        example_input (Tensor): a representative input (its shape, dtype, device, format count).
+        training (bool): resolve for training calls (autograd on) instead of inference.
+        pin (bool): also assign each choice to the layer's ``backend``, so it no longer changes
+            with the input (``layer.backend = "auto"`` undoes it).
+
+    Returns:
+        dict: layer name -> backend, for the layers with ``part > 1``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
+    """
+    from .sparse import _SparseHetConvNd
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, _SparseHetConvNd) and m.part > 1}
+    saved = {name: m.backend for name, m in layers.items()}
+    flags = [(m, m.training) for m in model.modules()]
+    for m in layers.values():
+        m.backend = "auto"
+    try:
+        model.eval()
+        with torch.enable_grad() if training else torch.no_grad():
+            model(example_input)
+    finally:
+        for name, m in layers.items():
+            m.backend = saved[name]
+        for m, flag in flags:
+            m.training = flag
+    resolved = {name: m.resolved_backend for name, m in layers.items()}
+    if pin:
+        for name, m in layers.items():
+            m.backend = resolved[name]
+    return resolved

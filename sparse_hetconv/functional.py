@@ -2,14 +2,20 @@
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The k x k part is a grouped
 convolution (``groups = P``) with padding ``k // 2``; the 1 x 1 part multiplies the compact values
-``weight_1x1`` (``N x (M - M/P)``, DESIGN section 3) with the input sampled at the same stride.
-Every backend computes the same numbers; they differ only in speed:
+``weight_1x1`` (``N x (M - M/P)``, DESIGN section 3) with the input sampled at the same stride and
+is accumulated into the k x k part's output (no separate sum tensor). Every backend computes the
+same numbers; they differ only in speed:
 
-* ``dense``: scatter the values into a zero ``N x M`` matrix and run one 1 x 1 convolution.
+* ``dense``: scatter the values into a zero ``N x M`` matrix and run one 1 x 1 convolution. Without
+  autograd on the CPU, the convolution adds straight into the k x k output (oneDNN's fused sum).
+* ``grouped``: the 1 x 1 part as ``P - 1`` grouped 1 x 1 convolutions (``groups = P``), one per
+  block offset ``s``: output group ``g`` reads input block ``(g + s) mod P``. Only existing kernels
+  are multiplied, forward and backward, on the stock convolution kernels.
 * ``blocked``: per group, two matrix products over the contiguous channel slices before and
-  after the group's block; no zero is ever multiplied.
+  after the group's block, added into the output in place.
 * ``torch_sparse``: the literal ``torch.sparse`` CSR matrix times the input, through a custom
   autograd function whose backward computes only the existing kernels' gradients.
+* ``auto``: :func:`sparse_hetconv.autotune.choose` picks one per call signature.
 
 :class:`sparse_hetconv.SparseHetConv2d` wraps :func:`het_conv2d`.
 """
@@ -26,23 +32,62 @@ from torch import Tensor
 from ._checks import check_input
 from .pattern import HetConvPattern
 
-__all__ = ["BACKENDS", "het_conv", "het_conv2d", "het_conv3d", "select_backend"]
+__all__ = ["BACKENDS", "WeightCache", "het_conv", "het_conv2d", "het_conv3d", "select_backend"]
 
-BACKENDS = ("auto", "dense", "blocked", "torch_sparse")
+BACKENDS = ("auto", "dense", "grouped", "blocked", "torch_sparse")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_INDEX_CACHE: dict[tuple, Tensor] = {}
 
 
 def select_backend(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None) -> str:
     """The backend ``"auto"`` resolves to for a layer of this pattern and this input.
 
-    The choice depends only on (shape, part, device, dtype, memory format, training), so it is
-    deterministic and cheap. ``dense`` runs the stock 1 x 1 convolution kernels, which are the
-    fastest route on most shapes (it is the masked form's own cost); the per-group ``blocked``
-    products win only where the groups are few and wide.
+    See :func:`sparse_hetconv.autotune.choose`: the choice depends on (shape, part, device, dtype,
+    memory format, training) only, and is cached per signature.
     """
     from .autotune import choose
 
     return choose(pattern, input, training)
+
+
+class WeightCache:
+    """Prepared 1 x 1 weights of one layer, reused across calls that need no gradient.
+
+    An entry is keyed by the values' storage, version counter, dtype and device, so any in-place
+    update (an optimizer step, ``load_state_dict``) or move invalidates it. Calls that need a
+    gradient never use it: they rebuild the prepared weight inside autograd.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Tensor]] = {}
+
+    def get(self, kind: str, values: Tensor, build) -> Tensor:
+        """The prepared weight ``build(values)`` for ``kind``, rebuilt only when ``values`` changed."""
+        key = (values.data_ptr(), values._version, values.dtype, values.device, tuple(values.shape))
+        entry = self._entries.get(kind)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        with torch.inference_mode(False), torch.no_grad():
+            prepared = build(values.detach())
+        self._entries[kind] = (key, prepared)
+        return prepared
+
+    def clear(self) -> None:
+        """Drop every prepared weight."""
+        self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held by the prepared weights."""
+        return sum(t.numel() * t.element_size() for _, t in self._entries.values())
+
+
+def _cached_index(key: tuple, build) -> Tensor:
+    if torch.compiler.is_compiling():
+        return build()
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        index = _INDEX_CACHE[key] = build()
+    return index
 
 
 def _subsample(input: Tensor, stride: tuple[int, ...]) -> Tensor:
@@ -50,12 +95,6 @@ def _subsample(input: Tensor, stride: tuple[int, ...]) -> Tensor:
         return input
     index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
     return input[index]
-
-
-def _one_by_one_dense(input: Tensor, weight_1x1: Tensor, pattern: HetConvPattern, stride) -> Tensor:
-    weight = pattern.scatter_1x1(weight_1x1)
-    weight = weight.view(weight.shape + (1,) * pattern.dims)
-    return _CONV[pattern.dims](input, weight, None, stride)
 
 
 def _channels_last(x: Tensor) -> bool:
@@ -66,41 +105,125 @@ def _channels_last(x: Tensor) -> bool:
     return False
 
 
-def _one_by_one_blocked(input: Tensor, weight_1x1: Tensor, pattern: HetConvPattern, stride) -> Tensor:
-    x = _subsample(input, stride)
-    batch, spatial = x.shape[0], x.shape[2:]
-    p, n, m = pattern.part, pattern.block_out, pattern.block_in
-    values = weight_1x1.view(p, n, pattern.num_1x1)
-    if _channels_last(x):
-        # (B, L, M) view of a channels-last tensor: channel slices are column blocks.
-        rows = x.movedim(1, -1).reshape(batch, math.prod(spatial), pattern.in_channels)
-        parts = [_group_sum(rows[..., :g * m], rows[..., (g + 1) * m:], values[g].t(), g * m, right=True)
-                 for g in range(p)]
-        return torch.cat(parts, dim=-1).view(batch, *spatial, pattern.out_channels).movedim(-1, 1)
-    cols = x.reshape(batch, pattern.in_channels, math.prod(spatial))
-    parts = [_group_sum(cols[:, :g * m], cols[:, (g + 1) * m:], values[g], g * m, right=False)
-             for g in range(p)]
-    return torch.cat(parts, dim=1).view(batch, pattern.out_channels, *spatial)
+# -- dense ----------------------------------------------------------------------------------------
+def _scatter(values: Tensor, pattern: HetConvPattern) -> Tensor:
+    """The ``(N, M, 1, ...)`` 1 x 1 weight with the values in place and a zero block diagonal."""
+    flat = values.new_zeros(pattern.out_channels * pattern.in_channels)
+    flat.index_put_((pattern.flat_indices(values.device),), values.reshape(-1))
+    return flat.view((pattern.out_channels, pattern.in_channels) + (1,) * pattern.dims)
 
 
-def _group_sum(before: Tensor, after: Tensor, values: Tensor, split: int, right: bool) -> Tensor:
-    """One group's 1 x 1 output from the channel slices before and after its block.
+def _fusable(input: Tensor, out: Tensor) -> bool:
+    """Whether oneDNN can add the 1 x 1 convolution straight into ``out`` (no autograd path)."""
+    if input.dim() != 4 or input.device.type != "cpu" or input.numel() == 0 or out.numel() == 0:
+        return False
+    if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.backends.mkldnn.enabled:
+        return False
+    if input.dtype == torch.float32:
+        return True
+    return input.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-    ``values`` is the group's ``(n, M - m)`` block (or its transpose when ``right``); its first
-    ``split`` columns (rows) belong to the channels before the block, the rest to those after.
+
+def _accumulate_dense(out, input, values, pattern, stride, grad, cache):
+    if grad or cache is None:
+        weight = _scatter(values, pattern)
+    else:
+        weight = cache.get("dense", values, lambda v: _scatter(v, pattern))
+    if not grad and _fusable(input, out):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, input, weight, None, [0, 0], list(stride), [1, 1], 1, "add", None, None, [], None
+        )
+    return out.add_(_CONV[pattern.dims](input, weight, None, stride))
+
+
+# -- grouped --------------------------------------------------------------------------------------
+def _shift_index(pattern: HetConvPattern, device) -> Tensor:
+    """Positions in the flat compact values of the grouped weights, ``(P - 1, N, m)``.
+
+    For offset ``s`` the grouped convolution's output block ``h`` uses input block ``h``, and holds
+    the filters of group ``g = (h - s) mod P``, whose compact block index for channel block ``h``
+    is ``h`` before their own block and ``h - 1`` after it. Every value is used exactly once.
     """
-    terms = []
-    if before.shape[-1 if right else -2]:
-        terms.append(before @ values[:split] if right else values[:, :split] @ before)
-    if after.shape[-1 if right else -2]:
-        terms.append(after @ values[split:] if right else values[:, split:] @ after)
-    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    def build():
+        p, n, m, width = pattern.part, pattern.block_out, pattern.block_in, pattern.num_1x1
+        s = torch.arange(1, p, device=device)[:, None]
+        h = torch.arange(p, device=device)[None, :]
+        g = (h - s) % p
+        t = torch.where(h < g, h, h - 1)
+        rows = g[:, :, None] * n + torch.arange(n, device=device)  # (P-1, P, n)
+        cols = t[:, :, None] * m  # (P-1, P, 1)
+        start = rows * width + cols
+        return (start[..., None] + torch.arange(m, device=device)).reshape(p - 1, p * n, m)
+
+    key = ("shift", pattern.in_channels, pattern.out_channels, pattern.part, torch.device(device))
+    return _cached_index(key, build)
 
 
+def _shift_weights(values: Tensor, pattern: HetConvPattern) -> Tensor:
+    index = _shift_index(pattern, values.device)
+    weight = values.reshape(-1)[index]
+    return weight.view(weight.shape + (1,) * pattern.dims)
+
+
+def _accumulate_grouped(out, input, values, pattern, stride, grad, cache):
+    if grad or cache is None:
+        weights = _shift_weights(values, pattern)
+    else:
+        weights = cache.get("grouped", values, lambda v: _shift_weights(v, pattern))
+    p, n = pattern.part, pattern.block_out
+    conv = _CONV[pattern.dims]
+    for s in range(1, p):
+        y = conv(input, weights[s - 1], None, stride, 0, 1, p)
+        split = (p - s) * n  # groups 0 .. P-s-1 read blocks s .. P-1; the others wrap around
+        out[:, :split] += y[:, s * n:]
+        out[:, split:] += y[:, :s * n]
+    return out
+
+
+# -- blocked --------------------------------------------------------------------------------------
+def _accumulate_blocked(out, input, values, pattern, stride, grad, cache):
+    x = _subsample(input, stride)
+    batch = x.shape[0]
+    p, n, m = pattern.part, pattern.block_out, pattern.block_in
+    blocks = values.view(p, n, pattern.num_1x1)
+    if _channels_last(x) and _channels_last(out):
+        # (B*L, M) and (B*L, N) views of channels-last tensors: channel slices are column blocks,
+        # and each group's products are added straight into its columns of the output.
+        rows = x.movedim(1, -1).reshape(-1, pattern.in_channels)
+        target = out.movedim(1, -1).reshape(-1, pattern.out_channels)
+        for g in range(p):
+            part = target[:, g * n:(g + 1) * n]
+            if g:
+                part.addmm_(rows[:, :g * m], blocks[g, :, :g * m].t())
+            if g < p - 1:
+                part.addmm_(rows[:, (g + 1) * m:], blocks[g, :, g * m:].t())
+        return out
+    pixels = math.prod(x.shape[2:])
+    cols = x.reshape(batch, pattern.in_channels, pixels)
+    target = out.view(batch, pattern.out_channels, pixels) if out.is_contiguous() else None
+    for g in range(p):
+        terms = []
+        if g:
+            terms.append(blocks[g, :, :g * m] @ cols[:, :g * m])
+        if g < p - 1:
+            terms.append(blocks[g, :, g * m:] @ cols[:, (g + 1) * m:])
+        y = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        if target is not None:
+            target[:, g * n:(g + 1) * n] += y
+        else:
+            out[:, g * n:(g + 1) * n] += y.view((batch, n) + out.shape[2:])
+    return out
+
+
+# -- torch_sparse ---------------------------------------------------------------------------------
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col, values.reshape(-1), size=shape, check_invariants=False)
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow, col, values.reshape(-1), size=shape)
 
 
 class _CsrMatmul(torch.autograd.Function):
@@ -137,27 +260,47 @@ class _CsrMatmul(torch.autograd.Function):
         return grad_values, grad_cols, None, None, None
 
 
-def _one_by_one_torch_sparse(input: Tensor, weight_1x1: Tensor, pattern: HetConvPattern, stride) -> Tensor:
+def _accumulate_torch_sparse(out, input, values, pattern, stride, grad, cache):
     x = _subsample(input, stride)
     batch, spatial = x.shape[0], x.shape[2:]
     # MKL's sparse kernels on the CPU have no half-precision path: compute those in float32.
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    cols = x.movedim(1, 0).reshape(pattern.in_channels, batch * math.prod(spatial)).to(compute)
-    values = weight_1x1.to(compute)
+    cols = x.movedim(1, 0).reshape(pattern.in_channels, -1).to(compute)
+    values = values.to(compute)
     if cols.shape[1] == 0:
         y = cols.new_zeros((pattern.out_channels, 0)) + 0 * values.sum()
     else:
         shape = (pattern.out_channels, pattern.in_channels)
         y = _CsrMatmul.apply(values, cols, pattern.crow_indices(x.device), pattern.col_indices(x.device), shape)
-    y = y.to(x.dtype).view(pattern.out_channels, batch, *spatial).movedim(0, 1)
-    return y
+    return out.add_(y.to(x.dtype).view(pattern.out_channels, batch, *spatial).movedim(0, 1))
 
 
-_ONE_BY_ONE = {
-    "dense": _one_by_one_dense,
-    "blocked": _one_by_one_blocked,
-    "torch_sparse": _one_by_one_torch_sparse,
+_ACCUMULATE = {
+    "dense": _accumulate_dense,
+    "grouped": _accumulate_grouped,
+    "blocked": _accumulate_blocked,
+    "torch_sparse": _accumulate_torch_sparse,
 }
+
+
+def needs_grad(input: Tensor, *weights: Tensor | None) -> bool:
+    """Whether autograd will record a call on these tensors (the ``training`` of :mod:`autotune`)."""
+    if not torch.is_grad_enabled():
+        return False
+    return input.requires_grad or any(w is not None and w.requires_grad for w in weights)
+
+
+def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
+              stride: tuple[int, ...], pattern: HetConvPattern, backend: str,
+              cache: WeightCache | None = None) -> Tensor:
+    """:func:`het_conv` without argument checks; ``backend`` is concrete or ``"auto"``."""
+    out = _CONV[pattern.dims](input, weight_kxk, bias, stride, pattern.padding, 1, pattern.part)
+    if pattern.part == 1:
+        return out
+    grad = needs_grad(input, weight_kxk, weight_1x1, bias)
+    if backend == "auto":
+        backend = select_backend(pattern, input, grad)
+    return _ACCUMULATE[backend](out, input, weight_1x1, pattern, stride, grad, cache)
 
 
 def het_conv(
@@ -181,29 +324,34 @@ def het_conv(
         bias (Tensor[out_channels], optional): added to every output pixel.
         stride (int or tuple): the stride of both parts.
         part (int): ``P``; ``in_channels`` and ``out_channels`` must be divisible by it.
-        backend (str): ``"auto"``, ``"dense"``, ``"blocked"`` or ``"torch_sparse"``; all exact.
+        backend (str): one of :data:`BACKENDS` (``"auto"``, ``"dense"``, ``"grouped"``,
+            ``"blocked"``, ``"torch_sparse"``); all exact.
         pattern (HetConvPattern, optional): a prebuilt pattern for these shapes (skips checks).
 
     Returns:
-        Tensor[batch, out_channels, *out_spatial]: with ``out = floor((size - 1) / stride) + 1``.
+        Tensor[batch, out_channels, *out_spatial]: with ``out = floor((size - 1) / stride) + 1``,
+        in the memory format the k x k convolution produces (channels-last in, channels-last out).
 
     Raises:
         ValueError: a shape, part or backend that does not fit.
+
+    Example:
+        >>> x = torch.randn(2, 8, 5, 5)
+        >>> het_conv2d(x, torch.randn(4, 4, 3, 3), torch.randn(4, 4), part=2).shape
+        torch.Size([2, 4, 5, 5])
     """
     dims = weight_kxk.dim() - 2
     if pattern is None:
         if backend not in BACKENDS:
             raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
-        check_input(input, None, dims, "het_conv")
-        pattern = HetConvPattern(input.shape[1], weight_kxk.shape[0], part, tuple(weight_kxk.shape[2:]), dims)
+        if not isinstance(input, Tensor) or input.dim() != dims + 2:
+            check_input(input, 0, dims, "het_conv")  # raises the type or rank error first
+        pattern = HetConvPattern(input.shape[1] if input.dim() > 1 else 0, weight_kxk.shape[0], part,
+                                 tuple(weight_kxk.shape[2:]), dims)
         _check_weights(pattern, weight_kxk, weight_1x1, bias)
+        check_input(input, pattern.in_channels, dims, "het_conv")
     stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
-    out = _CONV[dims](input, weight_kxk, bias, stride, pattern.padding, 1, pattern.part)
-    if pattern.part == 1:
-        return out
-    if backend == "auto":
-        backend = select_backend(pattern, input, torch.is_grad_enabled() and weight_1x1.requires_grad)
-    return out + _ONE_BY_ONE[backend](input, weight_1x1, pattern, stride)
+    return _het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, backend)
 
 
 def _check_weights(pattern: HetConvPattern, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._compact import _CompactHetConv
 from ._checks import check_int
-from .functional import BACKENDS, het_conv
+from .functional import BACKENDS, WeightCache, _het_conv, needs_grad
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
 
 __all__ = ["SparseHetConv2d", "SparseHetConv3d"]
@@ -40,6 +40,8 @@ class _SparseHetConvNd(_CompactHetConv):
         super().__init__()
         self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
         self.backend = backend
+        self._resolved_backend: str | None = None
+        self._weight_cache = WeightCache()
         self._init_parameters(bias, device, dtype)
 
     # -- nn.Module ----------------------------------------------------------------------------
@@ -55,10 +57,39 @@ class _SparseHetConvNd(_CompactHetConv):
             raise ValueError(f"backend ({value!r}) must be one of {BACKENDS}")
         self._backend = value
 
+    @property
+    def resolved_backend(self) -> str | None:
+        """The backend the last forward call actually used (what ``"auto"`` resolved to for
+        that input and mode); None before the first call or when ``part == 1``. To see the choice
+        for another input without running the layer, use
+        :func:`sparse_hetconv.autotune.choose`; to keep it, assign it to :attr:`backend`."""
+        return self._resolved_backend
+
+    def train(self, mode: bool = True):
+        # Prepared inference weights are rebuilt on the next no-grad call after training.
+        self._weight_cache.clear()
+        return super().train(mode)
+
     def forward(self, input: Tensor) -> Tensor:
+        """Args:
+            input (Tensor[batch, in_channels, *spatial]): NC(D)HW or channels-last.
+
+        Returns:
+            Tensor[batch, out_channels, *out_spatial].
+
+        Calls that need no gradient (``torch.no_grad``, ``inference_mode``, frozen weights) reuse
+        the prepared 1 x 1 weight of the previous such call while ``weight_1x1`` is unchanged.
+        """
         self._check_input(input)
-        return het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.part,
-                        self._backend, pattern=self.pattern)
+        backend = self._backend
+        if backend == "auto" and self.part > 1:
+            from .autotune import choose
+
+            backend = choose(self.pattern, input, needs_grad(input, self.weight_kxk, self.weight_1x1, self.bias))
+        if self.part > 1 and not torch.compiler.is_compiling():
+            self._resolved_backend = backend
+        return _het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.pattern,
+                         backend, self._weight_cache)
 
     def extra_repr(self) -> str:
         text = self._geometry_repr()
