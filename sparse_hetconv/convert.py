@@ -17,9 +17,11 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ._checks import check_int
+from ._layout import apply_memory_format, check_memory_format
 from .masked import MaskedHetConv2d, MaskedHetConv3d, _MaskedHetConvNd
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd
 
@@ -67,19 +69,21 @@ def _apply(model: nn.Module, plan: list[tuple[str, nn.Module]]) -> nn.Module:
     return model
 
 
-def _convert(model, build, inplace: bool, what: str) -> nn.Module:
+def _convert(model, build, inplace: bool, what: str, memory_format=None) -> nn.Module:
     _check_model(model)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_memory_format(memory_format)
     if not inplace:
         model = copy.deepcopy(model)
     plan = _plan(model, build)  # raises before anything is changed; the input is never touched
     if not plan:
         warnings.warn(f"{what}: the model has no layer to convert; returned it unchanged", stacklevel=3)
-    return _apply(model, plan)
+    return apply_memory_format(_apply(model, plan), memory_format)
 
 
-def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto") -> nn.Module:
+def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
+              memory_format=torch.channels_last) -> nn.Module:
     """Turn every masked HetConv in ``model`` into a :class:`SparseHetConv2d` (or ``3d``).
 
     Converted: :class:`MaskedHetConv2d` / ``3d``, and every module shaped like the published
@@ -93,6 +97,9 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto") ->
         model (nn.Module): the model (or a single layer).
         inplace (bool): change ``model`` itself instead of a deep copy.
         backend (str): the ``backend`` of the new sparse layers.
+        memory_format (torch.memory_format or None): layout given to every 4-D (5-D) parameter
+            and buffer of the result; ``torch.channels_last`` (default) makes the activations
+            channels-last end to end, the fast layout on the CPU; None leaves them as they are.
 
     Returns:
         nn.Module: the converted model.
@@ -116,15 +123,16 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto") ->
         read = read_hetconv_weights(module, path)
         return _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
 
-    return _convert(model, build, inplace, "to_sparse")
+    return _convert(model, build, inplace, "to_sparse", memory_format)
 
 
-def to_masked(model: nn.Module, inplace: bool = False) -> nn.Module:
+def to_masked(model: nn.Module, inplace: bool = False, memory_format=torch.channels_last) -> nn.Module:
     """Turn every :class:`SparseHetConv2d` (``3d``) in ``model`` into a :class:`MaskedHetConv2d`.
 
     The exact inverse of :func:`to_sparse`: ``to_masked(to_sparse(m))`` computes what ``m`` did,
     with the published module layout (``gwc``/``pwc`` keys), e.g. to save a checkpoint for code
-    that expects it. Copies unless ``inplace=True``.
+    that expects it. Copies unless ``inplace=True``. ``memory_format`` as for :func:`to_sparse`
+    (layouts never change a checkpoint: ``state_dict`` tensors compare equal either way).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -133,7 +141,7 @@ def to_masked(model: nn.Module, inplace: bool = False) -> nn.Module:
     def build(path, module):
         return module.to_masked() if isinstance(module, _SparseHetConvNd) else None
 
-    return _convert(model, build, inplace, "to_masked")
+    return _convert(model, build, inplace, "to_masked", memory_format)
 
 
 @dataclass
@@ -170,6 +178,7 @@ def hetconvify(
     include=None,
     inplace: bool = False,
     backend: str = "auto",
+    memory_format=torch.channels_last,
 ) -> tuple[nn.Module, HetConvifyReport]:
     """Replace standard k x k convolutions by HetConv layers initialised from their weights.
 
@@ -189,6 +198,7 @@ def hetconvify(
         include (callable, optional): ``include(path, conv) -> bool``; False skips the layer.
         inplace (bool): change ``model`` itself instead of a deep copy.
         backend (str): ``backend`` of new sparse layers.
+        memory_format (torch.memory_format or None): as for :func:`to_sparse`.
 
     Returns:
         (nn.Module, HetConvifyReport): the new model and what was replaced / skipped and why.
@@ -204,6 +214,7 @@ def hetconvify(
         raise ValueError(f"reduce ({reduce!r}) must be 'centre' or 'sum'")
     if include is not None and not callable(include):
         raise TypeError(f"include must be callable or None, got {type(include).__name__}")
+    check_memory_format(memory_format)
     report = HetConvifyReport(part, form, params_before=sum(p.numel() for p in model.parameters()))
     seen_first = []
 
@@ -229,7 +240,7 @@ def hetconvify(
     if not inplace:
         model = copy.deepcopy(model)
     plan = _plan(model, build)
-    model = _apply(model, plan)
+    model = apply_memory_format(_apply(model, plan), memory_format)
     report.params_after = sum(p.numel() for p in model.parameters())
     if not plan:
         warnings.warn(f"hetconvify: no convolution could be replaced with part={part}; see the report",

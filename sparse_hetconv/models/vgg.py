@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
+from .._layout import apply_memory_format, check_memory_format
 from ._registry import register_model
 from .layers import check_form, make_conv
 
@@ -29,14 +30,18 @@ class VGG(nn.Module):
         form (str): ``"sparse"`` or ``"masked"``.
         num_classes (int): outputs of the classifier.
         backend (str): ``backend`` of the sparse layers.
+        memory_format (torch.memory_format or None): layout of the 4-D parameters;
+            ``torch.channels_last`` (default) makes every activation channels-last, the fast
+            layout of oneDNN's convolutions; None keeps PyTorch's NCHW default.
     """
 
     def __init__(self, config=VGG16_CONFIG, part: int = 4, form: str = "sparse", num_classes: int = 10,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", memory_format=torch.channels_last) -> None:
         super().__init__()
         check_int("part", part)
         check_int("num_classes", num_classes)
         check_form(form)
+        check_memory_format(memory_format)
         layers: list[nn.Module] = []
         in_channels = 3
         for item in config:
@@ -53,13 +58,15 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(in_channels, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
         )
+        apply_memory_format(self, memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
 @register_model
-def vgg16_cifar(part: int = 4, form: str = "sparse", num_classes: int = 10, backend: str = "auto") -> VGG:
+def vgg16_cifar(part: int = 4, form: str = "sparse", num_classes: int = 10, backend: str = "auto",
+                memory_format=torch.channels_last) -> VGG:
     """The published VGG-16 for CIFAR-10 (32x32 inputs) with HetConv layers of part ``part``.
 
     Thirteen 3x3 convolutions (64, 64, pool, 128, 128, pool, 256 x3, pool, 512 x3, pool, 512 x3,
@@ -68,10 +75,11 @@ def vgg16_cifar(part: int = 4, form: str = "sparse", num_classes: int = 10, back
     ``part=1``); classifier ``Linear(512, 512), BatchNorm1d, ReLU, Linear(512, num_classes)``.
     In masked form the HetConv layers are ``features.3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40``
     with keys ``features.3.gwc.weight`` and ``features.3.pwc.weight``, as in the published script.
+    Parameters are channels-last unless ``memory_format=None`` (see :class:`VGG`).
 
     Example:
         >>> model = vgg16_cifar(part=4, form="sparse")
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
-    return VGG(VGG16_CONFIG, part, form, num_classes, backend)
+    return VGG(VGG16_CONFIG, part, form, num_classes, backend, memory_format)
