@@ -9,10 +9,11 @@ kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models e
 :func:`hetconvify` turns standard CNNs into HetConv ones.
 """
 
-from . import functional, models
+from . import autotune, functional, models, profiling
 from .checkpoint import convert_checkpoint
 from .convert import HetConvifyReport, hetconvify, to_masked, to_sparse
 from .counting import count_macs, count_model, count_params
+from .fuse import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .sparse import SparseHetConv2d, SparseHetConv3d
@@ -28,13 +29,16 @@ __all__ = [
     "SparseHetConv2d",
     "SparseHetConv3d",
     "TrainConfig",
+    "autotune",
     "convert_checkpoint",
     "count_macs",
     "count_model",
     "count_params",
     "functional",
+    "fuse_bn",
     "hetconvify",
     "models",
+    "profiling",
     "shifted_to_block_permutation",
     "to_masked",
     "to_sparse",

@@ -1,19 +1,49 @@
-"""Small, honest measuring tools: latency medians and parameter bytes.
+"""Small, honest measuring tools: latency, training-state bytes and peak training memory.
 
-Used by the demo, the benchmarks and the notebooks. Timings warm up first, use
-``time.perf_counter`` and synchronise CUDA when the tensors live there.
+Used by the demo, ``benchmarks/`` and the notebooks. Timings warm up first, use
+``time.perf_counter``, synchronise CUDA when the tensors live there, interleave the variants being
+compared (so a slow spell of a shared machine hits all of them alike) and report medians.
+
+On glibc, a freed block larger than the *dynamic* mmap threshold is returned to the kernel and the
+threshold then rises, so the first calls of a fresh process page-fault through fresh memory and a
+convolution can take twice as long as in a warm one. :func:`pin_mmap_threshold` fixes the
+threshold (``mallopt(M_MMAP_THRESHOLD)``, the same as ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
+environment) and :func:`mmap_threshold_pinned` checks that it took effect. glibc caps the value at
+32 MiB on 64-bit systems and silently ignores a larger one.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
+import os
+import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "parameter_bytes"]
+__all__ = [
+    "MMAP_THRESHOLD",
+    "interleaved_latency",
+    "machine_info",
+    "measure_latency",
+    "mmap_threshold_pinned",
+    "parameter_bytes",
+    "peak_training_memory",
+    "pin_mmap_threshold",
+    "state_bytes",
+    "vgg_training_step",
+]
+
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest accepted M_MMAP_THRESHOLD on 64-bit
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -41,6 +71,276 @@ def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 10
             "repeats": repeats}
 
 
+def interleaved_latency(fns: Mapping[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,
+                        device: torch.device | str | None = None,
+                        progress: Callable[[], object] | None = None) -> dict[str, dict[str, float]]:
+    """Time several callables in interleaved rounds; each round calls every one once.
+
+    The order rotates from round to round, so neither position nor a slow spell of the machine
+    favours one callable. ``warmup`` untimed calls of each come first.
+
+    Args:
+        fns: name -> callable taking no argument.
+        warmup (int): untimed calls of each callable before the rounds.
+        repeats (int): timed rounds (>= 1).
+        device: synchronised around each call when it is a CUDA device.
+        progress (callable, optional): called after each timed call (e.g. ``tqdm.update``).
+
+    Returns:
+        dict: name -> ``median_ms``, ``min_ms``, ``max_ms``, ``q1_ms``, ``q3_ms``, ``repeats``.
+
+    Raises:
+        ValueError: ``repeats < 1`` or no callable.
+    """
+    if repeats < 1 or not fns:
+        raise ValueError(f"interleaved_latency needs repeats >= 1 and at least one callable, got "
+                         f"repeats={repeats} and {len(fns)} callables")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+            if progress is not None:
+                progress()
+    result = {}
+    for name, values in times.items():
+        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        result[name] = {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values),
+                        "q1_ms": quartiles[0], "q3_ms": quartiles[2], "repeats": repeats}
+    return result
+
+
 def parameter_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters (buffers excluded)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of a model's training state: parameters, gradients, optimizer state and buffers.
+
+    Args:
+        model (nn.Module): the model (after a training step, so gradients and optimizer state
+            exist).
+        optimizer (torch.optim.Optimizer, optional): its optimizer; every tensor in its state
+            counts (momentum buffers, Adam's moments, step counters).
+
+    Returns:
+        dict: ``params``, ``grads``, ``optimizer``, ``buffers`` (BatchNorm statistics, masks) and
+        ``training`` = params + grads + optimizer.
+    """
+    params = list(model.parameters())
+    out = {
+        "params": sum(_nbytes(p) for p in params),
+        "grads": sum(_nbytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": 0,
+        "buffers": sum(_nbytes(b) for b in model.buffers()),
+    }
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            out["optimizer"] += sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    out["training"] = out["params"] + out["grads"] + out["optimizer"]
+    return out
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not name:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD, threshold)``).
+
+    Also sets ``MALLOC_MMAP_THRESHOLD_`` in ``os.environ`` so subprocesses inherit it.
+
+    Args:
+        threshold (int): bytes, at most :data:`MMAP_THRESHOLD` (glibc's cap on 64-bit).
+
+    Returns:
+        bool: whether glibc accepted the value (False off glibc, e.g. macOS or musl).
+
+    Raises:
+        ValueError: a threshold outside ``[0, 32 MiB]``.
+    """
+    if not 0 <= threshold <= MMAP_THRESHOLD:
+        raise ValueError(f"threshold ({threshold}) must be between 0 and {MMAP_THRESHOLD} bytes "
+                         "(glibc ignores larger values on 64-bit systems)")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mmap_threshold_pinned(size: int = MMAP_THRESHOLD - (1 << 20)) -> bool | None:
+    """Check that a ``size``-byte allocation comes from the heap, not from a fresh mmap.
+
+    With the threshold pinned at 32 MiB a 31 MiB block is served from the heap (and reused
+    after ``free``); with glibc's dynamic default it is mapped afresh by the kernel.
+
+    Returns:
+        bool or None: True when the block came from the heap, None when it cannot be checked
+        (not glibc, or a glibc older than 2.33 without ``mallinfo2``).
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(ctypes.c_size_t(size))
+    try:
+        mapped = libc.mallinfo2().hblkhd - before
+    finally:
+        libc.free(ctypes.c_void_p(block))
+    return mapped < size
+
+
+def machine_info() -> dict:
+    """The facts a timing depends on: CPU, cores, threads, torch and its kernel libraries."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onednn": torch.backends.mkldnn.is_available(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "mmap_threshold_pinned": mmap_threshold_pinned(),
+    }
+
+
+def vgg_training_step(part: int = 4, form: str = "sparse", batch: int = 32, memory_format: str = "channels_last",
+                      backend: str = "auto", seed: int = 0) -> dict:
+    """Build ``vgg16_cifar`` with SGD (momentum 0.9, weight decay 5e-4) and one step on random data.
+
+    The builder :func:`peak_training_memory` uses by default; also handy on its own.
+
+    Returns:
+        dict: ``step`` (a callable running forward, cross-entropy, backward and the SGD step),
+        ``model`` and ``optimizer``.
+    """
+    from .models import vgg16_cifar
+
+    torch.manual_seed(seed)
+    fmt = {"channels_last": torch.channels_last, "contiguous": None}[memory_format]
+    model = vgg16_cifar(part=part, form=form, backend=backend, memory_format=fmt).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, 32, 32)
+    target = torch.randint(0, 10, (batch,))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    return {"step": step, "model": model, "optimizer": optimizer}
+
+
+_WORKER = r"""
+import importlib, json, resource, sys
+spec = json.loads(sys.argv[1])
+sys.path[:0] = spec["path"]
+from sparse_hetconv.profiling import _rss_bytes, mmap_threshold_pinned, pin_mmap_threshold, state_bytes
+import torch
+torch.set_num_threads(spec["threads"])
+pinned = pin_mmap_threshold() if spec["pin"] else None
+module, _, name = spec["builder"].partition(":")
+builder = getattr(importlib.import_module(module), name)
+base = _rss_bytes()
+built = builder(**spec["kwargs"])
+after_build = _rss_bytes()
+for _ in range(spec["steps"]):
+    built["step"]()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = {"peak_bytes": peak - base, "build_bytes": after_build - base, "baseline_bytes": base,
+          "state": state_bytes(built["model"], built.get("optimizer")), "pinned": mmap_threshold_pinned()}
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux ``/proc/self/statm``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_step", kwargs: dict | None = None,
+                         steps: int = 2, threads: int | None = None, path: list[str] | None = None,
+                         pin: bool = True, timeout: float = 600) -> dict:
+    """Peak memory of training steps, measured in a fresh Python process.
+
+    The process imports torch and the builder, records its resident memory, builds the model
+    (``builder(**kwargs)`` returning a dict with ``step``, ``model`` and ``optimizer``), runs
+    ``steps`` steps and reports its peak resident memory above that baseline (model, optimizer
+    state, data and the step's activations; the allocator's own overhead included).
+
+    Args:
+        builder (str): ``"module:function"``, importable in the child process.
+        kwargs (dict, optional): JSON-serialisable keyword arguments of the builder.
+        steps (int): training steps to run (the first one creates gradients and optimizer state).
+        threads (int, optional): torch threads in the child; default this process's.
+        path (list of str, optional): directories prepended to the child's ``sys.path``.
+        pin (bool): pin glibc's mmap threshold in the child (:func:`pin_mmap_threshold`).
+        timeout (float): seconds before the child is abandoned.
+
+    Returns:
+        dict: ``peak_bytes``, ``build_bytes``, ``baseline_bytes``, ``state`` (see
+        :func:`state_bytes`) and ``pinned``.
+
+    Raises:
+        ValueError: ``builder`` is not ``"module:function"`` or ``steps < 1``.
+        RuntimeError: the child process failed (its stderr is in the message).
+    """
+    if not isinstance(builder, str) or ":" not in builder:
+        raise ValueError(f"builder ({builder!r}) must be a 'module:function' string")
+    if steps < 1:
+        raise ValueError(f"steps ({steps}) must be >= 1")
+    spec = {"builder": builder, "kwargs": kwargs or {}, "steps": steps, "path": list(path or []),
+            "threads": threads or torch.get_num_threads(), "pin": pin}
+    env = dict(os.environ)
+    if pin:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"peak_training_memory: the child process for {builder} failed "
+                           f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
