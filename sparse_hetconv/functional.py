@@ -76,6 +76,11 @@ class WeightCache:
         """Drop every prepared weight."""
         self._entries.clear()
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles start empty: the entries are keyed by this process's storage
+        # addresses, and would add a dense N x M matrix per layer to every saved model.
+        return {"_entries": {}}
+
     def nbytes(self) -> int:
         """Bytes held by the prepared weights."""
         return sum(t.numel() * t.element_size() for _, t in self._entries.values())
@@ -117,8 +122,8 @@ def _fusable(input: Tensor, out: Tensor) -> bool:
     """Whether oneDNN can add the 1 x 1 convolution straight into ``out`` (no autograd path)."""
     if input.dim() != 4 or input.device.type != "cpu" or input.numel() == 0 or out.numel() == 0:
         return False
-    if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
-        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.backends.mkldnn.is_available():
+        return False  # graph capture records stock operations only (jit.trace rejects this one)
     if not torch.backends.mkldnn.enabled:
         return False
     if input.dtype == torch.float32:
@@ -346,8 +351,9 @@ def het_conv(
             raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
         if not isinstance(input, Tensor) or input.dim() != dims + 2:
             check_input(input, 0, dims, "het_conv")  # raises the type or rank error first
-        pattern = HetConvPattern(input.shape[1] if input.dim() > 1 else 0, weight_kxk.shape[0], part,
-                                 tuple(weight_kxk.shape[2:]), dims)
+        # int(): under torch.jit.trace sizes are traced tensors, which the pattern's checks reject.
+        pattern = HetConvPattern(int(input.shape[1]) if input.dim() > 1 else 0, int(weight_kxk.shape[0]), part,
+                                 tuple(int(k) for k in weight_kxk.shape[2:]), dims)
         _check_weights(pattern, weight_kxk, weight_1x1, bias)
         check_input(input, pattern.in_channels, dims, "het_conv")
     stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)

@@ -1,0 +1,202 @@
+"""Saving, loading, copying and moving HetConv models: state_dicts (``weights_only=True``),
+``to_sparse`` outputs, ``copy.deepcopy``, pickling whole models, ``.to(device, dtype)`` and
+channels-last.
+
+The pattern's index tensors are derived from (M, N, P) and cached per device in pattern.py and
+functional.py; they are never module state, so the tests also check that no index tensor or
+prepared weight travels with a model. Tolerances: reloading, copying and pickling are exact
+(``torch.equal``); float64 against the definition oracle 1e-10; a layout change (channels-last) or
+a float32 comparison against float64 runs other kernels, so rtol 1e-4 / atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import DEVICES, assert_close, oracle_of
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_masked, to_sparse
+from sparse_hetconv.functional import BACKENDS
+from sparse_hetconv.models import vgg16_cifar
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BATCH = (2, 3, 32, 32)
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm running statistics non-default values (a few train-mode passes)."""
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(BATCH))
+    return model.eval()
+
+
+def round_trip(obj, **load_kwargs):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, **load_kwargs)
+
+
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("form", ["sparse", "masked"])
+def test_state_dict_weights_only_round_trip(form):
+    torch.manual_seed(0)
+    model = randomised(vgg16_cifar(part=4, form=form))
+    state = round_trip(model.state_dict(), weights_only=True)
+    torch.manual_seed(1)
+    fresh = vgg16_cifar(part=4, form=form).eval()
+    fresh.load_state_dict(state)  # strict
+    x = torch.randn(BATCH)
+    assert torch.equal(outputs(fresh, x), outputs(model, x)), f"{form}: reloaded model computes something else"
+
+
+def test_sparse_state_dict_holds_only_the_existing_kernels():
+    layer = SparseHetConv2d(16, 32, part=4, bias=True)
+    with torch.no_grad():
+        layer(torch.randn(1, 16, 4, 4))  # fills the per-layer prepared-weight cache
+    state = layer.state_dict()
+    assert sorted(state) == ["bias", "weight_1x1", "weight_kxk"], f"unexpected state keys {sorted(state)}"
+    assert tuple(state["weight_1x1"].shape) == (32, 12), "compact values: N x (M - M/P)"
+    assert list(layer.buffers()) == [], "index tensors are derived from (M, N, P), never buffers"
+
+
+def test_to_sparse_output_saves_and_loads():
+    """The state_dict of a converted model loads (weights_only) into a freshly built sparse model,
+    and the round trip through to_masked loads into a freshly built masked one."""
+    torch.manual_seed(0)
+    masked = randomised(vgg16_cifar(part=4, form="masked"))
+    sparse = to_sparse(masked)
+    torch.manual_seed(1)
+    fresh = vgg16_cifar(part=4, form="sparse").eval()
+    fresh.load_state_dict(round_trip(sparse.state_dict(), weights_only=True))
+    x = torch.randn(BATCH)
+    assert torch.equal(outputs(fresh, x), outputs(sparse, x)), "reloaded to_sparse output differs"
+    assert_close(outputs(fresh, x), outputs(masked, x), "sparse (reloaded) vs masked", rtol=1e-4, atol=1e-5)
+    back = vgg16_cifar(part=4, form="masked").eval()
+    back.load_state_dict(round_trip(to_masked(fresh).state_dict(), weights_only=True))
+    assert_close(outputs(back, x), outputs(masked, x), "masked -> sparse -> masked", rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["sparse", "masked"])
+def test_deepcopy_is_independent(form):
+    torch.manual_seed(0)
+    model = randomised(vgg16_cifar(part=4, form=form, backend="dense") if form == "sparse"
+                       else vgg16_cifar(part=4, form=form))
+    x = torch.randn(BATCH)
+    before = outputs(model, x)  # also fills the sparse layers' prepared-weight caches
+    twin = copy.deepcopy(model)
+    assert torch.equal(outputs(twin, x), before), f"{form}: deepcopy computes something else"
+    shared = {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in twin.parameters()}
+    assert not shared, "deepcopy must not share parameter storage"
+    with torch.no_grad():  # change every parameter of the copy: only the copy's output may move
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert not torch.allclose(outputs(twin, x), before), "the copy's output must follow its own weights"
+    assert torch.equal(outputs(model, x), before), "changing the copy changed the original"
+
+
+@pytest.mark.parametrize("form", ["sparse", "masked"])
+def test_pickle_whole_model(form):
+    torch.manual_seed(0)
+    model = randomised(vgg16_cifar(part=4, form=form))
+    x = torch.randn(BATCH)
+    expected = outputs(model, x)
+    for name, loaded in (("torch.save", round_trip(model, weights_only=False)),
+                         ("pickle", pickle.loads(pickle.dumps(model)))):
+        assert type(loaded) is type(model)
+        assert torch.equal(outputs(loaded, x), expected), f"{form}: {name} of the whole model changed it"
+
+
+def test_pickles_carry_no_prepared_weights():
+    """A no-grad call caches the layer's prepared (dense N x M) 1 x 1 weight; copies and pickles
+    must neither carry it (it would enlarge every saved model) nor reuse it."""
+    torch.manual_seed(0)
+    model = vgg16_cifar(part=4, backend="dense").eval()
+    size = len(pickle.dumps(model))
+    outputs(model, torch.randn(BATCH))
+    layer = model.features[3]
+    assert layer._weight_cache.nbytes() > 0, "the dense backend caches its weight in no-grad calls"
+    growth = len(pickle.dumps(model)) - size  # a few bytes: each layer records its resolved backend
+    assert growth < 1024 < layer._weight_cache.nbytes(), f"the pickle grew by {growth} bytes: prepared weights?"
+    assert copy.deepcopy(layer)._weight_cache.nbytes() == 0, "a copy must start with an empty cache"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_to_dtype(backend):
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 32, part=4, stride=2, bias=True, backend=backend)
+    x = torch.randn(2, 16, 9, 9)
+    float32 = outputs(layer, x)
+    layer.to(torch.float64)
+    assert layer.weight_1x1.dtype == torch.float64 and layer.weight_kxk.dtype == torch.float64
+    got = outputs(layer, x.double())
+    assert_close(got, oracle_of(layer, x.double()), f"{backend}: float64 layer vs oracle", rtol=1e-10, atol=1e-12)
+    assert_close(got.float(), float32, f"{backend}: float64 vs float32 layer", rtol=1e-4, atol=1e-5)
+    layer.to(torch.float32)
+    assert torch.equal(outputs(layer, x), float32), f"{backend}: float32 -> float64 -> float32 is exact"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last(backend):
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 32, part=4, stride=2, backend=backend)
+    last = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    assert last.weight_kxk.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 9, 9)
+    x_last = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    y, y_last = layer(x), last(x_last)
+    assert_close(y_last, y, f"{backend}: channels-last output", rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_last.backward(g)
+    assert_close(x_last.grad, x.grad, f"{backend}: channels-last input gradient", rtol=1e-4, atol=1e-5)
+    assert_close(last.weight_1x1.grad, layer.weight_1x1.grad, f"{backend}: channels-last weight_1x1 gradient",
+                 rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_vgg16_matches_nchw():
+    torch.manual_seed(0)
+    nchw = randomised(vgg16_cifar(part=4, memory_format=None))
+    last = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
+    x = torch.randn(BATCH)
+    assert_close(outputs(last, x.contiguous(memory_format=torch.channels_last)), outputs(nchw, x),
+                 "channels-last VGG-16", rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("form", ["sparse", "masked"])
+def test_to_cuda_and_back(form):
+    torch.manual_seed(0)
+    model = randomised(vgg16_cifar(part=4, form=form))
+    x = torch.randn(BATCH)
+    expected = outputs(model, x)
+    model.to("cuda", torch.float64)
+    assert all(p.device.type == "cuda" and p.dtype == torch.float64 for p in model.parameters())
+    assert_close(outputs(model, x.to("cuda", torch.float64)).cpu().float(), expected, f"{form} on CUDA",
+                 rtol=1e-4, atol=1e-5)
+    model.to("cpu", torch.float32)
+    assert_close(outputs(model, x), expected, f"{form} back on the CPU", rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_layer_survives_a_move(device):
+    """The masked layer's mask is derived per device too: moving it keeps the diagonal zero."""
+    torch.manual_seed(0)
+    layer = MaskedHetConv2d(8, 8, part=4).to(device, torch.float64)
+    x = torch.randn(1, 8, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    diagonal = layer.pattern.block_diagonal(layer.pwc.weight.grad.view(8, 8))
+    assert torch.count_nonzero(diagonal) == 0, "the block diagonal must get zero gradient after a move"
