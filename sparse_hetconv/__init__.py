@@ -9,7 +9,7 @@ kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models e
 :func:`hetconvify` turns standard CNNs into HetConv ones.
 """
 
-from . import autotune, functional, models, profiling
+from . import autotune, functional, integrations, models, profiling
 from .checkpoint import convert_checkpoint
 from .convert import HetConvifyReport, hetconvify, to_masked, to_sparse
 from .counting import count_macs, count_model, count_params
@@ -37,6 +37,7 @@ __all__ = [
     "functional",
     "fuse_bn",
     "hetconvify",
+    "integrations",
     "models",
     "profiling",
     "shifted_to_block_permutation",
