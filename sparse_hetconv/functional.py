@@ -124,8 +124,8 @@ def _fusable(input: Tensor, out: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch.backends.mkldnn.is_available():
         return False  # graph capture records stock operations only (jit.trace rejects this one)
-    if not torch.backends.mkldnn.enabled:
-        return False
+    if not torch.backends.mkldnn.enabled or out.dtype != input.dtype:
+        return False  # (under autocast the k x k output is already in the lower precision)
     if input.dtype == torch.float32:
         return True
     return input.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -190,10 +190,11 @@ def _accumulate_grouped(out, input, values, pattern, stride, grad, cache):
 
 # -- blocked --------------------------------------------------------------------------------------
 def _accumulate_blocked(out, input, values, pattern, stride, grad, cache):
-    x = _subsample(input, stride)
+    # In the output's dtype: under autocast the in-place products would not be cast for us.
+    x = _subsample(input, stride).to(out.dtype)
     batch = x.shape[0]
     p, n, m = pattern.part, pattern.block_out, pattern.block_in
-    blocks = values.view(p, n, pattern.num_1x1)
+    blocks = values.to(out.dtype).view(p, n, pattern.num_1x1)
     if _channels_last(x) and _channels_last(out):
         # (B*L, M) and (B*L, N) views of channels-last tensors: channel slices are column blocks,
         # and each group's products are added straight into its columns of the output.
@@ -276,7 +277,8 @@ def _accumulate_torch_sparse(out, input, values, pattern, stride, grad, cache):
         y = cols.new_zeros((pattern.out_channels, 0)) + 0 * values.sum()
     else:
         shape = (pattern.out_channels, pattern.in_channels)
-        y = _CsrMatmul.apply(values, cols, pattern.crow_indices(x.device), pattern.col_indices(x.device), shape)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the CSR product down
+            y = _CsrMatmul.apply(values, cols, pattern.crow_indices(x.device), pattern.col_indices(x.device), shape)
     return out.add_(y.to(x.dtype).view(pattern.out_channels, batch, *spatial).movedim(0, 1))
 
 
