@@ -154,7 +154,7 @@ def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, 
 def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool) -> str:
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
-    if not torch.backends.mkldnn.is_available():
+    if not torch._C._has_mkldnn:  # what mkldnn.is_available() returns; dynamo cannot call that one
         return "dense"
     pixels = input.shape[0] * math.prod(input.shape[2:])  # input pixels: the stride is not part of the key
     costs = estimate(pattern, max(pixels, 1), training)
@@ -170,7 +170,8 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     Args:
         pattern: the layer's :class:`HetConvPattern`.
         input (Tensor, optional): the call's input (shape, device, dtype and memory format are
-            read, never the values). Without one, ``"dense"``.
+            read, never the values). Without one, or with symbolic sizes (a dynamic dimension
+            under ``torch.export`` or ``torch.compile``), ``"dense"``.
         training (bool, optional): whether autograd records the call; default
             ``torch.is_grad_enabled()``.
 
@@ -181,6 +182,8 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         training = torch.is_grad_enabled()
     if pattern.part == 1:
         return "dense"
+    if input is not None and not all(isinstance(size, int) for size in input.shape):
+        return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no signature to key on
     key = signature(pattern, input, training)
     hit = _CHOICES.get(key)
     if hit is not None:

@@ -267,6 +267,10 @@ class _CsrMatmul(torch.autograd.Function):
 
 
 def _accumulate_torch_sparse(out, input, values, pattern, stride, grad, cache):
+    if torch.compiler.is_exporting():
+        raise NotImplementedError(
+            "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "
+            "tensors; set the layers' backend to 'dense', 'grouped' or 'blocked' (the same numbers) first")
     x = _subsample(input, stride)
     batch, spatial = x.shape[0], x.shape[2:]
     # MKL's sparse kernels on the CPU have no half-precision path: compute those in float32.
