@@ -311,6 +311,8 @@ def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias
     grad = needs_grad(input, weight_kxk, weight_1x1, bias)
     if backend == "auto":
         backend = select_backend(pattern, input, grad)
+    if torch.compiler.is_compiling():
+        cache = None  # keyed by data pointers, which a compiled graph cannot compare or keep
     return _ACCUMULATE[backend](out, input, weight_1x1, pattern, stride, grad, cache)
 
 
