@@ -74,6 +74,16 @@ def test_vgg16_has_no_graph_breaks(backend):
     assert explanation.graph_count == 1, f"VGG-16 ({backend}): {explanation.graph_count} graphs"
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_masked_form_has_no_graph_breaks(grad):
+    for what, module, x in (("MaskedHetConv2d", MaskedHetConv2d(16, 32, part=4, stride=2, bias=True),
+                             torch.randn(2, 16, 9, 9)),
+                            ("masked VGG-16", vgg16_cifar(part=4, form="masked"), torch.randn(2, 3, 32, 32))):
+        explanation = explain(module.train(grad), x, grad)
+        assert explanation.graph_break_count == 0, f"{what}: graph breaks: {breaks(explanation)}"
+        assert explanation.graph_count == 1, f"{what}: {explanation.graph_count} graphs"
+
+
 def train(model: nn.Module, steps: int = 3):
     """Three SGD steps (momentum, weight decay) on fixed batches of 4; returns (logits, losses)."""
     generator = torch.Generator().manual_seed(1)

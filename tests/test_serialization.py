@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import DEVICES, assert_close, oracle_of
+from helpers import DEVICES, assert_close, masked_reference_weights, oracle, oracle_of
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_masked, to_sparse
 from sparse_hetconv.functional import BACKENDS
 from sparse_hetconv.models import vgg16_cifar
@@ -133,38 +133,53 @@ def test_pickles_carry_no_prepared_weights():
     assert copy.deepcopy(layer)._weight_cache.nbytes() == 0, "a copy must start with an empty cache"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_to_dtype(backend):
+def make_layer(form: str) -> nn.Module:
     torch.manual_seed(0)
-    layer = SparseHetConv2d(16, 32, part=4, stride=2, bias=True, backend=backend)
+    if form == "masked":
+        return MaskedHetConv2d(16, 32, part=4, stride=2, bias=True)
+    return SparseHetConv2d(16, 32, part=4, stride=2, bias=True, backend=form)
+
+
+def layer_oracle(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, MaskedHetConv2d):
+        return oracle(x, *masked_reference_weights(layer), layer.stride, layer.part)
+    return oracle_of(layer, x)
+
+
+def one_by_one_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.pwc.weight if isinstance(layer, MaskedHetConv2d) else layer.weight_1x1
+
+
+@pytest.mark.parametrize("form", list(BACKENDS) + ["masked"])
+def test_to_dtype(form):
+    layer = make_layer(form)
     x = torch.randn(2, 16, 9, 9)
     float32 = outputs(layer, x)
     layer.to(torch.float64)
-    assert layer.weight_1x1.dtype == torch.float64 and layer.weight_kxk.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
     got = outputs(layer, x.double())
-    assert_close(got, oracle_of(layer, x.double()), f"{backend}: float64 layer vs oracle", rtol=1e-10, atol=1e-12)
-    assert_close(got.float(), float32, f"{backend}: float64 vs float32 layer", rtol=1e-4, atol=1e-5)
+    assert_close(got, layer_oracle(layer, x.double()), f"{form}: float64 layer vs oracle", rtol=1e-10, atol=1e-12)
+    assert_close(got.float(), float32, f"{form}: float64 vs float32 layer", rtol=1e-4, atol=1e-5)
     layer.to(torch.float32)
-    assert torch.equal(outputs(layer, x), float32), f"{backend}: float32 -> float64 -> float32 is exact"
+    assert torch.equal(outputs(layer, x), float32), f"{form}: float32 -> float64 -> float32 is exact"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_channels_last(backend):
-    torch.manual_seed(0)
-    layer = SparseHetConv2d(16, 32, part=4, stride=2, backend=backend)
+@pytest.mark.parametrize("form", list(BACKENDS) + ["masked"])
+def test_channels_last(form):
+    layer = make_layer(form)
     last = copy.deepcopy(layer).to(memory_format=torch.channels_last)
-    assert last.weight_kxk.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in last.parameters() if p.dim() == 4)
     x = torch.randn(2, 16, 9, 9)
     x_last = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
     x = x.requires_grad_()
     y, y_last = layer(x), last(x_last)
-    assert_close(y_last, y, f"{backend}: channels-last output", rtol=1e-4, atol=1e-5)
+    assert_close(y_last, y, f"{form}: channels-last output", rtol=1e-4, atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
     y_last.backward(g)
-    assert_close(x_last.grad, x.grad, f"{backend}: channels-last input gradient", rtol=1e-4, atol=1e-5)
-    assert_close(last.weight_1x1.grad, layer.weight_1x1.grad, f"{backend}: channels-last weight_1x1 gradient",
-                 rtol=1e-4, atol=1e-5)
+    assert_close(x_last.grad, x.grad, f"{form}: channels-last input gradient", rtol=1e-4, atol=1e-5)
+    assert_close(one_by_one_weight(last).grad, one_by_one_weight(layer).grad,
+                 f"{form}: channels-last 1 x 1 weight gradient", rtol=1e-4, atol=1e-5)
 
 
 def test_channels_last_vgg16_matches_nchw():
