@@ -7,10 +7,11 @@ form or backend computes it. Generic counters see only the operations a layer ru
 what *executes* instead, and some miss operations they have no formula for:
 
 * ``torch.utils.flop_counter.FlopCounterMode`` counts aten operations as they run (FLOPs, two per
-  MAC). Importing this module registers a formula for oneDNN's fused convolution-plus-sum
-  (``mkldnn::_convolution_pointwise_``), which the ``dense`` backend uses without autograd on the
-  CPU and which the counter otherwise skips; with it the counter reports what really executes
-  (:func:`register_flop_counter_formulas`). docs/compatibility.md has the per-backend table.
+  MAC). Importing this module registers formulas for the two operations of HetConv layers it
+  would otherwise count as zero (oneDNN's fused convolution-plus-sum of the ``dense`` backend and
+  the in-place ``addmm_`` of the ``blocked`` backend, :func:`register_flop_counter_formulas`); the
+  counter then reports what really executes, except that it prices the ``torch_sparse`` backend's
+  CSR product like a dense one. docs/compatibility.md has the per-backend table.
 * fvcore (``FlopCountAnalysis``, JIT-trace based, counts MACs): :func:`fvcore_handles` returns
   operator handles that count each HetConv layer as ``N (k^2 m + M - m)`` MACs per output pixel
   and every operation inside it as nothing else, for every backend and both forms;
@@ -45,24 +46,29 @@ _HETCONV = (_MaskedHetConvNd, _SparseHetConvNd)
 
 # -- torch.utils.flop_counter ----------------------------------------------------------------------
 def register_flop_counter_formulas() -> None:
-    """Teach ``FlopCounterMode`` the fused oneDNN convolution the ``dense`` backend may run.
+    """Teach ``FlopCounterMode`` the two operations of HetConv layers it has no formula for.
 
-    Without autograd on the CPU the ``dense`` backend adds its 1 x 1 convolution straight into the
-    k x k output with ``torch.ops.mkldnn._convolution_pointwise_.binary``, an operation that
-    ``FlopCounterMode`` has no formula for and would count as zero. The formula registered here
-    counts it as the convolution it is (``2 N M`` FLOPs per output pixel: the dense matrix's zeros
-    execute too). Idempotent; called when this module is imported.
+    * ``torch.ops.mkldnn._convolution_pointwise_.binary``: without autograd on the CPU the
+      ``dense`` backend adds its 1 x 1 convolution straight into the k x k output with it. Counted
+      as the convolution it is (``2 N M`` FLOPs per output pixel: the dense matrix's zeros execute).
+    * ``aten.addmm_``: the ``blocked`` backend's products on channels-last inputs, added in place
+      into the output. Counted like ``aten.addmm`` (``2 n k`` FLOPs per output element).
+
+    Without them the counter silently counts those operations as zero. Idempotent; called when
+    this module is imported (``import sparse_hetconv`` does).
     """
-    from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
-
-    packet = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
-    if packet is None or packet in flop_registry:
-        return
+    from torch.utils.flop_counter import conv_flop_count, flop_registry, mm_flop, register_flop_formula
 
     def fused_conv_flop(other_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         return conv_flop_count(x_shape, w_shape, other_shape)
 
-    register_flop_formula(packet)(fused_conv_flop)
+    def inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return mm_flop(a_shape, b_shape)
+
+    for packet, formula in ((getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), fused_conv_flop),
+                            (torch.ops.aten.addmm_, inplace_addmm_flop)):
+        if packet is not None and packet not in flop_registry:
+            register_flop_formula(packet)(formula)
 
 
 register_flop_counter_formulas()

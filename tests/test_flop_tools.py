@@ -31,7 +31,7 @@ FORMS = [b for b in BACKENDS if b != "auto"] + ["masked"]  # every concrete back
 INPUT = (2, 16, 8, 8)
 
 
-def hetconv_net(form: str, dims: int = 2, bias: bool = False) -> nn.Sequential:
+def hetconv_net(form: str, dims: int = 2, bias: bool = False, channels_last: bool = False) -> nn.Sequential:
     """Two HetConv layers (P = 4 and P = 8, strides 1 and 2): nothing else that counts."""
     if form == "masked":
         cls = MaskedHetConv2d if dims == 2 else MaskedHetConv3d
@@ -40,7 +40,8 @@ def hetconv_net(form: str, dims: int = 2, bias: bool = False) -> nn.Sequential:
         cls = SparseHetConv2d if dims == 2 else SparseHetConv3d
         make = lambda *a, **k: cls(*a, **k, bias=bias, backend=form)  # noqa: E731
     torch.manual_seed(0)
-    return nn.Sequential(make(16, 32, 4), make(32, 32, 8, stride=2))
+    net = nn.Sequential(make(16, 32, 4), make(32, 32, 8, stride=2))
+    return net.to(memory_format=torch.channels_last) if channels_last else net
 
 
 def hetconv_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -73,16 +74,19 @@ def flop_counter_macs(model: nn.Module, x: torch.Tensor, grad: bool) -> int:
 
 # -- FlopCounterMode ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("form", FORMS)
-def test_flop_counter_mode_reports_what_executes(form, grad, device):
+def test_flop_counter_mode_reports_what_executes(form, grad, channels_last, device):
     """FlopCounterMode / 2 equals count_macs(executed=True) for every backend but torch_sparse.
 
     torch_sparse: the counter prices the CSR product like a dense one (N x M per pixel), so it
     reports the masked form's MACs although only the N (M - m) stored kernels are multiplied.
     """
-    model = hetconv_net(form).to(device).eval()
+    model = hetconv_net(form, channels_last=channels_last).to(device).eval()
     x = torch.randn(INPUT, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     got = flop_counter_macs(model, x, grad)
     executed = count_macs(model, INPUT, executed=True, norm=False)
     useful = count_macs(model, INPUT, norm=False)
@@ -97,10 +101,12 @@ def test_flop_counter_mode_reports_what_executes(form, grad, device):
         assert executed == useful, f"{form} multiplies only the existing kernels"
 
 
-@pytest.mark.parametrize("form", ["sparse", "masked"])
+@pytest.mark.parametrize("form", ["auto", "blocked", "masked"])
 def test_flop_counter_mode_on_vgg16(form):
-    """The whole VGG-16 (convolutions and linear layers; BatchNorm is not counted by either)."""
-    model = vgg16_cifar(part=4, form=form).eval()
+    """The whole VGG-16, channels-last (convolutions and linear layers; BatchNorm is counted by
+    neither)."""
+    model = vgg16_cifar(part=4, form="masked") if form == "masked" else vgg16_cifar(part=4, backend=form)
+    model.eval()
     size = (2, 3, 32, 32)
     got = flop_counter_macs(model, torch.randn(size), grad=False)
     assert got == count_macs(model, size, executed=True, norm=False), f"{form} VGG-16: FlopCounterMode {got}"
