@@ -206,6 +206,18 @@ def test_to_cuda_and_back(form):
     assert_close(outputs(model, x), expected, f"{form} back on the CPU", rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", [b for b in BACKENDS if b != "torch_sparse"] + ["masked"])
+def test_to_meta_device(form):
+    """A second device without a GPU: the index tensors are derived for the layer's new device
+    (``meta`` checks shapes and devices only; torch.sparse has no meta kernels)."""
+    layer = make_layer(form).to("meta")
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            y = layer(torch.randn(2, 16, 9, 9, device="meta"))
+        assert y.device.type == "meta" and tuple(y.shape) == (2, 32, 5, 5), f"{form}: {y.device}, {tuple(y.shape)}"
+    assert layer.pattern.flat_indices("meta").device.type == "meta"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_masked_layer_survives_a_move(device):
     """The masked layer's mask is derived per device too: moving it keeps the diagonal zero."""

@@ -1,0 +1,46 @@
+"""docs/compatibility.md: every cell of its tables names tests that exist.
+
+The table is the README's "Compatibility" section; a cell that claims support must point at a test
+(``test_file.py::test_name``) that checks it, so a renamed or deleted test shows up here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "compatibility.md"
+REFERENCE = re.compile(r"`(test_\w+\.py)::(test_\w+)`")
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header row starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_every_named_test_exists():
+    text = DOC.read_text()
+    references = REFERENCE.findall(text)
+    assert len(references) >= 30, f"expected the tables to name their tests, found {len(references)}"
+    missing = []
+    for file, name in sorted(set(references)):
+        path = ROOT / "tests" / file
+        if not path.exists() or not re.search(rf"^def {name}\(", path.read_text(), re.MULTILINE):
+            missing.append(f"{file}::{name}")
+    assert not missing, f"docs/compatibility.md names tests that do not exist: {missing}"
+
+
+def test_every_feature_cell_is_backed():
+    rows = table_rows(DOC.read_text(), "| Feature | masked")
+    assert len(rows) >= 15, f"the feature x form table has {len(rows)} rows"
+    for feature, masked, sparse, _tolerance in rows:
+        for form, cell in (("masked", masked), ("sparse", sparse)):
+            assert REFERENCE.search(cell), f"'{feature}' ({form}) names no test: {cell!r}"
