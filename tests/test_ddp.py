@@ -26,6 +26,8 @@ scenario runs in float64, where it stays near 1e-8 relative: rtol 1e-6, atol 1e-
 from __future__ import annotations
 
 import datetime
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def set_mode(model: nn.Module, bn: str) -> None:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
+    if sys.platform.startswith("linux"):  # both ranks on this machine: talk over the loopback device
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
