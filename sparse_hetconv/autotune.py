@@ -22,7 +22,10 @@ an elementwise pass costs a few MAC-equivalents per element. Then, for ``L`` out
   backward is two more convolutions of the same size.
 * ``grouped``: ``P - 1`` grouped convolutions of ``L m N`` MACs each with ``m`` and ``n`` channels
   per group, each followed by a pass that adds it into the output. Fewer MACs (``(P - 1) / P``),
-  lower efficiency and more calls: it wins for small ``P`` with wide groups (``P = 2``).
+  lower efficiency and more calls: in inference it wins for small ``P`` with wide groups
+  (``P = 2``, 5-10 % of a layer); its backward (per-group weight gradients, gradients of the
+  sliced sums) measured 1.04-4x slower than the masked form's, so in training the model keeps
+  ``dense``.
 * ``blocked`` and ``torch_sparse``: matrix products (MKL) that run at a fraction of oneDNN's
   convolution speed on this kind of CPU; the model ranks them last, as measured.
 
@@ -34,8 +37,9 @@ form's own kernel, and ``"measure"`` is the way to let a machine decide.
 
 Example:
     >>> layer = SparseHetConv2d(256, 256, part=2)
-    >>> choose(layer.pattern, torch.randn(32, 256, 8, 8).contiguous(memory_format=torch.channels_last))
-    'grouped'
+    >>> x = torch.randn(32, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    >>> choose(layer.pattern, x, training=False), choose(layer.pattern, x, training=True)
+    ('grouped', 'dense')
 """
 
 from __future__ import annotations
@@ -56,9 +60,11 @@ __all__ = ["MODES", "choose", "choices", "clear", "estimate", "get_mode", "resol
 MODES = ("model", "measure")
 CANDIDATES = ("dense", "grouped", "blocked", "torch_sparse")
 MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
+# Calibrated with benchmarks/ on a 2-core AMD EPYC (AVX-512), torch 2.13, oneDNN 3.x, float32:
 C0 = 16.0  # channels per group at which a convolution runs at half its peak efficiency
-CALL = 2.0e4  # fixed cost of one convolution call, in MAC-equivalents
-PASS = 2.0  # cost of an elementwise pass, MAC-equivalents per element
+CALL = 1.0e6  # fixed cost of one operator call (about 8 us), in MAC-equivalents
+PASS = 4.0  # an elementwise pass over long channel runs, MAC-equivalents per element
+GROUPED_BACKWARD = 6.0  # grouped backward (weight gradients per group, sliced sums) vs its forward
 MATMUL_SPEED = 0.5  # MKL matrix products relative to oneDNN convolutions (measured: 0.4-0.6)
 SPARSE_SPEED = 0.15  # torch.sparse CSR products relative to oneDNN convolutions (measured)
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
@@ -142,12 +148,18 @@ def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, 
     M, N, P = pattern.in_channels, pattern.out_channels, pattern.part
     m, n = pattern.block_in, pattern.block_out
     out = pixels * N
-    passes = 3 if training else 1  # forward and the two backward products
-    dense = passes * _conv_cost(pixels * M * N, M, N) + (PASS * out + 2 * PASS * N * M if training else 0.0)
-    grouped = (P - 1) * (passes * _conv_cost(pixels * m * N, m, n) + PASS * out * (2 if training else 1))
+    slice_pass = PASS * (1 + 128 / n)  # sums over channel runs of n floats: short runs cost more
+    if training:  # forward, then the gradients of input and weight; the sum is a separate pass
+        dense = 3 * _conv_cost(pixels * M * N, M, N) + PASS * out + CALL
+        grouped = (P - 1) * ((1 + GROUPED_BACKWARD) * _conv_cost(pixels * m * N, m, n)
+                             + 3 * (slice_pass * out + 2 * CALL))
+    else:  # the sum into the k x k output is fused into the dense convolution
+        dense = _conv_cost(pixels * M * N, M, N)
+        grouped = (P - 1) * (_conv_cost(pixels * m * N, m, n) + slice_pass * out + 2 * CALL)
+    passes = 3 if training else 1
     useful = pixels * (M - m) * N
     blocked = passes * (useful / (MATMUL_SPEED * _efficiency(m) * _efficiency(n)) + 2 * P * CALL) + PASS * out
-    torch_sparse = passes * useful / SPARSE_SPEED + PASS * (out + pixels * M)
+    torch_sparse = passes * (useful / SPARSE_SPEED + CALL) + PASS * (out + pixels * M)
     return {"dense": dense, "grouped": grouped, "blocked": blocked, "torch_sparse": torch_sparse}
 
 
