@@ -6,10 +6,14 @@ compared (so a slow spell of a shared machine hits all of them alike) and report
 
 On glibc, a freed block larger than the *dynamic* mmap threshold is returned to the kernel and the
 threshold then rises, so the first calls of a fresh process page-fault through fresh memory and a
-convolution can take twice as long as in a warm one. :func:`pin_mmap_threshold` fixes the
-threshold (``mallopt(M_MMAP_THRESHOLD)``, the same as ``MALLOC_MMAP_THRESHOLD_=33554432`` in the
-environment) and :func:`mmap_threshold_pinned` checks that it took effect. glibc caps the value at
-32 MiB on 64-bit systems and silently ignores a larger one.
+convolution can take twice as long as in a warm one; likewise, freed memory at the top of the heap
+beyond the trim threshold (128 KiB by default once the mmap threshold is fixed) is handed back, and
+every later allocation of a large activation page-faults it in again (measured here: a masked
+HetConv layer on 32 x 64 x 32 x 32 inputs ran 3.2x slower). :func:`pin_mmap_threshold` fixes both
+(``mallopt``; the same as ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` in
+the environment) and :func:`mmap_threshold_pinned` checks that the first took effect. Older glibc
+versions reject an mmap threshold above 32 MiB on 64-bit systems (silently, for the environment
+variable), so 32 MiB is used.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ from torch import nn
 
 __all__ = [
     "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD",
     "interleaved_latency",
+    "latency_vs_part",
     "machine_info",
     "measure_latency",
+    "memory_vs_part",
     "mmap_threshold_pinned",
     "parameter_bytes",
     "peak_training_memory",
@@ -42,8 +49,9 @@ __all__ = [
     "vgg_training_step",
 ]
 
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest accepted M_MMAP_THRESHOLD on 64-bit
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 32 * 1024 * 1024  # the largest M_MMAP_THRESHOLD every glibc accepts on 64-bit
+TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -164,16 +172,18 @@ def _libc():
         return None
 
 
-def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold for this process (``mallopt(M_MMAP_THRESHOLD, threshold)``).
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
+    """Fix glibc's mmap and trim thresholds for this process (``mallopt``).
 
-    Also sets ``MALLOC_MMAP_THRESHOLD_`` in ``os.environ`` so subprocesses inherit it.
+    Also sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in ``os.environ`` so
+    subprocesses inherit them.
 
     Args:
-        threshold (int): bytes, at most :data:`MMAP_THRESHOLD` (glibc's cap on 64-bit).
+        threshold (int): bytes, at most :data:`MMAP_THRESHOLD` (the cap of older glibc on 64-bit).
+        trim_threshold (int): free bytes at the top of the heap kept rather than returned.
 
     Returns:
-        bool: whether glibc accepted the value (False off glibc, e.g. macOS or musl).
+        bool: whether glibc accepted both values (False off glibc, e.g. macOS or musl).
 
     Raises:
         ValueError: a threshold outside ``[0, 32 MiB]``.
@@ -181,11 +191,15 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     if not 0 <= threshold <= MMAP_THRESHOLD:
         raise ValueError(f"threshold ({threshold}) must be between 0 and {MMAP_THRESHOLD} bytes "
                          "(glibc ignores larger values on 64-bit systems)")
+    if not 0 <= trim_threshold < 2 ** 31:
+        raise ValueError(f"trim_threshold ({trim_threshold}) must be between 0 and 2**31 - 1 bytes")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+    os.environ["MALLOC_TRIM_THRESHOLD_"] = str(trim_threshold)
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold))
+    return bool(mmap_ok and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -239,6 +253,7 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "trim_threshold_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "mmap_threshold_pinned": mmap_threshold_pinned(),
     }
 
@@ -274,22 +289,48 @@ _WORKER = r"""
 import importlib, json, resource, sys
 spec = json.loads(sys.argv[1])
 sys.path[:0] = spec["path"]
-from sparse_hetconv.profiling import _rss_bytes, mmap_threshold_pinned, pin_mmap_threshold, state_bytes
+from sparse_hetconv.profiling import (_peak_rss_bytes, _reset_peak_rss, _rss_bytes, mmap_threshold_pinned,
+                                     pin_mmap_threshold, state_bytes)
 import torch
 torch.set_num_threads(spec["threads"])
 pinned = pin_mmap_threshold() if spec["pin"] else None
 module, _, name = spec["builder"].partition(":")
 builder = getattr(importlib.import_module(module), name)
 base = _rss_bytes()
+reset = _reset_peak_rss()
 built = builder(**spec["kwargs"])
 after_build = _rss_bytes()
 for _ in range(spec["steps"]):
     built["step"]()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = _peak_rss_bytes()
 result = {"peak_bytes": peak - base, "build_bytes": after_build - base, "baseline_bytes": base,
-          "state": state_bytes(built["model"], built.get("optimizer")), "pinned": mmap_threshold_pinned()}
+          "state": state_bytes(built["model"], built.get("optimizer")), "pinned": mmap_threshold_pinned(),
+          "peak_reset": reset}
 print("RESULT " + json.dumps(result))
 """
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0: ``/proc/self/clear_refs``),
+    so that the peak measured next excludes what importing libraries touched and freed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    """Peak RSS since the last reset (``VmHWM``), or since the start of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_bytes() -> int:
@@ -306,7 +347,8 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
                          pin: bool = True, timeout: float = 600) -> dict:
     """Peak memory of training steps, measured in a fresh Python process.
 
-    The process imports torch and the builder, records its resident memory, builds the model
+    The process imports torch and the builder, records its resident memory and resets its peak
+    (Linux ``clear_refs``; elsewhere the peak since start is used), builds the model
     (``builder(**kwargs)`` returning a dict with ``step``, ``model`` and ``optimizer``), runs
     ``steps`` steps and reports its peak resident memory above that baseline (model, optimizer
     state, data and the step's activations; the allocator's own overhead included).
@@ -322,7 +364,7 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
 
     Returns:
         dict: ``peak_bytes``, ``build_bytes``, ``baseline_bytes``, ``state`` (see
-        :func:`state_bytes`) and ``pinned``.
+        :func:`state_bytes`), ``pinned`` and ``peak_reset`` (whether the peak could be reset).
 
     Raises:
         ValueError: ``builder`` is not ``"module:function"`` or ``steps < 1``.
@@ -337,6 +379,7 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
     env = dict(os.environ)
     if pin:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+        env["MALLOC_TRIM_THRESHOLD_"] = str(TRIM_THRESHOLD)
     proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -344,3 +387,102 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
         raise RuntimeError(f"peak_training_memory: the child process for {builder} failed "
                            f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- ready-made comparisons for the notebooks -------------------------------------------------------
+_FORMS = ("standard_cl", "masked_nchw", "masked_cl", "sparse_cl")
+
+
+def _form_module(form: str, part: int, shape: tuple[int, int, int] | None, seed: int) -> nn.Module:
+    from .masked import MaskedHetConv2d
+    from .models import vgg16_cifar
+    from .sparse import SparseHetConv2d
+
+    torch.manual_seed(seed)
+    fmt = None if form.endswith("nchw") else torch.channels_last
+    if shape is None:
+        kind = "sparse" if form.startswith("sparse") else "masked"
+        return vgg16_cifar(part=1 if form.startswith("standard") else part, form=kind, memory_format=fmt).eval()
+    in_channels, out_channels, _ = shape
+    if form.startswith("standard"):
+        module = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    elif form.startswith("masked"):
+        module = MaskedHetConv2d(in_channels, out_channels, part)
+    else:
+        module = SparseHetConv2d(in_channels, out_channels, part)
+    return module.to(memory_format=fmt) if fmt is not None else module
+
+
+def latency_vs_part(parts=(2, 4, 8), shape: tuple[int, int, int] | None = None, batch: int = 32,
+                    repeats: int = 7, warmup: int = 2, forms=_FORMS, seed: int = 0) -> list[dict]:
+    """Inference latency of the library's forms of one HetConv layer (or VGG-16) for each part.
+
+    For each ``P`` the forms are timed together by :func:`interleaved_latency` (eval, ``no_grad``):
+    ``standard_cl`` (a standard 3 x 3 convolution, channels-last: the reference of the FLOP-ideal
+    time), ``masked_nchw`` (:class:`MaskedHetConv2d` in PyTorch's default layout, like the published
+    code), ``masked_cl`` and ``sparse_cl`` (:class:`SparseHetConv2d`, ``backend="auto"``).
+
+    Args:
+        parts (sequence of int): the parts ``P`` (each must divide the channels).
+        shape (tuple, optional): ``(in_channels, out_channels, size)`` of one layer; None times
+            ``vgg16_cifar`` on 32 x 32 inputs instead.
+        batch (int): batch size.
+        repeats, warmup (int): as for :func:`interleaved_latency`.
+        forms (sequence of str): a subset of the forms above.
+
+    Returns:
+        list of dict: one row per (part, form) with ``median_ms``, ``q1_ms``, ``q3_ms``,
+        ``ideal_ms`` (the standard form's time x useful MACs(P) / MACs(P=1)) and ``over_ideal``.
+    """
+    from .counting import count_macs
+
+    unknown = sorted(set(forms) - set(_FORMS))
+    if unknown:
+        raise ValueError(f"forms {unknown} are not known; choose from {_FORMS}")
+    size = 32 if shape is None else shape[2]
+    channels = 3 if shape is None else shape[0]
+    x = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for part in parts:
+        modules = {form: _form_module(form, part, shape, seed) for form in forms}
+        inputs = {form: x.contiguous(memory_format=torch.channels_last) if form.endswith("_cl") else x
+                  for form in forms}
+        calls = {form: (lambda m=modules[form], i=inputs[form]: _no_grad_call(m, i)) for form in forms}
+        stats = interleaved_latency(calls, warmup=warmup, repeats=repeats)
+        if shape is None:
+            ratio = count_macs(_form_module("sparse_cl", part, None, seed), (1, 3, 32, 32), norm=False) / count_macs(
+                _form_module("standard_cl", part, None, seed), (1, 3, 32, 32), norm=False)
+        else:
+            from .pattern import HetConvPattern
+
+            ratio = HetConvPattern(shape[0], shape[1], part).useful_macs_per_pixel() / (shape[1] * shape[0] * 9)
+        ideal = stats["standard_cl"]["median_ms"] * ratio if "standard_cl" in stats else None
+        for form, s in stats.items():
+            rows.append({"part": part, "form": form, **s, "ideal_ms": ideal,
+                         "over_ideal": s["median_ms"] / ideal if ideal else None})
+    return rows
+
+
+def _no_grad_call(module: nn.Module, x: torch.Tensor):
+    with torch.no_grad():
+        return module(x)
+
+
+def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"), peak: bool = True) -> list[dict]:
+    """Training memory of ``vgg16_cifar`` (channels-last, SGD with momentum) for each part and form.
+
+    Returns:
+        list of dict: one row per (part, form): ``params``, ``grads``, ``optimizer``, ``buffers``,
+        ``training`` bytes (:func:`state_bytes`, after one step) and, with ``peak``, ``peak_bytes``
+        of a training step measured in a fresh process (:func:`peak_training_memory`).
+    """
+    rows = []
+    for part in parts:
+        for form in forms:
+            built = vgg_training_step(part=part, form=form, batch=batch)
+            built["step"]()
+            row = {"part": part, "form": form, **state_bytes(built["model"], built["optimizer"])}
+            if peak:
+                row["peak_bytes"] = peak_training_memory(kwargs={"part": part, "form": form, "batch": batch})["peak_bytes"]
+            rows.append(row)
+    return rows

@@ -1,0 +1,208 @@
+"""backend="auto" and the backends it picks from: exactness, the inference fast path, the choice.
+
+The core backend tests (tests/test_functional.py) sweep helpers.BACKENDS; these cover every name in
+``functional.BACKENDS`` (``grouped`` included), the no-grad fast path (fused sum, prepared-weight
+cache) and the autotuner's API. No timing is asserted anywhere.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_close, oracle_of
+from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
+from sparse_hetconv.functional import BACKENDS, _scatter, _shift_index, het_conv2d
+from sparse_hetconv.models import vgg16_cifar
+from sparse_hetconv.pattern import HetConvPattern
+
+CL = torch.channels_last
+CONCRETE = [b for b in BACKENDS if b != "auto"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    autotune.clear()
+    yield
+    autotune.clear()
+    autotune.set_mode("model")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [(8, 12, 4, 3, 2), (6, 6, 2, 1, 1), (12, 9, 3, 5, 1), (8, 8, 8, 3, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_backend_matches_the_oracle_forward_and_backward(backend, case, layout):
+    M, N, P, k, stride = case
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(M, N, P, k, stride, bias=True, backend=backend, dtype=torch.float64)
+    x = torch.randn(2, M, 7, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x, layer = x.contiguous(memory_format=CL), layer.to(memory_format=CL)
+    x.requires_grad_(True)
+    got, expected = layer(x), oracle_of(layer, x)
+    assert_close(got, expected, f"{backend} {case} {layout} forward")
+    weight = torch.randn(expected.shape, dtype=torch.float64)
+    params = [x, layer.weight_kxk, layer.weight_1x1, layer.bias]
+    for g, e, name in zip(torch.autograd.grad((got * weight).sum(), params),
+                          torch.autograd.grad((expected * weight).sum(), params), ["x", "kxk", "1x1", "bias"]):
+        assert_close(g, e, f"{backend} {case} {layout} gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_every_backend_3d_and_empty_batch(backend):
+    torch.manual_seed(0)
+    layer = SparseHetConv3d(8, 8, 4, stride=2, backend=backend, dtype=torch.float64)
+    x = torch.randn(1, 8, 4, 5, 3, dtype=torch.float64)
+    assert_close(layer(x), oracle_of(layer, x), f"{backend} 3-D")
+    assert SparseHetConv2d(8, 4, 2, backend=backend)(torch.randn(0, 8, 5, 5)).shape == (0, 4, 5, 5)
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_fast_path_equals_the_autograd_path(backend, dtype):
+    """Without autograd the dense sum is fused into the k x k output and weights are cached."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 16, 4, bias=True, backend=backend).to(memory_format=CL)
+    x = torch.randn(3, 16, 6, 6).contiguous(memory_format=CL)
+    reference = layer(x).detach()
+    layer, x = layer.to(dtype), x.to(dtype)
+    with torch.no_grad():
+        first = layer(x)
+    with torch.inference_mode():
+        second = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    scale = float(reference.abs().max())
+    for got in (first, second):
+        assert_close(got.float() / scale, reference / scale, f"{backend} {dtype} no-grad", rtol=tol, atol=tol)
+
+
+def test_prepared_weight_cache_follows_every_change_of_the_weights():
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        before = layer(x)
+        assert layer._weight_cache.nbytes() > 0, "a no-grad call should prepare the dense 1x1 weight once"
+        layer.weight_1x1.mul_(2)  # an in-place update (what an optimizer step does)
+        after_update = layer(x)
+    assert not torch.allclose(before, after_update), "the cache served a stale weight after an in-place update"
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_1x1"].zero_()
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        assert_close(layer(x), nn.functional.conv2d(x, layer.weight_kxk, None, 1, 1, 1, 2), "after load_state_dict")
+    layer.train()
+    assert layer._weight_cache.nbytes() == 0, "train() should drop the prepared inference weights"
+    assert "_weight_cache" not in str(layer.state_dict().keys()), "the cache must not be saved"
+
+
+def test_training_calls_never_use_the_cache_and_reach_the_values():
+    layer = SparseHetConv2d(8, 8, 4, backend="dense")
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 3, 3))
+    layer(torch.randn(2, 8, 3, 3)).sum().backward()
+    assert layer.weight_1x1.grad is not None and layer.weight_1x1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("M,N,P", [(8, 4, 4), (6, 9, 3), (64, 128, 64), (16, 16, 2)])
+def test_scatter_without_indices_matches_the_pattern(M, N, P):
+    pattern = HetConvPattern(M, N, P)
+    values = torch.randn(N, pattern.num_1x1, dtype=torch.float64, requires_grad=True)
+    dense = _scatter(values, pattern).view(N, M)
+    assert torch.equal(dense, pattern.scatter_1x1(values)), "scattered matrix differs from the pattern's"
+    grad = torch.randn(N, M, dtype=torch.float64)
+    (dense * grad).sum().backward()
+    assert torch.equal(values.grad, pattern.gather_1x1(grad)), "the gradient must be the gathered values"
+
+
+@pytest.mark.parametrize("M,N,P", [(8, 4, 4), (6, 9, 3), (12, 12, 2)])
+def test_grouped_weights_use_every_value_exactly_once(M, N, P):
+    index = _shift_index(HetConvPattern(M, N, P), "cpu")
+    assert index.shape == (P - 1, N, M // P)
+    assert torch.equal(index.reshape(-1).sort().values, torch.arange(N * (M - M // P)))
+
+
+def test_choose_is_deterministic_cached_and_explained():
+    pattern = HetConvPattern(256, 256, 2)
+    x = torch.randn(32, 256, 8, 8).contiguous(memory_format=CL)
+    first = autotune.choose(pattern, x, training=False)
+    assert first == autotune.choose(pattern, x, training=False)
+    key = autotune.signature(pattern, x, False)
+    assert autotune.choices()[key] == (first, "model")
+    costs = autotune.estimate(pattern, 32 * 64, training=False)
+    assert set(costs) == {"dense", "grouped", "blocked", "torch_sparse"} and min(costs.values()) > 0
+    assert first == ("grouped" if costs["grouped"] < autotune.MARGIN * costs["dense"] else "dense")
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(part=1), "dense"),  # no 1x1 part
+    (dict(part=2, dtype=torch.float64), "dense"),  # outside the calibrated dtypes
+    (dict(part=2, layout="nchw"), "dense"),  # only channels-last was calibrated for grouped
+    (dict(part=2, training=True), "dense"),  # the grouped backward is slower
+    (dict(part=2, batch=1, size=2), "dense"),  # overhead-bound: one call beats P - 1
+])
+def test_model_choice_in_the_cases_it_was_calibrated_against(kwargs, expected):
+    part = kwargs.get("part", 2)
+    pattern = HetConvPattern(512, 512, part)
+    size = kwargs.get("size", 4)
+    x = torch.randn(kwargs.get("batch", 32), 512, size, size, dtype=kwargs.get("dtype", torch.float32))
+    if kwargs.get("layout", "channels_last") == "channels_last":
+        x = x.contiguous(memory_format=CL)
+    assert autotune.choose(pattern, x, training=kwargs.get("training", False)) == expected
+
+
+def test_grouped_chosen_for_wide_groups_at_part_two():
+    x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
+    assert autotune.choose(HetConvPattern(512, 512, 2), x, training=False) == "grouped"
+    assert autotune.choose(HetConvPattern(512, 512, 8), x, training=False) == "dense"
+
+
+def test_measure_mode_times_once_per_signature():
+    pattern = HetConvPattern(16, 16, 2)
+    x = torch.randn(2, 16, 5, 5)
+    with autotune.mode("measure"):
+        got = autotune.choose(pattern, x, training=True)
+        assert autotune.get_mode() == "measure"
+    assert autotune.get_mode() == "model", "the context manager must restore the mode"
+    assert got in autotune.CANDIDATES
+    assert autotune.choices()[autotune.signature(pattern, x, True)] == (got, "measure")
+
+
+def test_set_mode_rejects_unknown_modes():
+    with pytest.raises(ValueError, match=r"mode \('fast'\) must be one of"):
+        autotune.set_mode("fast")
+
+
+def test_layer_reports_what_auto_resolved_to_and_can_be_pinned():
+    layer = SparseHetConv2d(512, 512, 2).to(memory_format=CL).eval()
+    assert layer.resolved_backend is None, "nothing resolved before the first call"
+    x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
+    with torch.no_grad():
+        layer(x)
+    assert layer.resolved_backend == "grouped"
+    layer(x)  # autograd on: training signature
+    assert layer.resolved_backend == "dense"
+    layer.backend = "blocked"
+    layer(x)
+    assert layer.resolved_backend == "blocked" and layer.backend == "blocked"
+
+
+def test_resolve_backends_lists_pins_and_leaves_the_model_untouched():
+    model = vgg16_cifar(part=2).train()
+    stats = model.features[1].running_mean.clone()
+    x = torch.randn(4, 3, 32, 32)
+    resolved = autotune.resolve_backends(model, x)
+    assert len(resolved) == 12 and set(resolved.values()) <= set(autotune.CANDIDATES)
+    assert model.training and all(m.training for m in model.modules()), "train/eval flags must be restored"
+    assert torch.equal(model.features[1].running_mean, stats), "BatchNorm statistics must not change"
+    assert all(m.backend == "auto" for name, m in model.named_modules() if name in resolved)
+    pinned = autotune.resolve_backends(model, x, training=True, pin=True)
+    assert all(model.get_submodule(name).backend == b for name, b in pinned.items())
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        autotune.resolve_backends("vgg", x)
+
+
+def test_functional_auto_matches_dense():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    kxk, one = torch.randn(8, 4, 3, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    assert_close(het_conv2d(x, kxk, one, part=2, backend="auto"), het_conv2d(x, kxk, one, part=2), "auto vs dense")
