@@ -11,7 +11,8 @@ import importlib
 import sys
 
 # Modules that define subcommands; each has add_parser(subparsers).
-_COMMANDS = ["sparse_hetconv.cli_demo", "sparse_hetconv.cli_train", "sparse_hetconv.cli_convert"]
+_COMMANDS = ["sparse_hetconv.cli_demo", "sparse_hetconv.cli_train", "sparse_hetconv.cli_convert",
+             "sparse_hetconv.cli_bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
