@@ -37,6 +37,7 @@ QUICK_PARTS = (2, 4, 64)
 QUICK_SHAPES = ((64, 64, 32), (256, 256, 8), (512, 512, 2))
 MEMORY_VARIANTS = ("standard_nchw", "standard_cl", "published", "masked_nchw", "masked_cl", "sparse_auto_nchw",
                    "sparse_auto_cl")
+COMPILE_PARTS = (2, 4)  # torch.compile costs ~12 s per model and batch size: only where the ideal target is
 SLOW_FACTOR = 25.0  # a variant whose warm-up call is this much slower than the set's fastest is skipped
 SLOW_FLOOR_MS = 50.0
 
@@ -132,6 +133,7 @@ def _time_set(cases: dict, mode: str, x, target, warmup: int, repeats: int, bar)
 
 
 def run_set(level: str, shape, part: int, names, args, bar, rows: list, checks: list) -> None:
+    names = [n for n in names if n not in V.COMPILED or part in COMPILE_PARTS]
     cases = V.network_cases(part, names) if level == "network" else V.layer_cases(shape, part, names)
     label = "vgg16_cifar" if level == "network" else "{}->{} @{}x{}".format(shape[0], shape[1], shape[2], shape[2])
     x_check, _ = _inputs(level, shape, 2, "forward", 1)

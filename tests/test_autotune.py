@@ -206,3 +206,18 @@ def test_functional_auto_matches_dense():
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     kxk, one = torch.randn(8, 4, 3, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
     assert_close(het_conv2d(x, kxk, one, part=2, backend="auto"), het_conv2d(x, kxk, one, part=2), "auto vs dense")
+
+
+@pytest.mark.parametrize("shape,layout", [((1, 16, 1, 1), "nchw"), ((1, 16, 3, 3), "channels_last"),
+                                          ((0, 16, 3, 3), "channels_last"), ((2, 16, 5, 5), "nchw")])
+def test_small_inference_calls_take_the_matrix_product_route_exactly(shape, layout):
+    """Tiny no-grad calls multiply the cached dense matrix into the output rows (one MKL product)."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 8, 4, stride=2, bias=True, backend="dense", dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x, layer = x.contiguous(memory_format=CL), layer.to(memory_format=CL)
+    expected = oracle_of(layer, x)
+    with torch.no_grad():
+        assert_close(layer(x), expected, f"no-grad {shape} {layout}")
+        assert_close(layer(x), expected, f"no-grad {shape} {layout}, cached")
