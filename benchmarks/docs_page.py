@@ -71,9 +71,11 @@ def page(result, image_name: str | None) -> str:
     out += [
         "## Targets", "", R.targets_table(result), "",
         "## Memory: training step, whole network", "",
-        "Peak resident memory above the process baseline (MiB, each variant in a fresh process) / "
-        "parameter + gradient + optimizer-state MiB (+ buffers over 0.1 MiB: the published form's float "
-        "masks). The sparse form's training state is exactly 3 x 4 bytes x the HetConv parameter count "
+        "MiB, each variant in a fresh process: the peak of live tensor bytes during a training step "
+        "(exact: every operator's outputs tracked until freed; model, gradients and optimizer state "
+        "included) / the peak resident memory above the process baseline (what the OS sees; allocator "
+        "overhead included, a few percent of run-to-run noise) / parameter + gradient + optimizer state "
+        "(+ buffers over 0.1 MiB: the published form's float masks). The sparse form's training state is exactly 3 x 4 bytes x the HetConv parameter count "
         "(checked in the targets table); the masked forms carry N M / P zero weights per layer, each "
         "with a gradient and a momentum buffer.", "",
         R.memory_table(result), "",

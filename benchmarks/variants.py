@@ -127,7 +127,7 @@ def _inference(module: nn.Module, name: str) -> nn.Module:
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # fold weights as constants: what a deployed model gets
-        module = torch.compile(module)
+        module = torch.compile(module, dynamic=False)  # one static graph per batch size
     return module
 
 

@@ -7,7 +7,9 @@ is accumulated into the k x k part's output (no separate sum tensor). Every back
 same numbers; they differ only in speed:
 
 * ``dense``: scatter the values into a zero ``N x M`` matrix and run one 1 x 1 convolution. Without
-  autograd on the CPU, the convolution adds straight into the k x k output (oneDNN's fused sum).
+  autograd on the CPU, the convolution adds straight into the k x k output (oneDNN's fused sum,
+  channels-last), or, for tiny products (batch 1), one ``addmm`` into the output's rows; a
+  layer's scattered matrix is then cached until its values change (:class:`WeightCache`).
 * ``grouped``: the 1 x 1 part as ``P - 1`` grouped 1 x 1 convolutions (``groups = P``), one per
   block offset ``s``: output group ``g`` reads input block ``(g + s) mod P``. Only existing kernels
   are multiplied, forward and backward, on the stock convolution kernels.

@@ -46,6 +46,7 @@ __all__ = [
     "peak_training_memory",
     "pin_mmap_threshold",
     "state_bytes",
+    "tensor_peak_bytes",
     "vgg_training_step",
 ]
 
@@ -290,7 +291,7 @@ import importlib, json, resource, sys
 spec = json.loads(sys.argv[1])
 sys.path[:0] = spec["path"]
 from sparse_hetconv.profiling import (_peak_rss_bytes, _reset_peak_rss, _rss_bytes, mmap_threshold_pinned,
-                                     pin_mmap_threshold, state_bytes)
+                                     pin_mmap_threshold, state_bytes, tensor_peak_bytes)
 import torch
 torch.set_num_threads(spec["threads"])
 pinned = pin_mmap_threshold() if spec["pin"] else None
@@ -303,11 +304,63 @@ after_build = _rss_bytes()
 for _ in range(spec["steps"]):
     built["step"]()
 peak = _peak_rss_bytes()
+tensor_peak = tensor_peak_bytes(built["step"], built["model"], built.get("optimizer"))
 result = {"peak_bytes": peak - base, "build_bytes": after_build - base, "baseline_bytes": base,
+          "tensor_peak_bytes": tensor_peak,
           "state": state_bytes(built["model"], built.get("optimizer")), "pinned": mmap_threshold_pinned(),
           "peak_reset": reset}
 print("RESULT " + json.dumps(result))
 """
+
+
+def tensor_peak_bytes(step: Callable[[], object], model: nn.Module | None = None,
+                      optimizer: torch.optim.Optimizer | None = None) -> int:
+    """The largest number of bytes held by live tensor storages while ``step()`` runs.
+
+    Every operator's outputs are tracked (a ``TorchDispatchMode``, autograd's backward and the
+    optimizer's kernels included) until their storage is freed; the model's parameters, gradients
+    and buffers and the optimizer's state count from the start. Exact and deterministic, unlike
+    the resident set size; it leaves out the allocator's overhead and tensors made before the call
+    that the model and optimizer do not hold (e.g. the input batch). The step runs once, slowly.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    live: dict[int, tuple[StorageWeakRef, int]] = {}
+    total = [0, 0]  # current, peak
+
+    def track(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key and key not in live:
+            live[key] = (StorageWeakRef(storage), storage.nbytes())
+            total[0] += storage.nbytes()
+
+    held = []
+    if model is not None:
+        held += list(model.parameters()) + [p.grad for p in model.parameters()] + list(model.buffers())
+    if optimizer is not None:
+        held += [v for state in optimizer.state.values() for v in state.values()]
+    for t in held:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            track(t)
+    total[1] = total[0]
+
+    class Tracker(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for key in [k for k, (ref, _) in live.items() if ref.expired()]:  # freed before this op
+                total[0] -= live.pop(key)[1]
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    track(t)
+            total[1] = max(total[1], total[0])  # inputs and outputs of this op are all alive
+            return out
+
+    with Tracker():
+        step()
+    return total[1]
 
 
 def _reset_peak_rss() -> bool:
@@ -351,7 +404,9 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
     (Linux ``clear_refs``; elsewhere the peak since start is used), builds the model
     (``builder(**kwargs)`` returning a dict with ``step``, ``model`` and ``optimizer``), runs
     ``steps`` steps and reports its peak resident memory above that baseline (model, optimizer
-    state, data and the step's activations; the allocator's own overhead included).
+    state, data and the step's activations; the allocator's own overhead included, so it varies by
+    a few percent from run to run), then runs one more step under :func:`tensor_peak_bytes`, the
+    exact peak of live tensor bytes (deterministic; no allocator overhead).
 
     Args:
         builder (str): ``"module:function"``, importable in the child process.
@@ -363,8 +418,8 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling:vgg_training_s
         timeout (float): seconds before the child is abandoned.
 
     Returns:
-        dict: ``peak_bytes``, ``build_bytes``, ``baseline_bytes``, ``state`` (see
-        :func:`state_bytes`), ``pinned`` and ``peak_reset`` (whether the peak could be reset).
+        dict: ``peak_bytes``, ``tensor_peak_bytes``, ``build_bytes``, ``baseline_bytes``, ``state``
+        (see :func:`state_bytes`), ``pinned`` and ``peak_reset`` (whether the peak could be reset).
 
     Raises:
         ValueError: ``builder`` is not ``"module:function"`` or ``steps < 1``.

@@ -69,6 +69,7 @@ def test_bench_memory_training_state_is_exactly_the_hetconv_count(tiny_run):
     assert masked["state"]["training"] > sparse["state"]["training"], "the masked form stores its zeros"
     assert published["state"]["buffers"] > masked["state"]["buffers"], "the published form keeps float masks"
     assert all(m["peak_bytes"] > 0 for m in memory.values())
+    assert sparse["tensor_peak_bytes"] < masked["tensor_peak_bytes"], "exact peak bytes: sparse holds fewer"
 
 
 def test_published_module_masks_gradients_and_matches_the_library():
@@ -124,3 +125,17 @@ def test_peak_training_memory_rejects_bad_builders():
         profiling.peak_training_memory("no_colon")
     with pytest.raises(RuntimeError, match="failed"):
         profiling.peak_training_memory("sparse_hetconv.profiling:does_not_exist")
+
+
+def test_tensor_peak_bytes_counts_live_storages_exactly():
+    def step():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        del a
+        c = b + 1  # a was freed first: 8000 live again
+        return c
+
+    assert profiling.tensor_peak_bytes(step) == 8000
+    layer = torch.nn.Linear(10, 10)
+    held = sum(p.numel() * 4 for p in layer.parameters())
+    assert profiling.tensor_peak_bytes(lambda: None, layer) == held, "the model's parameters count from the start"
