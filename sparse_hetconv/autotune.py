@@ -196,12 +196,14 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         return "dense"
     if input is not None and not all(isinstance(size, int) for size in input.shape):
         return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no signature to key on
+    if torch.compiler.is_compiling():
+        # Traced: a pure function of the signature. Reading the cache would make the compiled graph
+        # guard on a global dict that eager calls keep extending (a recompilation every time).
+        return _model_choice(pattern, input, training)
     key = signature(pattern, input, training)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
-    if torch.compiler.is_compiling():
-        return _model_choice(pattern, input, training)
     if _state["mode"] == "measure" and input is not None:
         backend, how = _measured_choice(pattern, input, training), "measure"
     else:
