@@ -256,11 +256,11 @@ def plot(result, path: Path) -> Path | None:
     parts = result["config"]["parts"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, mode in zip(axes, (f"forward_b{batch}", f"train_b{batch}")):
-        for variant in PLOT_VARIANTS:
+        for color, variant in enumerate(PLOT_VARIANTS):
             pts = [(p, index[("network", "vgg16_cifar", p, mode, variant)]["median_ms"]) for p in parts
                    if "median_ms" in index.get(("network", "vgg16_cifar", p, mode, variant), {})]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=variant)
+                ax.plot(*zip(*pts), marker="o", color=f"C{color}", label=variant)
         ideal = [(p, index[("network", "vgg16_cifar", p, mode, "standard_cl")]["ideal_ms"]) for p in parts
                  if index.get(("network", "vgg16_cifar", p, mode, "standard_cl"), {}).get("ideal_ms")]
         if ideal:
@@ -270,8 +270,9 @@ def plot(result, path: Path) -> Path | None:
         ax.set_ylabel("ms (median)")
         ax.set_title(f"VGG-16 / CIFAR-10, {mode}")
         ax.grid(alpha=0.3)
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=8)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{result['machine']['cpu']}, {result['machine']['threads']} threads, torch {result['machine']['torch']}",
                  fontsize=9)
     fig.tight_layout()

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         "profiles": profiles,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "bench.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
     import report
 
     written = report.write_all(result, args.out, args.docs)

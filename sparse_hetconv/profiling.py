@@ -529,7 +529,8 @@ def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"),
     Returns:
         list of dict: one row per (part, form): ``params``, ``grads``, ``optimizer``, ``buffers``,
         ``training`` bytes (:func:`state_bytes`, after one step) and, with ``peak``, ``peak_bytes``
-        of a training step measured in a fresh process (:func:`peak_training_memory`).
+        (resident) and ``tensor_peak_bytes`` (live tensors) of a training step, measured in a fresh
+        process (:func:`peak_training_memory`).
     """
     rows = []
     for part in parts:
@@ -538,6 +539,7 @@ def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"),
             built["step"]()
             row = {"part": part, "form": form, **state_bytes(built["model"], built["optimizer"])}
             if peak:
-                row["peak_bytes"] = peak_training_memory(kwargs={"part": part, "form": form, "batch": batch})["peak_bytes"]
+                measured = peak_training_memory(kwargs={"part": part, "form": form, "batch": batch})
+                row["peak_bytes"], row["tensor_peak_bytes"] = measured["peak_bytes"], measured["tensor_peak_bytes"]
             rows.append(row)
     return rows
