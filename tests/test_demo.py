@@ -18,7 +18,7 @@ def test_run_demo_reports_every_hetconv_layer_and_exact_outputs():
     assert result["masked_params"] - result["sparse_params"] == sum(
         r["masked_params"] - r["sparse_params"] for r in result["layers"])
     assert result["max_abs_diff"] < 1e-4, "conversion must not change the outputs"
-    assert set(result["latency_ms"]) == {"masked", "sparse"}
+    assert set(result["latency_ms"]) == {"masked", "masked_channels_last", "sparse"}
     text = format_demo(result)
     assert "features.40" in text and "whole model" in text and "forward latency" in text
 
