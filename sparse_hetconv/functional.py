@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_input
-from .pattern import HetConvPattern
+from .pattern import HetConvPattern, cached_index
 
 __all__ = ["BACKENDS", "WeightCache", "het_conv", "het_conv2d", "het_conv3d", "select_backend"]
 
 BACKENDS = ("auto", "dense", "grouped", "blocked", "torch_sparse")
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_INDEX_CACHE: dict[tuple, Tensor] = {}
 
 
 def select_backend(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None) -> str:
@@ -86,15 +85,6 @@ class WeightCache:
     def nbytes(self) -> int:
         """Bytes held by the prepared weights."""
         return sum(t.numel() * t.element_size() for _, t in self._entries.values())
-
-
-def _cached_index(key: tuple, build) -> Tensor:
-    if torch.compiler.is_compiling():
-        return build()
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        index = _INDEX_CACHE[key] = build()
-    return index
 
 
 def _subsample(input: Tensor, stride: tuple[int, ...]) -> Tensor:
@@ -214,7 +204,7 @@ def _shift_index(pattern: HetConvPattern, device) -> Tensor:
         return (start[..., None] + torch.arange(m, device=device)).reshape(p - 1, p * n, m)
 
     key = ("shift", pattern.in_channels, pattern.out_channels, pattern.part, torch.device(device))
-    return _cached_index(key, build)
+    return cached_index(key, build)
 
 
 def _shift_weights(values: Tensor, pattern: HetConvPattern) -> Tensor:

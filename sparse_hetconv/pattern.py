@@ -33,7 +33,8 @@ __all__ = ["HetConvPattern", "shifted_to_block_permutation"]
 _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _cached(key: tuple, build):
+def cached_index(key: tuple, build):
+    """``build()``'s tensor, built once per ``key`` (rebuilt inside graph capture, which must see it)."""
     if torch.compiler.is_compiling():
         return build()
     tensor = _INDEX_CACHE.get(key)
@@ -152,7 +153,7 @@ class HetConvPattern:
             cols = torch.arange(self.in_channels, device=device) // self.block_in
             return rows[:, None] != cols[None, :]
 
-        return _cached(self._key("mask", device), build)
+        return cached_index(self._key("mask", device), build)
 
     def columns(self, device=None) -> torch.Tensor:
         """Returns:
@@ -166,7 +167,7 @@ class HetConvPattern:
             start = (torch.arange(self.out_channels, device=device) // self.block_out) * m
             return t[None, :] + m * (t[None, :] >= start[:, None])
 
-        return _cached(self._key("columns", device), build)
+        return cached_index(self._key("columns", device), build)
 
     def flat_indices(self, device=None) -> torch.Tensor:
         """Positions of the compact values in the row-major ``N x M`` matrix (int64, 1-D)."""
@@ -175,11 +176,11 @@ class HetConvPattern:
             rows = torch.arange(self.out_channels, device=device)[:, None] * self.in_channels
             return (rows + self.columns(device)).reshape(-1)
 
-        return _cached(self._key("flat", device), build)
+        return cached_index(self._key("flat", device), build)
 
     def crow_indices(self, device=None) -> torch.Tensor:
         """CSR row pointers of the 1 x 1 matrix: ``arange(0, N (M - m) + 1, M - m)``."""
-        return _cached(
+        return cached_index(
             self._key("crow", device),
             lambda: torch.arange(self.out_channels + 1, device=device) * self.num_1x1,
         )
