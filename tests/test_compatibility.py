@@ -1,7 +1,7 @@
-"""docs/compatibility.md: every cell of its tables names tests that exist.
+"""docs/compatibility.md and the README's "Compatibility" section: every cell names tests that exist.
 
-The table is the README's "Compatibility" section; a cell that claims support must point at a test
-(``test_file.py::test_name``) that checks it, so a renamed or deleted test shows up here.
+A cell that claims support must point at a test (``test_file.py::test_name``) that checks it, so a
+renamed or deleted test shows up here; the README's table must be the same as the docs page's.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "compatibility.md"
+README = ROOT / "README.md"
 REFERENCE = re.compile(r"`(test_\w+\.py)::(test_\w+)`")
 
 
@@ -44,3 +45,9 @@ def test_every_feature_cell_is_backed():
     for feature, masked, sparse, _tolerance in rows:
         for form, cell in (("masked", masked), ("sparse", sparse)):
             assert REFERENCE.search(cell), f"'{feature}' ({form}) names no test: {cell!r}"
+
+
+def test_readme_table_is_the_docs_table():
+    readme = table_rows(README.read_text(), "| Feature | masked")
+    assert readme == table_rows(DOC.read_text(), "| Feature | masked"), \
+        "README's Compatibility table differs from docs/compatibility.md; copy it over"
