@@ -308,7 +308,7 @@ class _CsrMatmul(torch.autograd.Function):
 
 def _accumulate_torch_sparse(out, input, values, pattern, stride, grad, cache):
     if torch.compiler.is_exporting():
-        raise NotImplementedError(
+        raise ValueError(
             "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "
             "tensors; set the layers' backend to 'dense', 'grouped' or 'blocked' (the same numbers) first")
     x = _subsample(input, stride)

@@ -309,7 +309,7 @@ result = {"peak_bytes": peak - base, "build_bytes": after_build - base, "baselin
           "tensor_peak_bytes": tensor_peak,
           "state": state_bytes(built["model"], built.get("optimizer")), "pinned": mmap_threshold_pinned(),
           "peak_reset": reset}
-print("RESULT " + json.dumps(result))
+sys.stdout.write("RESULT " + json.dumps(result) + "\n")
 """
 
 

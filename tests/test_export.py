@@ -84,7 +84,7 @@ def test_torch_export_every_backend(form, dynamic):
 
 def test_torch_sparse_backend_refuses_export():
     layer = SparseHetConv2d(16, 16, 4, backend="torch_sparse").eval()
-    with pytest.raises(NotImplementedError, match="'torch_sparse' cannot be exported.*'dense', 'grouped' or 'blocked'"):
+    with pytest.raises(ValueError, match="'torch_sparse' cannot be exported.*'dense', 'grouped' or 'blocked'"):
         torch.export.export(layer, (torch.randn(1, 16, 4, 4),))
 
 
