@@ -47,8 +47,8 @@ class _SparseHetConvNd(_CompactHetConv):
     # -- nn.Module ----------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """How the 1 x 1 part is computed: ``"auto"`` (default), ``"dense"``, ``"blocked"`` or
-        ``"torch_sparse"``. Assign to pin one; all give the same numbers."""
+        """How the 1 x 1 part is computed: ``"auto"`` (default), ``"dense"``, ``"grouped"``,
+        ``"blocked"`` or ``"torch_sparse"``. Assign to pin one; all give the same numbers."""
         return self._backend
 
     @backend.setter
@@ -222,7 +222,8 @@ class SparseHetConv2d(_SparseHetConvNd):
         kernel_size (int or tuple): odd k; default 3.
         stride (int or tuple): stride of both parts; default 1.
         bias (bool): add a learnable bias; default False.
-        backend (str): ``"auto"`` (default), ``"dense"``, ``"blocked"`` or ``"torch_sparse"``.
+        backend (str): ``"auto"`` (default), ``"dense"``, ``"grouped"``, ``"blocked"`` or
+            ``"torch_sparse"`` (:mod:`sparse_hetconv.functional`); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
 
     Attributes:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-BACKENDS = ["dense", "blocked", "torch_sparse", "auto"]
+BACKENDS = ["dense", "grouped", "blocked", "torch_sparse", "auto"]
 CONV = {2: F.conv2d, 3: F.conv3d}
 
 

@@ -30,7 +30,7 @@ def _train(model, batches, optimizer):
     return losses
 
 
-@pytest.mark.parametrize("backend", ["auto", "dense", "blocked", "torch_sparse"])
+@pytest.mark.parametrize("backend", ["auto", "dense", "grouped", "blocked", "torch_sparse"])
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
     lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=5e-4),
