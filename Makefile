@@ -29,10 +29,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Latency and memory of every HetConv form (about 20 min on 2 cores; BENCH_ARGS=--quick: 3 min).
+# Latency and memory of every HetConv form (about 10 min on 2 cores; BENCH_ARGS=--quick: 2 min).
 # Writes benchmarks/results/ (JSON, markdown, plot) and regenerates docs/performance.md.
 bench: $(STAMP)
-	$(TIMING_ENV) $(PY) -m sparse_hetconv bench --docs docs/performance.md $(BENCH_ARGS)
+	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -5,7 +5,7 @@ sphere and on a plane voxelised into a 64^3 grid (about 4 % of the voxels active
 layer maps ``--channels`` to ``--channels`` channels with a 3x3x3 kernel, no bias:
 
 * spconv's ``SubMConv3d`` (a standard k^3 convolution, the baseline);
-* :class:`sparse_hetconv.spconv.SubMHetConv3d` at P = 1, 2, 4, 8 with the default ``chunks``;
+* :class:`sparse_hetconv.submanifold.SubMHetConv3d` at P = 1, 2, 4, 8 with the default ``chunks``;
 * a sweep over every ``chunks`` (divisors of P), the measurement behind ``default_chunks``.
 
 Correctness first: every HetConv layer is compared with its dense twin (SparseHetConv3d on the
@@ -18,7 +18,7 @@ medians over rounds and the median of the per-round ratios to spconv. Two settin
 computed by every call (no ``indice_key``), and shared through an ``indice_key`` as in a network of
 submanifold layers. The machine, threads and command are written beside the numbers.
 
-Run: ``MALLOC_MMAP_THRESHOLD_=33554432 python benchmarks/bench_spconv.py [--threads 1] [--rounds 15]``
+Run: ``MALLOC_MMAP_THRESHOLD_=33554432 python -m benchmarks.bench_spconv [--threads 1] [--rounds 15]``
 (writes ``benchmarks/results/spconv.json`` and ``.md``).
 """
 
@@ -28,17 +28,17 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from sparse_hetconv.profiling import parameter_bytes
-from sparse_hetconv.spconv import SubMHetConv3d, default_chunks  # raises a clear ImportError without spconv
+from sparse_hetconv.profiling import interleaved_latency, machine_info, parameter_bytes
+from sparse_hetconv.submanifold import SubMHetConv3d, default_chunks  # a clear ImportError without spconv
+
+from . import RESULTS
 
 import spconv.pytorch as spconv_pt  # noqa: E402  (after the check above)
 from spconv.core import ConvAlgo  # noqa: E402
@@ -109,7 +109,8 @@ def build_cases(channels: int) -> dict:
 
 
 def time_rounds(cases: dict, indices: torch.Tensor, channels: int, shared: bool, rounds: int, warmup: int) -> dict:
-    """Interleaved timings: per case the lists of forward and training-step milliseconds."""
+    """Interleaved timings (:func:`sparse_hetconv.profiling.interleaved_latency`): per case the
+    forward and training-step milliseconds of every round."""
     features = torch.randn(indices.shape[0], channels)
     base = spconv_pt.SparseConvTensor(features, indices, [64] * 3, 1)
     if shared:  # index pairs made once, under the key every layer uses
@@ -117,27 +118,26 @@ def time_rounds(cases: dict, indices: torch.Tensor, channels: int, shared: bool,
         base = base.replace_feature(features)
     else:
         base.indice_dict = {}
-    optimisers = {name: torch.optim.SGD(module.parameters(), lr=1e-4) for name, (module, _) in cases.items()}
-    times = {name: {"forward_ms": [], "train_ms": []} for name in cases}
-    for r in range(warmup + rounds):
-        for name, (module, _) in cases.items():
-            module.indice_key = KEY if shared else None
+    calls = {}
+    for name, (module, _) in cases.items():
+        module.indice_key = KEY if shared else None
+        optimiser = torch.optim.SGD(module.parameters(), lr=1e-4)
+
+        def forward(module=module):
             module.eval()
-            start = time.perf_counter()
             with torch.no_grad():
                 module(base)
-            forward = time.perf_counter() - start
+
+        def train(module=module, optimiser=optimiser):
             module.train()
             x = base.replace_feature(features.clone().requires_grad_(True))
-            start = time.perf_counter()
-            optimisers[name].zero_grad()
+            optimiser.zero_grad()
             module(x).features.square().mean().backward()
-            optimisers[name].step()
-            train = time.perf_counter() - start
-            if r >= warmup:
-                times[name]["forward_ms"].append(forward * 1e3)
-                times[name]["train_ms"].append(train * 1e3)
-    return times
+            optimiser.step()
+
+        calls[(name, "forward_ms")], calls[(name, "train_ms")] = forward, train
+    stats = interleaved_latency(calls, warmup=warmup, repeats=rounds)
+    return {name: {what: stats[(name, what)]["times_ms"] for what in ("forward_ms", "train_ms")} for name in cases}
 
 
 def summarise(times: dict, baseline: str = "spconv") -> dict:
@@ -153,17 +153,16 @@ def summarise(times: dict, baseline: str = "spconv") -> dict:
 
 
 def machine(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = machine_info()
     versions = {}
     for dist in ("torch", "spconv-cu120", "spconv-cu126", "spconv", "cumm-cu120", "cumm-cu126"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "versions": versions,
-            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_"), "device": "cpu"}
+    return {"platform": info["platform"], "cpu": info["cpu"], "isa": info["isa"], "cpu_count": info["cores"],
+            "threads": threads, "python": info["python"], "versions": versions,
+            "MALLOC_MMAP_THRESHOLD_": info["mmap_threshold_env"], "device": "cpu"}
 
 
 def markdown(result: dict) -> str:
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = [round(v, 2) for v in os.getloadavg()]

@@ -6,42 +6,62 @@ CVPR 2019, https://arxiv.org/abs/1903.04120.
 Three forms of one layer: the definition (tests only), the published masked dense form
 (:class:`MaskedHetConv2d`) and the sparse form (:class:`SparseHetConv2d`), which stores only the
 kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models exactly;
-:func:`hetconvify` turns standard CNNs into HetConv ones.
+:func:`hetconvify` turns standard CNNs into HetConv ones; :func:`count_macs` counts the paper's
+way. This import loads the layers and their tools only; the measuring tools
+(:mod:`sparse_hetconv.profiling`), the CIFAR-10 experiment (:mod:`sparse_hetconv.cifar`), the
+spconv layers (:mod:`sparse_hetconv.submanifold`) and the command line
+(:mod:`sparse_hetconv.cli`) are imported when asked for.
 """
 
-from . import autotune, functional, integrations, models, profiling
-from .checkpoint import convert_checkpoint
-from .convert import HetConvifyReport, hetconvify, to_masked, to_sparse
-from .counting import count_macs, count_model, count_params
+from . import _deprecated, _flop_formulas, autotune, backends, functional, models
+from .checkpoint import ConvertReport, convert_checkpoint
+from .convert import ConversionReport, hetconvify, to_masked, to_sparse
+from .counting import LayerCount, ModelCounts, count_macs, count_model, count_params
+from .functional import het_conv2d, het_conv3d
 from .fuse import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .sparse import SparseHetConv2d, SparseHetConv3d
-from .train import TrainConfig, train_cifar
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "ConversionReport",
+    "ConvertReport",
     "HetConvPattern",
-    "HetConvifyReport",
+    "LayerCount",
     "MaskedHetConv2d",
     "MaskedHetConv3d",
+    "ModelCounts",
     "SparseHetConv2d",
     "SparseHetConv3d",
-    "TrainConfig",
     "autotune",
+    "backends",
     "convert_checkpoint",
     "count_macs",
     "count_model",
     "count_params",
     "functional",
     "fuse_bn",
+    "het_conv2d",
+    "het_conv3d",
     "hetconvify",
-    "integrations",
     "models",
-    "profiling",
     "shifted_to_block_permutation",
     "to_masked",
     "to_sparse",
-    "train_cifar",
 ]
+
+_OPT_IN = ("cifar", "cli", "flop_tools", "profiling", "submanifold")
+_deprecated.install()
+_flop_formulas.register_when_imported()
+
+
+def __getattr__(name: str):
+    # The opt-in subpackages load on first attribute access (``sparse_hetconv.profiling.x``), as
+    # ``import sparse_hetconv.profiling`` would; 0.1 names warn and resolve to their new homes.
+    if name in _OPT_IN:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    return _deprecated.attribute(name)

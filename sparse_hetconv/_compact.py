@@ -9,13 +9,16 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A layer of t
 
 from __future__ import annotations
 
-import numpy as np
-import scipy.sparse
+import warnings
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
-from .functional import _csr
+
+if TYPE_CHECKING:  # scipy is imported by the two methods that use it, not by ``import sparse_hetconv``
+    import scipy.sparse
 
 
 class _CompactHetConv(_HetConvBase):
@@ -83,7 +86,7 @@ class _CompactHetConv(_HetConvBase):
         p, values = self.pattern, self._values()
         device, shape = values.device, (self.out_channels, self.in_channels)
         if layout == torch.sparse_csr:
-            return _csr(p.crow_indices(device), p.col_indices(device), values, shape)
+            return p.csr(values)
         if layout == torch.sparse_coo:
             rows = torch.arange(self.out_channels, device=device).repeat_interleave(p.num_1x1)
             indices = torch.stack([rows, p.col_indices(device)])
@@ -91,9 +94,11 @@ class _CompactHetConv(_HetConvBase):
                                            check_invariants=False)
         raise ValueError(f"layout ({layout}) must be torch.sparse_csr or torch.sparse_coo")
 
-    def to_scipy(self) -> scipy.sparse.csr_array:
+    def to_scipy(self) -> "scipy.sparse.csr_array":
         """The 1 x 1 part as a ``scipy.sparse.csr_array`` of shape ``(out_channels, in_channels)``
         (a copy on the host; bfloat16 and float16 values become float32)."""
+        import scipy.sparse
+
         p, values = self.pattern, self._values().cpu()
         if values.dtype in (torch.bfloat16, torch.float16):
             values = values.float()
@@ -102,17 +107,21 @@ class _CompactHetConv(_HetConvBase):
             shape=(self.out_channels, self.in_channels),
         )
 
-    def from_scipy(self, matrix) -> "_CompactHetConv":
-        """Load the 1 x 1 part from a ``scipy.sparse`` matrix; returns ``self``.
+    def load_scipy(self, matrix) -> "_CompactHetConv":
+        """Load the 1 x 1 part from a ``scipy.sparse`` matrix, in place; returns ``self``.
 
         Entries missing from the matrix are zero weights. Stored entries on the block diagonal
         must be zero: a non-zero one does not fit the HetConv pattern (``weight_kxk`` is untouched
         either way; to fold such a matrix into the centre taps, use :func:`to_sparse` on a module).
+        Nothing is changed when the matrix is refused.
 
         Raises:
             TypeError: ``matrix`` is not a scipy sparse matrix or array.
             ValueError: wrong shape, or a non-zero entry where the pattern has no 1 x 1 kernel.
         """
+        import numpy as np
+        import scipy.sparse
+
         if not scipy.sparse.issparse(matrix):
             raise TypeError(f"matrix must be a scipy.sparse matrix or array, got {type(matrix).__name__}")
         expected = (self.out_channels, self.in_channels)
@@ -137,3 +146,9 @@ class _CompactHetConv(_HetConvBase):
         with torch.no_grad():
             self.weight_1x1.copy_(p.gather_1x1(dense))
         return self
+
+    def from_scipy(self, matrix) -> "_CompactHetConv":
+        """Deprecated 0.1 name of :meth:`load_scipy` (it loads in place; it is not a constructor)."""
+        warnings.warn(f"{type(self).__name__}.from_scipy is deprecated: it loads in place; use load_scipy",
+                      DeprecationWarning, stacklevel=2)
+        return self.load_scipy(matrix)

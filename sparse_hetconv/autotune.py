@@ -1,7 +1,7 @@
 """How ``backend="auto"`` picks the backend that computes a HetConv layer's 1 x 1 part.
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Every backend of
-:mod:`sparse_hetconv.functional` computes the same numbers; which is fastest depends on the call's
+:mod:`sparse_hetconv.backends` computes the same numbers; which is fastest depends on the call's
 *signature*: (in/out channels, part, kernel, batch, spatial size, device, dtype, memory format,
 training or not). The choice is made once per signature and cached, in one of two modes:
 
@@ -52,13 +52,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .backends import CONCRETE, get
 from .pattern import HetConvPattern
 
 __all__ = ["MODES", "choose", "choices", "clear", "estimate", "get_mode", "resolve_backends", "set_mode",
            "mode", "signature"]
 
 MODES = ("model", "measure")
-CANDIDATES = ("dense", "grouped", "blocked", "torch_sparse")
+CANDIDATES = CONCRETE
 MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
 # Calibrated with benchmarks/ on a 2-core AMD EPYC (AVX-512), torch 2.13, oneDNN 3.x, float32:
 C0 = 16.0  # channels per group at which a convolution runs at half its peak efficiency
@@ -106,7 +107,7 @@ def clear() -> None:
 
 
 def choices() -> dict[tuple, tuple[str, str]]:
-    """The cached decisions: ``signature -> (backend, "model" | "measure" | "fixed")``."""
+    """The cached decisions: ``signature -> (backend, "model" | "measure")``."""
     return dict(_CHOICES)
 
 
@@ -214,8 +215,6 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
 
 def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, repeats: int = 3) -> str:
     """Time each candidate on random data of the call's signature; the fastest wins."""
-    from .functional import _het_conv
-
     factory = {"device": input.device, "dtype": input.dtype}
     generator_input = torch.randn(input.shape, **factory)
     if _memory_format(input) == "channels_last":
@@ -229,8 +228,8 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, rep
     def run(backend: str) -> None:
         with torch.enable_grad() if training else torch.no_grad():
             x = generator_input.requires_grad_(training)
-            out = _het_conv(x, kxk.requires_grad_(training), values.requires_grad_(training), None, stride,
-                            pattern, backend)
+            out = get(backend)(x, kxk.requires_grad_(training), values.requires_grad_(training), None, stride,
+                               pattern, training, None)
             if training:
                 out.backward(torch.ones_like(out))
                 x.grad = kxk.grad = values.grad = None
@@ -270,13 +269,13 @@ def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = F
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
     """
-    from .sparse import _SparseHetConvNd
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _SparseHetConvNd) and m.part > 1}
+    # Sparse HetConv layers (this module sits below the layers and does not import them).
+    layers = {name: m for name, m in model.named_modules()
+              if hasattr(m, "resolved_backend") and hasattr(m, "pattern") and m.part > 1}
     saved = {name: m.backend for name, m in layers.items()}
     flags = [(m, m.training) for m in model.modules()]
     for m in layers.values():

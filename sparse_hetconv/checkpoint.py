@@ -23,7 +23,7 @@ from .convert import to_sparse
 from .counting import count_params
 from .models import create_model, list_models
 
-__all__ = ["ConvertReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_layout",
+__all__ = ["ConvertReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_form",
            "load_model", "save_atomic", "TRAIN_FORMAT"]
 
 TRAIN_FORMAT = "sparse_hetconv.train"
@@ -91,7 +91,7 @@ def _is_state_dict(obj: object) -> bool:
             and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()))
 
 
-def infer_layout(state_dict: dict[str, Tensor], path: str | Path = "state_dict") -> tuple[str, int]:
+def infer_form(state_dict: dict[str, Tensor], path: str | Path = "state_dict") -> tuple[str, int]:
     """``(form, part)`` of a HetConv model's ``state_dict``, read from its first HetConv layer.
 
     Masked layers have ``gwc.weight (N, M/P, k, k)`` and ``pwc.weight (N, M, 1, 1)``; sparse ones
@@ -129,7 +129,7 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
                ) -> tuple[nn.Module, dict]:
     """Build a registered model in the form a checkpoint holds and load the checkpoint into it.
 
-    The form and part come from the weights (:func:`infer_layout`), the number of classes from the
+    The form and part come from the weights (:func:`infer_form`), the number of classes from the
     model's last ``nn.Linear``. Missing ``num_batches_tracked`` entries (old checkpoints) are allowed.
 
     Args:
@@ -148,7 +148,7 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
         raise ValueError(f"model ({model!r}) is not registered; available: {', '.join(list_models())}")
     if state is None:
         state = state_dict_of(read_checkpoint(path), path)
-    form, part = infer_layout(state, path)
+    form, part = infer_form(state, path)
     try:
         net = create_model(model, part=part, form=form)
     except ValueError as error:
@@ -235,7 +235,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
     if target.is_dir():
         raise ValueError(f"the output {target} is a folder, expected a file name")
     state = state_dict_of(read_checkpoint(source), source)
-    form, _ = infer_layout(state, source)
+    form, _ = infer_form(state, source)
     if form == "sparse":
         raise ValueError(f"{source} already holds a sparse-form state_dict (keys like '*.weight_kxk'); "
                          "nothing to convert")
@@ -249,3 +249,13 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
     return ConvertReport(source, target, model, info["part"], info["num_classes"],
                          count_params(masked, stored=True), count_params(sparse, stored=True),
                          count_params(sparse), source.stat().st_size, target.stat().st_size, diff, batch)
+
+
+def __getattr__(name: str):
+    if name == "infer_layout":  # 0.1 name ("layout" also meant memory format and torch.layout)
+        import warnings
+
+        warnings.warn("sparse_hetconv.checkpoint.infer_layout is deprecated; use infer_form", DeprecationWarning,
+                      stacklevel=2)
+        return infer_form
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

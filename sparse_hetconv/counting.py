@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from ._checks import check_int
-from .functional import select_backend
 from .masked import _MaskedHetConvNd
 from .sparse import _SparseHetConvNd
 
@@ -146,9 +145,7 @@ def _sparse_macs(module: _SparseHetConvNd, input: torch.Tensor, output: torch.Te
     useful = pixels * p.useful_macs_per_pixel()
     if p.part == 1:
         return useful, useful, ""
-    backend = module.backend
-    if backend == "auto":  # resolved as the layer resolves it for this call (no autograd here)
-        backend = select_backend(p, input, torch.is_grad_enabled() and module.weight_1x1.requires_grad)
+    backend = module.resolved_backend  # what the call that fired this hook used
     if backend in _FULL_1X1_BACKENDS:  # the values are scattered into a zero N x M matrix
         return useful, pixels * p.masked_macs_per_pixel(), backend
     return useful, useful, backend  # the other backends multiply the existing kernels only

@@ -20,13 +20,14 @@ as module state.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ._checks import check_int, check_odd, check_tuple
 
-__all__ = ["HetConvPattern", "shifted_to_block_permutation"]
+__all__ = ["HetConvPattern", "csr_tensor", "shifted_to_block_permutation"]
 
 # Index tensors derived from (M, N, P) are cached per device: every layer of one shape shares
 # them, so they cost nothing per layer and are never part of a state_dict.
@@ -34,13 +35,26 @@ _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def cached_index(key: tuple, build):
-    """``build()``'s tensor, built once per ``key`` (rebuilt inside graph capture, which must see it)."""
+    """``build()``'s tensor, built once per ``key`` (rebuilt inside graph capture, which must see it).
+
+    Built outside inference mode: an index tensor first needed under ``torch.inference_mode()``
+    would otherwise be an inference tensor, which a later call with autograd cannot save.
+    """
     if torch.compiler.is_compiling():
         return build()
     tensor = _INDEX_CACHE.get(key)
     if tensor is None:
-        tensor = _INDEX_CACHE[key] = build()
+        with torch.inference_mode(False):
+            tensor = _INDEX_CACHE[key] = build()
     return tensor
+
+
+def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` over ``values`` (flattened, not copied), without its beta warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow, col, values.reshape(-1), size=size)
 
 
 @dataclass(frozen=True)
@@ -191,14 +205,58 @@ class HetConvPattern:
 
     # -- conversions between the compact values and the dense N x M matrix ------------------
     def scatter_1x1(self, values: torch.Tensor) -> torch.Tensor:
-        """Place compact values ``(N, M - m)`` into a zero ``(N, M)`` matrix (differentiable)."""
-        dense = values.new_zeros(self.out_channels * self.in_channels)
-        dense = dense.index_put((self.flat_indices(values.device),), values.reshape(-1))
-        return dense.view(self.out_channels, self.in_channels)
+        """Place compact values ``(N, M - m)`` into a zero ``(N, M)`` matrix (differentiable).
+
+        No index tensor: laid out block-major, the ``P x P`` grid of ``n x m`` blocks has its zero
+        blocks at flat positions ``g (P + 1)``; dropping the first block, the other ``P^2 - 1`` fall
+        into ``P - 1`` rows of ``P + 1`` whose first ``P`` are, in row-major order, exactly the
+        compact blocks (row ``g``'s blocks in increasing channel order) and whose last is a zero
+        block. One strided copy fills them; one permutation returns to the ``(N, M)`` layout.
+        Measured 2-3x faster than ``index_put`` with :meth:`flat_indices`, forward and backward.
+        """
+        p, n, m = self.part, self.block_out, self.block_in
+        if p == 1:
+            return values.new_zeros(self.out_channels, self.in_channels)
+        blocks = values.view(p, n, p - 1, m).permute(0, 2, 1, 3).reshape(p - 1, p, n, m)
+        grid = values.new_zeros(p * p, n, m)
+        grid[1:].view(p - 1, p + 1, n, m)[:, :p] = blocks
+        return grid.view(p, p, n, m).permute(0, 2, 1, 3).reshape(self.out_channels, self.in_channels)
 
     def gather_1x1(self, dense: torch.Tensor) -> torch.Tensor:
         """Read the compact values ``(N, M - m)`` out of a dense ``(N, M)`` matrix."""
         return torch.gather(dense, 1, self.columns(dense.device))
+
+    def shift_index(self, device=None) -> torch.Tensor:
+        """Positions in the flat compact values of the ``P - 1`` grouped 1 x 1 weights, ``(P - 1, N, m)``.
+
+        For block offset ``s`` a grouped 1 x 1 convolution (``groups = P``) whose output block ``h``
+        reads input block ``h`` holds the filters of group ``g = (h - s) mod P``, whose compact
+        block index for channel block ``h`` is ``h`` before their own block and ``h - 1`` after
+        it. Every value is used exactly once over the ``P - 1`` offsets.
+        """
+
+        def build():
+            p, n, m, width = self.part, self.block_out, self.block_in, self.num_1x1
+            s = torch.arange(1, p, device=device)[:, None]
+            h = torch.arange(p, device=device)[None, :]
+            g = (h - s) % p
+            t = torch.where(h < g, h, h - 1)
+            rows = g[:, :, None] * n + torch.arange(n, device=device)  # (P-1, P, n)
+            start = rows * width + (t[:, :, None] * m)
+            return (start[..., None] + torch.arange(m, device=device)).reshape(p - 1, p * n, m)
+
+        return cached_index(self._key("shift", device), build)
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The compact values ``(N, M - m)`` as a torch.sparse CSR ``(N, M)`` matrix (no copy).
+
+        The values are a view of ``values``; the indices are derived from ``(M, N, P)`` and cached
+        per device. PyTorch does not carry gradients from such a tensor back to ``values``
+        (issue #98929): differentiate through the layer, not through this view.
+        """
+        device = values.device
+        return csr_tensor(self.crow_indices(device), self.col_indices(device), values,
+                          (self.out_channels, self.in_channels))
 
     def block_diagonal(self, dense: torch.Tensor) -> torch.Tensor:
         """The entries of a dense ``(N, M)`` matrix that sit on the block diagonal, as

@@ -9,17 +9,32 @@ parameters, no gradient ever reaches a missing one: no masking, and any stock op
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
 from ._compact import _CompactHetConv
 from ._checks import check_int
-from .functional import BACKENDS, WeightCache, _het_conv, needs_grad
+from .backends import WeightCache, check_backend
+from .functional import _het_conv, needs_grad, resolve_backend
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
 
-__all__ = ["SparseHetConv2d", "SparseHetConv3d"]
+__all__ = ["SparseHetConv2d", "SparseHetConv3d", "check_reduce"]
 
-_REDUCTIONS = ("centre", "sum")
+_REDUCTIONS = ("center", "sum")
+
+
+def check_reduce(reduce: object) -> str:
+    """``reduce`` of :meth:`SparseHetConv2d.from_conv`: ``"center"`` or ``"sum"`` (``"centre"``, the
+    0.1 spelling, is accepted with a ``DeprecationWarning``)."""
+    if reduce == "centre":
+        warnings.warn("reduce='centre' is deprecated; use 'center' (PyTorch's spelling)", DeprecationWarning,
+                      stacklevel=3)
+        return "center"
+    if not isinstance(reduce, str) or reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce ({reduce!r}) must be one of {_REDUCTIONS}")
+    return reduce
 
 
 class _SparseHetConvNd(_CompactHetConv):
@@ -53,9 +68,7 @@ class _SparseHetConvNd(_CompactHetConv):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend ({value!r}) must be one of {BACKENDS}")
-        self._backend = value
+        self._backend = check_backend(value)
 
     @property
     def resolved_backend(self) -> str | None:
@@ -81,15 +94,14 @@ class _SparseHetConvNd(_CompactHetConv):
         the prepared 1 x 1 weight of the previous such call while ``weight_1x1`` is unchanged.
         """
         self._check_input(input)
-        backend = self._backend
-        if backend == "auto" and self.part > 1:
-            from .autotune import choose
-
-            backend = choose(self.pattern, input, needs_grad(input, self.weight_kxk, self.weight_1x1, self.bias))
-        if self.part > 1 and not torch.compiler.is_compiling():
+        if self.part == 1:
+            return _het_conv(input, self.weight_kxk, None, self.bias, self.stride, self.pattern, "dense", False)
+        grad = needs_grad(input, self.weight_kxk, self.weight_1x1, self.bias)
+        backend = resolve_backend(self._backend, self.pattern, input, grad)
+        if not torch.compiler.is_compiling():
             self._resolved_backend = backend
         return _het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.pattern,
-                         backend, self._weight_cache)
+                         backend, grad, self._weight_cache)
 
     def extra_repr(self) -> str:
         text = self._geometry_repr()
@@ -145,19 +157,21 @@ class _SparseHetConvNd(_CompactHetConv):
         return masked.train(self.training)
 
     @classmethod
-    def from_dense(cls, conv: nn.Module, part: int, reduce: str = "centre", backend: str = "auto") -> "_SparseHetConvNd":
+    def from_conv(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto") -> "_SparseHetConvNd":
         """Initialise a HetConv from a standard convolution, to fine-tune a pretrained CNN.
 
         The k x k kernels on the pattern's blocks are kept exactly; every other kernel becomes a
-        1 x 1 weight: its centre tap (``reduce="centre"``, the default: the part of the kernel a
+        1 x 1 weight: its centre tap (``reduce="center"``, the default: the part of the kernel a
         1 x 1 kernel keeps exactly) or the sum of its taps (``reduce="sum"``: the kernel's response
-        to a locally constant input). This changes the layer's output; fine-tuning recovers it.
+        to a locally constant input). This changes the layer's output unless the dropped taps
+        are zero; fine-tuning recovers it.
 
         Args:
             conv (nn.Conv2d or nn.Conv3d): ``groups=1``, dilation 1, an odd kernel with padding
                 ``k // 2`` and zero padding mode; channels divisible by ``part``.
             part (int): ``P`` of the new layer.
-            reduce (str): ``"centre"`` or ``"sum"``.
+            reduce (str): ``"center"`` or ``"sum"``.
+            backend (str): the new layer's ``backend``.
 
         Raises:
             TypeError: ``conv`` is not a convolution of this dimension.
@@ -166,8 +180,8 @@ class _SparseHetConvNd(_CompactHetConv):
         reason = _dense_conv_problem(conv, part, cls._dims)
         if reason:
             raise ValueError(f"cannot turn {conv} into a HetConv with part={part}: {reason}")
-        if reduce not in _REDUCTIONS:
-            raise ValueError(f"reduce ({reduce!r}) must be one of {_REDUCTIONS}")
+        reduce = check_reduce(reduce)
+        check_backend(backend)
         weight = conv.weight.detach()
         layer = cls(conv.in_channels, conv.out_channels, part, conv.kernel_size, conv.stride,
                     conv.bias is not None, backend, device=weight.device, dtype=weight.dtype)
@@ -178,11 +192,18 @@ class _SparseHetConvNd(_CompactHetConv):
                 layer.weight_kxk[g * n:(g + 1) * n] = weight[g * n:(g + 1) * n, g * m:(g + 1) * m]
             if layer.weight_1x1 is not None:
                 centre = (slice(None), slice(None)) + p.centre
-                reduced = weight[centre] if reduce == "centre" else weight.flatten(2).sum(-1)
+                reduced = weight[centre] if reduce == "center" else weight.flatten(2).sum(-1)
                 layer.weight_1x1.copy_(p.gather_1x1(reduced))
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
         return layer.train(conv.training)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto"):
+        """Deprecated 0.1 name of :meth:`from_conv`."""
+        warnings.warn(f"{cls.__name__}.from_dense is deprecated; use {cls.__name__}.from_conv", DeprecationWarning,
+                      stacklevel=2)
+        return cls.from_conv(conv, part, reduce, backend)
 
 
 def _dense_conv_problem(conv: nn.Module, part: int, dims: int) -> str | None:
@@ -222,8 +243,9 @@ class SparseHetConv2d(_SparseHetConvNd):
         kernel_size (int or tuple): odd k; default 3.
         stride (int or tuple): stride of both parts; default 1.
         bias (bool): add a learnable bias; default False.
-        backend (str): ``"auto"`` (default), ``"dense"``, ``"grouped"``, ``"blocked"`` or
-            ``"torch_sparse"`` (:mod:`sparse_hetconv.functional`); all exact.
+        backend (str): ``"auto"`` (default) or one of the backends of
+            :mod:`sparse_hetconv.backends` (``"dense"``, ``"grouped"``, ``"blocked"``,
+            ``"torch_sparse"``); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
 
     Attributes:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparse_hetconv import cli, convert_checkpoint
-from sparse_hetconv.checkpoint import infer_layout, load_model, state_dict_of
+from sparse_hetconv.checkpoint import infer_form, load_model, state_dict_of
 from sparse_hetconv.models import resnet18, vgg16_cifar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_part_and_classes_read_from_the_weights(part, tmp_path):
     assert (report.part, report.num_classes) == (part, 100)
     assert report.max_abs_diff < 1e-4
     assert_same_outputs(model, sparse_from(target, part, 100))
-    assert infer_layout(torch.load(target, weights_only=True)) == ("sparse", part)
+    assert infer_form(torch.load(target, weights_only=True)) == ("sparse", part)
 
 
 def test_other_registered_model(tmp_path):

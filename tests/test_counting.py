@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_hetconv import (MaskedHetConv2d, SparseHetConv2d, count_macs, count_model, count_params, to_sparse)
-from sparse_hetconv.functional import select_backend
+from sparse_hetconv import (MaskedHetConv2d, SparseHetConv2d, autotune, count_macs, count_model, count_params,
+                            to_sparse)
 from sparse_hetconv.models import create_model, vgg16_cifar
 
 # HetConv paper, Table 1: VGG-16 on CIFAR-10, FLOPs (MACs) in millions for P = 1 ... 64.
@@ -100,7 +100,7 @@ def test_executed_macs_agree_with_flop_counter(form, backend):
 def test_auto_backend_counts_what_it_resolves_to():
     layer = SparseHetConv2d(64, 64, part=4, backend="auto")
     x = torch.zeros(1, 64, 8, 8)
-    chosen = select_backend(layer.pattern, x, False)
+    chosen = autotune.choose(layer.pattern, x, False)
     pinned = SparseHetConv2d(64, 64, part=4, backend=chosen)
     assert count_macs(layer, x.shape, executed=True) == count_macs(pinned, x.shape, executed=True)
     assert count_model(layer, x.shape).layers[0].backend == chosen, "the row names the backend that ran"

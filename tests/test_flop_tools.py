@@ -3,7 +3,7 @@
 ``count_macs`` (sparse_hetconv.counting) is the reference: ``executed=False`` gives the paper's
 useful MACs, ``executed=True`` what the model's present form computes. FlopCounterMode reports
 FLOPs (two per MAC) of the aten operations that run; fvcore and ptflops report MACs and, with the
-handlers of ``sparse_hetconv.integrations``, count HetConv layers by the paper's convention.
+handlers of ``sparse_hetconv.flop_tools``, count HetConv layers by the paper's convention.
 All counts are integers and compared exactly.
 """
 
@@ -20,7 +20,7 @@ from helpers import DEVICES
 from sparse_hetconv import MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d, to_sparse
 from sparse_hetconv.counting import count_macs, count_model
 from sparse_hetconv.functional import BACKENDS
-from sparse_hetconv.integrations import fvcore_analysis, fvcore_handles, ptflops_hooks
+from sparse_hetconv.flop_tools import fvcore_analysis, fvcore_handles, ptflops_hooks
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.sparse import _SparseHetConvNd
 

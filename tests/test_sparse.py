@@ -124,27 +124,27 @@ def test_scipy_round_trip():
     assert matrix.nnz == 6 * 8, "one stored entry per existing 1x1 kernel"
     np.testing.assert_array_equal(matrix.toarray(), layer.dense_1x1().numpy())
     other = SparseHetConv2d(12, 6, part=3, dtype=torch.float64)
-    assert other.from_scipy(matrix) is other
-    assert torch.equal(other.weight_1x1, layer.weight_1x1), "from_scipy(to_scipy()) must give the values back"
+    assert other.load_scipy(matrix) is other
+    assert torch.equal(other.weight_1x1, layer.weight_1x1), "load_scipy(to_scipy()) must give the values back"
     # Any scipy format; missing entries are zero weights; stored zeros on the diagonal are fine.
     dense = matrix.toarray()
     dense[0, 4] = 0.0
     coo = scipy.sparse.coo_matrix(dense)
-    other.from_scipy(coo)
+    other.load_scipy(coo)
     assert float(other.dense_1x1()[0, 4]) == 0.0
 
 
-def test_from_scipy_rejects_what_does_not_fit_and_changes_nothing():
+def test_load_scipy_rejects_what_does_not_fit_and_changes_nothing():
     layer = SparseHetConv2d(8, 4, part=2)
     before = layer.weight_1x1.detach().clone()
     bad = layer.to_scipy().toarray()
     bad[3, 5] = 1.5  # filter 3 is in group 1, whose k x k block is channels 4..7
     with pytest.raises(ValueError, match=r"block diagonal, first at \(row 3, col 5\).*channels 4\.\.7"):
-        layer.from_scipy(scipy.sparse.csr_array(bad))
+        layer.load_scipy(scipy.sparse.csr_array(bad))
     with pytest.raises(ValueError, match=r"matrix has shape \(4, 6\), expected \(4, 8\)"):
-        layer.from_scipy(scipy.sparse.csr_array(np.ones((4, 6))))
+        layer.load_scipy(scipy.sparse.csr_array(np.ones((4, 6))))
     with pytest.raises(TypeError, match=r"matrix must be a scipy.sparse matrix or array, got ndarray"):
-        layer.from_scipy(np.ones((4, 8)))
+        layer.load_scipy(np.ones((4, 8)))
     assert torch.equal(layer.weight_1x1, before), "a rejected matrix must leave the weights alone"
 
 
@@ -172,33 +172,33 @@ def test_from_masked_rejects_wrong_dimension():
         SparseHetConv3d.from_masked(MaskedHetConv2d(8, 8, part=2))
 
 
-@pytest.mark.parametrize("reduce", ["centre", "sum"])
-def test_from_dense_keeps_block_kernels_and_reduces_the_rest(reduce):
+@pytest.mark.parametrize("reduce", ["center", "sum"])
+def test_from_conv_keeps_block_kernels_and_reduces_the_rest(reduce):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 4, 3, stride=2, padding=1, bias=True)
-    layer = SparseHetConv2d.from_dense(conv, part=2, reduce=reduce)
+    layer = SparseHetConv2d.from_conv(conv, part=2, reduce=reduce)
     assert layer.stride == (2, 2) and layer.bias is not None
     w = conv.weight.detach()
     for j in range(4):
         g = j // 2
         assert torch.equal(layer.weight_kxk[j], w[j, g * 4:(g + 1) * 4]), f"filter {j} k x k kernels changed"
         for t, c in enumerate(one_by_one_channels(j, 8, 4, 2)):
-            expected = w[j, c, 1, 1] if reduce == "centre" else w[j, c].sum()
+            expected = w[j, c, 1, 1] if reduce == "center" else w[j, c].sum()
             assert torch.allclose(layer.weight_1x1[j, t], expected), f"filter {j} channel {c}"
     assert torch.equal(layer.bias, conv.bias)
 
 
-def test_from_dense_errors():
+def test_from_conv_errors():
     with pytest.raises(ValueError, match=r"groups is 2, expected 1"):
-        SparseHetConv2d.from_dense(torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), part=2)
+        SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), part=2)
     with pytest.raises(ValueError, match=r"padding \(0, 0\) is not kernel_size // 2"):
-        SparseHetConv2d.from_dense(torch.nn.Conv2d(8, 8, 3), part=2)
+        SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3), part=2)
     with pytest.raises(ValueError, match=r"in_channels \(6\) is not divisible by part \(4\)"):
-        SparseHetConv2d.from_dense(torch.nn.Conv2d(6, 8, 3, padding=1), part=4)
+        SparseHetConv2d.from_conv(torch.nn.Conv2d(6, 8, 3, padding=1), part=4)
     with pytest.raises(TypeError, match=r"conv must be an Conv2d, got Linear"):
-        SparseHetConv2d.from_dense(torch.nn.Linear(4, 4), part=2)
+        SparseHetConv2d.from_conv(torch.nn.Linear(4, 4), part=2)
     with pytest.raises(ValueError, match=r"reduce \('mean'\) must be one of"):
-        SparseHetConv2d.from_dense(torch.nn.Conv2d(8, 8, 3, padding=1), part=2, reduce="mean")
+        SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, padding=1), part=2, reduce="mean")
 
 
 def test_no_gradient_masking_needed_with_stock_optimizer():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from .._layout import apply_memory_format, check_memory_format
+from .._memory_format import apply_memory_format, check_memory_format
 from ._registry import register_model
 from .layers import check_form, make_conv
 

@@ -1,0 +1,67 @@
+"""The 0.1 names that moved in 0.2, kept working for one release with a ``DeprecationWarning``.
+
+``CHANGELOG.md`` lists every rename. Old module paths (``import sparse_hetconv.spconv``) are served
+by a finder that imports the new module under the old name; old top-level names
+(``sparse_hetconv.train_cifar``) by the package's ``__getattr__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+
+#: old module path -> new module path
+MODULES = {
+    "sparse_hetconv.spconv": "sparse_hetconv.submanifold",
+    "sparse_hetconv.integrations": "sparse_hetconv.flop_tools",
+    "sparse_hetconv.data": "sparse_hetconv.cifar.data",
+    "sparse_hetconv.train": "sparse_hetconv.cifar.train",
+    "sparse_hetconv.demo": "sparse_hetconv.cli.demo",
+}
+#: old top-level attribute -> (module, attribute)
+ATTRIBUTES = {
+    "TrainConfig": ("sparse_hetconv.cifar", "TrainConfig"),
+    "train_cifar": ("sparse_hetconv.cifar", "train_cifar"),
+    "HetConvifyReport": ("sparse_hetconv.convert", "ConversionReport"),
+    "integrations": ("sparse_hetconv.flop_tools", None),
+}
+
+
+def _warn(old: str, new: str, stacklevel: int) -> None:
+    warnings.warn(f"{old} is deprecated (moved in sparse_hetconv 0.2); use {new}", DeprecationWarning,
+                  stacklevel=stacklevel)
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``import sparse_hetconv.<old>`` with the new module."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in MODULES:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        _warn(spec.name, MODULES[spec.name], stacklevel=6)
+        return importlib.import_module(MODULES[spec.name])
+
+    def exec_module(self, module) -> None:  # the new module is already executed
+        return None
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` once."""
+    if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
+        sys.meta_path.append(_Alias())
+
+
+def attribute(name: str):
+    """The object an old top-level name stands for (warns), or raise ``AttributeError``."""
+    if name not in ATTRIBUTES:
+        raise AttributeError(f"module 'sparse_hetconv' has no attribute {name!r}")
+    module, attr = ATTRIBUTES[name]
+    _warn(f"sparse_hetconv.{name}", module + (f".{attr}" if attr else ""), stacklevel=4)
+    target = importlib.import_module(module)
+    return target if attr is None else getattr(target, attr)

@@ -1,0 +1,50 @@
+"""The backends that compute a HetConv layer, one module each, and their registry.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Every backend computes the
+same numbers (docs/design.md §5); they differ only in speed, which depends on the call's shape,
+part, device, dtype and memory format:
+
+* ``dense`` (:mod:`.dense`): the compact values scattered into a zero ``N x M`` matrix, one 1 x 1
+  convolution (the masked form's own kernel).
+* ``grouped`` (:mod:`.grouped`): ``P - 1`` grouped 1 x 1 convolutions, one per block offset.
+* ``blocked`` (:mod:`.blocked`): two matrix products per group over contiguous channel slices.
+* ``torch_sparse`` (:mod:`.torch_sparse`): the literal torch.sparse CSR matrix times the input.
+
+Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)``
+computing the whole layer for ``part > 1`` (``grad``: whether autograd records the call; ``cache``:
+the layer's :class:`~.cache.WeightCache` or None). ``"auto"`` is not a backend: it is resolved to
+one of these by :func:`sparse_hetconv.autotune.choose`, in one place
+(:func:`sparse_hetconv.functional.resolve_backend`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import blocked, dense, grouped, torch_sparse
+from .cache import WeightCache
+
+__all__ = ["BACKENDS", "CONCRETE", "WeightCache", "check_backend", "get"]
+
+_REGISTRY: dict[str, Callable] = {
+    "dense": dense.het_conv,
+    "grouped": grouped.het_conv,
+    "blocked": blocked.het_conv,
+    "torch_sparse": torch_sparse.het_conv,
+}
+#: The backends, in the order the cost model and the tests list them.
+CONCRETE = tuple(_REGISTRY)
+#: Every value a layer's ``backend`` accepts.
+BACKENDS = ("auto",) + CONCRETE
+
+
+def check_backend(value: object) -> str:
+    """Return ``value`` if it names a backend (or ``"auto"``), else raise ``ValueError``."""
+    if not isinstance(value, str) or value not in BACKENDS:
+        raise ValueError(f"backend ({value!r}) must be one of {BACKENDS}")
+    return value
+
+
+def get(name: str) -> Callable:
+    """The ``het_conv`` function of the concrete backend ``name``."""
+    return _REGISTRY[name]

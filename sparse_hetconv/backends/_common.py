@@ -1,0 +1,48 @@
+"""What the stock-kernel backends share: the k x k part and small tensor-layout helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..pattern import HetConvPattern
+
+__all__ = ["CONV", "channels_last", "kxk_part", "rows", "subsample"]
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def kxk_part(input: Tensor, weight_kxk: Tensor, bias: Tensor | None, stride: tuple[int, ...],
+             pattern: HetConvPattern) -> Tensor:
+    """The grouped k x k convolution (``groups = P``, padding ``k // 2``) with the bias."""
+    return CONV[pattern.dims](input, weight_kxk, bias, stride, pattern.padding, 1, pattern.part)
+
+
+def subsample(input: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """The input at the positions a strided 1 x 1 convolution reads (a view)."""
+    if all(s == 1 for s in stride):
+        return input
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+    return input[index]
+
+
+def channels_last(x: Tensor) -> bool:
+    """Whether a 4-D (5-D) tensor is channels-last and not also contiguous NC(D)HW."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    return False
+
+
+def rows(x: Tensor) -> Tensor | None:
+    """``(pixels, channels)`` view of a channels-last (or single-pixel) tensor, else None."""
+    if x.dim() not in (4, 5):
+        return None
+    if channels_last(x) or x.is_contiguous() and math.prod(x.shape[2:]) == 1:
+        moved = x.movedim(1, -1)
+        return moved.view(-1, x.shape[1]) if moved.is_contiguous() else None
+    return None

@@ -1,0 +1,50 @@
+"""``blocked``: per group, two matrix products over the contiguous channel slices before and
+after the group's block, added into the k x k output in place (no gather, no copy of the input)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from ..pattern import HetConvPattern
+from ._common import channels_last, kxk_part, subsample
+
+__all__ = ["het_conv"]
+
+
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+    # In the output's dtype: under autocast the in-place products would not be cast for us.
+    x = subsample(input, stride).to(out.dtype)
+    batch = x.shape[0]
+    p, n, m = pattern.part, pattern.block_out, pattern.block_in
+    blocks = weight_1x1.to(out.dtype).view(p, n, pattern.num_1x1)
+    if channels_last(x) and channels_last(out):
+        # (B*L, M) and (B*L, N) views of channels-last tensors: channel slices are column blocks,
+        # and each group's products are added straight into its columns of the output.
+        rows = x.movedim(1, -1).reshape(-1, pattern.in_channels)
+        target = out.movedim(1, -1).reshape(-1, pattern.out_channels)
+        for g in range(p):
+            part = target[:, g * n:(g + 1) * n]
+            if g:
+                part.addmm_(rows[:, :g * m], blocks[g, :, :g * m].t())
+            if g < p - 1:
+                part.addmm_(rows[:, (g + 1) * m:], blocks[g, :, g * m:].t())
+        return out
+    pixels = math.prod(x.shape[2:])
+    cols = x.reshape(batch, pattern.in_channels, pixels)
+    target = out.view(batch, pattern.out_channels, pixels) if out.is_contiguous() else None
+    for g in range(p):
+        terms = []
+        if g:
+            terms.append(blocks[g, :, :g * m] @ cols[:, :g * m])
+        if g < p - 1:
+            terms.append(blocks[g, :, g * m:] @ cols[:, (g + 1) * m:])
+        y = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        if target is not None:
+            target[:, g * n:(g + 1) * n] += y
+        else:
+            out[:, g * n:(g + 1) * n] += y.view((batch, n) + out.shape[2:])
+    return out

@@ -1,0 +1,49 @@
+"""Prepared 1 x 1 weights of one layer, reused across calls that need no gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["WeightCache"]
+
+
+class WeightCache:
+    """Prepared 1 x 1 weights of one layer (a scattered dense matrix, shifted grouped weights).
+
+    An entry is keyed by the values' storage, version counter, dtype, device and shape, so any
+    in-place update (an optimizer step, ``load_state_dict``) or move invalidates it. Calls that
+    need a gradient never use it: they rebuild the prepared weight inside autograd. Copies and
+    pickles start empty.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, Tensor]] = {}
+
+    def get(self, kind: str, values: Tensor, build: Callable[[Tensor], Tensor]) -> Tensor:
+        """The prepared weight ``build(values)`` for ``kind``, rebuilt only when ``values`` changed."""
+        key = (values.data_ptr(), values._version, values.dtype, values.device, tuple(values.shape))
+        entry = self._entries.get(kind)
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # A normal tensor even when the call runs under inference_mode: a later call with autograd
+        # must be able to use (and save) whatever was built from it.
+        with torch.inference_mode(False), torch.no_grad():
+            prepared = build(values.detach())
+        self._entries[kind] = (key, prepared)
+        return prepared
+
+    def clear(self) -> None:
+        """Drop every prepared weight."""
+        self._entries.clear()
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles start empty: the entries are keyed by this process's storage
+        # addresses, and would add a dense N x M matrix per layer to every saved model.
+        return {"_entries": {}}
+
+    def nbytes(self) -> int:
+        """Bytes held by the prepared weights."""
+        return sum(t.numel() * t.element_size() for _, t in self._entries.values())

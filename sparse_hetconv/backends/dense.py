@@ -1,0 +1,85 @@
+"""``dense``: the compact values scattered into a zero ``N x M`` matrix, one 1 x 1 convolution.
+
+The masked form's own kernel, so never meaningfully slower than it. Autograd sends gradients
+only to the values (the scatter is differentiable). Without autograd on the CPU the product is
+added straight into the k x k output: oneDNN's fused convolution-plus-sum in channels-last, or,
+for tiny products (batch 1, deep layers), one MKL ``addmm`` into the output's rows; the scattered
+matrix is then cached in the layer's :class:`~sparse_hetconv.backends.cache.WeightCache` until
+the values change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..pattern import HetConvPattern
+from ._common import CONV, channels_last, kxk_part, rows, subsample
+
+__all__ = ["het_conv", "SMALL_PRODUCT"]
+
+SMALL_PRODUCT = 1 << 25  # MACs under which one MKL product beats a oneDNN call (measured: 2-3x at batch 1)
+
+
+def _weight(values: Tensor, pattern: HetConvPattern) -> Tensor:
+    """The ``(N, M, 1, ...)`` 1 x 1 convolution weight with a zero block diagonal."""
+    return pattern.scatter_1x1(values).view((pattern.out_channels, pattern.in_channels) + (1,) * pattern.dims)
+
+
+def _fusable(input: Tensor, out: Tensor) -> bool:
+    """Whether oneDNN can add the 1 x 1 convolution straight into ``out`` (no autograd path)."""
+    if input.dim() != 4 or input.device.type != "cpu" or input.numel() == 0 or out.numel() == 0:
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch._C._has_mkldnn:
+        return False  # graph capture records stock operations only (jit.trace rejects this one)
+    if not torch.backends.mkldnn.enabled or out.dtype != input.dtype:
+        return False  # (under autocast the k x k output is already in the lower precision)
+    if input.dtype == torch.float32:
+        return True
+    return input.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetConvPattern,
+                      stride: tuple[int, ...], cache) -> Tensor | None:
+    """No-grad calls with little work: one ``addmm`` into the output's rows, or None if it does not apply.
+
+    oneDNN's per-call overhead dominates a tiny 1 x 1 convolution (batch 1, deep layers), where one
+    MKL product of the channels-last rows with the cached dense matrix is 2-3x faster.
+    """
+    x = subsample(input, stride)
+    pixels = x.shape[0] * math.prod(x.shape[2:])
+    if pixels * pattern.in_channels * pattern.out_channels > SMALL_PRODUCT or x.numel() == 0:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    rows_in, rows_out = rows(x), rows(out)
+    if rows_in is None or rows_out is None:
+        return None
+    shape = (pattern.out_channels, pattern.in_channels)
+    if cache is not None:
+        matrix = cache.get("dense_t", values, lambda v: pattern.scatter_1x1(v).t().contiguous())
+    else:
+        matrix = pattern.scatter_1x1(values).view(shape).t()
+    # In the output's dtype: under autocast the k x k output may be lower precision than the input.
+    rows_out.addmm_(rows_in.to(out.dtype), matrix.to(out.dtype))
+    return out
+
+
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+    if not grad:
+        small = _accumulate_small(out, input, weight_1x1, pattern, stride, cache)
+        if small is not None:
+            return small
+    if grad or cache is None:
+        weight = _weight(weight_1x1, pattern)
+    else:
+        weight = cache.get("dense", weight_1x1, lambda v: _weight(v, pattern))
+    if not grad and _fusable(input, out) and channels_last(input):
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, input, weight, None, [0, 0], list(stride), [1, 1], 1, "add", None, None, [], None
+        )
+    return out.add_(CONV[pattern.dims](input, weight, None, stride))

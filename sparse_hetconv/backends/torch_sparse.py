@@ -1,0 +1,70 @@
+"""``torch_sparse``: the literal torch.sparse CSR matrix of the 1 x 1 part times the input.
+
+Through a custom autograd function whose backward computes only the existing kernels' gradients
+(a sampled product on the pattern, no ``N x M`` dense gradient). MKL's CPU sparse kernels have no
+half-precision path, so float16 / bfloat16 calls compute in float32; ``torch.export`` does not
+trace CSR tensors, so this backend refuses export with a message naming the ones that do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pattern import HetConvPattern, csr_tensor
+from ._common import kxk_part, subsample
+
+__all__ = ["het_conv"]
+
+
+class _CsrMatmul(torch.autograd.Function):
+    """``y = W x`` with ``W`` the HetConv 1 x 1 pattern as a torch.sparse CSR matrix.
+
+    Building the CSR tensor inside the function sidesteps PyTorch issue #98929 (a CSR tensor made
+    from a parameter does not carry its gradient back); the backward returns the gradient of the
+    compact values only.
+    """
+
+    @staticmethod
+    def forward(values: Tensor, cols: Tensor, crow: Tensor, col: Tensor, shape: tuple[int, int]) -> Tensor:
+        return csr_tensor(crow, col, values, shape) @ cols
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        values, cols, crow, col, shape = inputs
+        ctx.save_for_backward(values, cols, crow, col)
+        ctx.shape = shape
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, cols, crow, col = ctx.saved_tensors
+        grad_values = grad_cols = None
+        if ctx.needs_input_grad[1]:
+            grad_cols = (grad.t() @ csr_tensor(crow, col, values, ctx.shape)).t()
+        if ctx.needs_input_grad[0]:
+            # zeros, not empty: sampled_addmm reads the template even with beta=0 (NaN otherwise)
+            template = csr_tensor(crow, col, torch.zeros_like(values), ctx.shape)
+            sampled = torch.sparse.sampled_addmm(template, grad.contiguous(), cols.t().contiguous(), beta=0.0)
+            grad_values = sampled.values().view_as(values)
+        return grad_values, grad_cols, None, None, None
+
+
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+    if torch.compiler.is_exporting():
+        raise ValueError(
+            "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "
+            "tensors; set the layers' backend to 'dense', 'grouped' or 'blocked' (the same numbers) first")
+    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+    x = subsample(input, stride)
+    batch, spatial = x.shape[0], x.shape[2:]
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cols = x.movedim(1, 0).reshape(pattern.in_channels, -1).to(compute)
+    values = weight_1x1.to(compute)
+    if cols.shape[1] == 0:
+        y = cols.new_zeros((pattern.out_channels, 0)) + 0 * values.sum()
+    else:
+        with torch.autocast(x.device.type, enabled=False):  # autocast would cast the CSR product down
+            shape = (pattern.out_channels, pattern.in_channels)
+            y = _CsrMatmul.apply(values, cols, pattern.crow_indices(x.device), pattern.col_indices(x.device), shape)
+    return out.add_(y.to(out.dtype).view(pattern.out_channels, batch, *spatial).movedim(0, 1))

@@ -1,0 +1,396 @@
+"""The published CIFAR-10 experiment: train a HetConv model, checkpoint, resume, evaluate.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120 (Table 1, VGG-16 on CIFAR-10).
+:class:`TrainConfig`'s defaults are the published recipe: SGD (lr 0.1, momentum 0.9, weight decay
+5e-4), batch 128, random 32x32 crops with 4 pixels of padding and horizontal flips, MultiStepLR at
+epochs 50, 140, 210, 240, 270, 300 with gamma 0.2, 330 epochs. :func:`train_cifar` runs it with
+tqdm progress, a checkpoint every ``checkpoint_every`` epochs and on the best test accuracy,
+resumption, and an evaluation-only mode; at the end the model is converted to the other form
+(masked <-> sparse) and its test accuracy checked again.
+
+With a seed, a run is deterministic on the CPU (same thread count) and with cuDNN's deterministic
+algorithms on a GPU: the model is initialised from the seed and epoch ``e``'s shuffling and
+augmentation come from a generator seeded with ``(seed, e)``, so a resumed run gives bit for bit
+the weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._checks import check_int
+from ..checkpoint import TRAIN_FORMAT, load_model, read_checkpoint, save_atomic, state_dict_of
+from ..convert import to_masked, to_sparse
+from .data import augment, iterate_batches, load_cifar10, normalize
+from ..masked import _MaskedHetConvNd
+from ..models import create_model, list_models
+from ..models.layers import FORMS
+from ..sparse import _SparseHetConvNd
+
+__all__ = ["TrainConfig", "TrainResult", "train_cifar", "evaluate", "config_from_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+# Settings that define a run: a resumed run must use the same ones.
+RECIPE = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
+          "gamma", "crop_padding", "flip")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of :func:`train_cifar`; the defaults are the published recipe.
+
+    Attributes:
+        data (str): the ``cifar-10-batches-py`` folder or the folder holding it.
+        model (str): a registered model (default ``"vgg16_cifar"``).
+        part (int): HetConv ``P`` (default 4).
+        form (str): ``"sparse"`` (default) or ``"masked"`` (the published layout).
+        epochs (int): total epochs (330).
+        batch_size (int): 128.
+        lr, momentum, weight_decay (float): SGD's 0.1, 0.9, 5e-4.
+        milestones (tuple of int): MultiStepLR epochs (50, 140, 210, 240, 270, 300).
+        gamma (float): MultiStepLR factor (0.2).
+        crop_padding (int): padding of the random crop (4; 0 turns cropping off).
+        flip (bool): random horizontal flips (True).
+        device (str or None): ``"cuda"`` when available, else ``"cpu"``, by default.
+        seed (int or None): 0 by default; None draws one (recorded in the checkpoints).
+        out_dir (str): where ``last.pt``, ``best.pt`` and ``model_sparse.pt`` go.
+        checkpoint_every (int): save ``last.pt`` every this many epochs (and after the last one).
+        resume (str or None): a ``last.pt``/``best.pt`` to continue from (same recipe required).
+        eval_only (bool): only evaluate ``weights`` (or ``resume``) on the test set.
+        weights (str or None): a model checkpoint for ``eval_only`` (any layout
+            :func:`sparse_hetconv.checkpoint.state_dict_of` accepts; model, form and part are
+            read from the file).
+        eval_batch_size (int): batch size of evaluation (500).
+        progress (bool): tqdm progress bars (True).
+    """
+
+    data: str = "data"
+    model: str = "vgg16_cifar"
+    part: int = 4
+    form: str = "sparse"
+    epochs: int = 330
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = (50, 140, 210, 240, 270, 300)
+    gamma: float = 0.2
+    crop_padding: int = 4
+    flip: bool = True
+    device: str | None = None
+    seed: int | None = 0
+    out_dir: str = "runs/hetconv"
+    checkpoint_every: int = 10
+    resume: str | None = None
+    eval_only: bool = False
+    weights: str | None = None
+    eval_batch_size: int = 500
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check every setting; raises ``TypeError`` / ``ValueError`` naming the setting."""
+        if self.model not in list_models():
+            raise ValueError(f"model ({self.model!r}) is not registered; available: {', '.join(list_models())}")
+        if self.form not in FORMS:
+            raise ValueError(f"form ({self.form!r}) must be one of {FORMS}")
+        for name in ("part", "epochs", "batch_size", "checkpoint_every", "eval_batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("crop_padding", self.crop_padding, 0)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0)
+        for name in ("lr", "momentum", "weight_decay", "gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} ({value!r}) must be a finite number >= 0")
+        if self.lr == 0:
+            raise ValueError("lr (0) must be > 0")
+        self.milestones = tuple(self.milestones)
+        for value in self.milestones:
+            check_int("milestones", value)
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"milestones ({self.milestones}) must be increasing epochs")
+        for name in ("flip", "eval_only", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.eval_only and not (self.weights or self.resume):
+            raise ValueError("eval_only needs weights (or resume): the checkpoint to evaluate")
+        for name in ("resume", "weights"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{name} ({path}) does not exist")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"device ({self.device!r}) is not a torch device: {error}") from error
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device ({self.device!r}) is not available: torch.cuda.is_available() is False")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_cifar` did.
+
+    Attributes:
+        history (list of dict): per epoch ``epoch`` (1-based), ``lr``, ``loss``, ``train_acc``,
+            ``test_acc``.
+        best_acc (float), best_epoch (int): the best test accuracy (in [0, 1]) and its epoch.
+        final_acc (float): test accuracy of the final model in the trained form.
+        converted_form (str): the other form the model was converted to.
+        converted_acc (float): its test accuracy (the same as ``final_acc`` for an exact conversion).
+        max_logit_diff (float): largest difference of the two forms' test logits.
+        model (nn.Module): the final model in sparse form.
+        files (dict): paths written (``last``, ``best``, ``sparse``).
+        seed (int): the seed used.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    best_acc: float = 0.0
+    best_epoch: int = 0
+    final_acc: float = 0.0
+    converted_form: str = ""
+    converted_acc: float = 0.0
+    max_logit_diff: float = 0.0
+    model: nn.Module | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+    seed: int = 0
+
+
+def config_from_checkpoint(path: str | Path) -> dict:
+    """The :class:`TrainConfig` settings stored in a training checkpoint (``last.pt``/``best.pt``).
+
+    Raises:
+        ValueError: ``path`` is not a checkpoint written by :func:`train_cifar`.
+    """
+    payload = read_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint written by sparse_hetconv.train "
+                         "(to evaluate a model's weights use eval_only with weights)")
+    return dict(payload["config"])
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+             device: torch.device | str = "cpu", return_logits: bool = False):
+    """Test accuracy of ``model`` in eval mode (the train/eval flag is restored).
+
+    Args:
+        model (nn.Module): a classifier on the device.
+        images (Tensor[N, 3, 32, 32] uint8), labels (Tensor[N] int64): the test set.
+        batch_size (int): evaluation batch size.
+        device: where to compute.
+        return_logits (bool): also return the logits ``Tensor[N, classes]`` (on the CPU).
+
+    Returns:
+        float in [0, 1], or (float, Tensor) with ``return_logits``.
+    """
+    was_training = model.training
+    model.eval()
+    correct, outputs = 0, []
+    with torch.no_grad():
+        for index in iterate_batches(len(labels), batch_size):
+            logits = model(normalize(images[index].to(device)))
+            correct += int((logits.argmax(1).cpu() == labels[index]).sum())
+            if return_logits:
+                outputs.append(logits.float().cpu())
+    model.train(was_training)
+    accuracy = correct / max(len(labels), 1)
+    return (accuracy, torch.cat(outputs)) if return_logits else accuracy
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _train_epoch(model, optimizer, data, config, seed, epoch, device) -> tuple[float, float]:
+    model.train()
+    generator = _epoch_generator(seed, epoch)
+    total = len(data.train_labels)
+    steps = math.ceil(total / config.batch_size)
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(iterate_batches(total, config.batch_size, generator), total=steps, leave=False,
+               desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress)
+    for index in bar:
+        images = augment(data.train_images[index], generator, config.crop_padding, config.flip)
+        inputs, targets = normalize(images.to(device)), data.train_labels[index].to(device)
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(index)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(index)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def _payload(model, optimizer, scheduler, config, seed, epoch, best_acc, best_epoch, history) -> dict:
+    settings = asdict(config)
+    settings.update(seed=seed, milestones=list(config.milestones))
+    return {"format": TRAIN_FORMAT, "version": 1, "epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch,
+            "history": history, "config": settings, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+
+def _check_resume(payload: object, config: TrainConfig, seed: int | None, recipe: bool = True) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != TRAIN_FORMAT:
+        raise ValueError(f"resume ({config.resume}) is not a training checkpoint written by sparse_hetconv.train")
+    if not recipe:
+        return
+    stored = payload["config"]
+    given = asdict(config)
+    given["milestones"] = list(config.milestones)
+    diffs = [f"{name}={stored.get(name)!r} (given {given[name]!r})" for name in RECIPE
+             if name != "seed" and stored.get(name) != given[name]]
+    if seed is not None and stored.get("seed") != seed:
+        diffs.append(f"seed={stored.get('seed')!r} (given {seed!r})")
+    if diffs:
+        raise ValueError(f"resume ({config.resume}) was trained with other settings: {', '.join(diffs)}; "
+                         "pass the same ones (the command line fills them in from the checkpoint)")
+    if payload["epoch"] > config.epochs:
+        raise ValueError(f"epochs ({config.epochs}) is less than the {payload['epoch']} epochs the resumed "
+                         "checkpoint has already trained")
+
+
+def _recheck(model, data, config, device, result: TrainResult) -> nn.Module:
+    """Evaluate the model, convert it to the other form and evaluate again; return the sparse one."""
+    result.final_acc, logits = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size,
+                                        device, return_logits=True)
+    is_sparse = not any(isinstance(m, _MaskedHetConvNd) for m in model.modules())
+    if not any(isinstance(m, (_MaskedHetConvNd, _SparseHetConvNd)) for m in model.modules()):
+        # part 1: standard convolutions only, both forms are the same model
+        result.converted_form, result.converted_acc = "sparse", result.final_acc
+        return model
+    other = to_masked(model) if is_sparse else to_sparse(model)
+    result.converted_form = "masked" if is_sparse else "sparse"
+    result.converted_acc, other_logits = evaluate(other, data.test_images, data.test_labels,
+                                                  config.eval_batch_size, device, return_logits=True)
+    result.max_logit_diff = float((logits - other_logits).abs().max()) if len(logits) else 0.0
+    if result.converted_acc != result.final_acc:
+        logger.warning("test accuracy changed in conversion: %s %.4f -> %s %.4f", "sparse" if is_sparse else
+                       "masked", result.final_acc, result.converted_form, result.converted_acc)
+    return model if is_sparse else other
+
+
+def _eval_model(config: TrainConfig, payload: dict | None) -> nn.Module:
+    """The model to evaluate in ``eval_only`` mode, with its weights loaded (form from the file)."""
+    if config.weights:
+        stored = read_checkpoint(config.weights)
+        name = config.model
+        if isinstance(stored, dict) and stored.get("format") == TRAIN_FORMAT:
+            name = stored["config"]["model"]
+        return load_model(config.weights, name, state=state_dict_of(stored, config.weights))[0]
+    stored = payload["config"]
+    model = create_model(stored["model"], part=stored["part"], form=stored["form"])
+    model.load_state_dict(state_dict_of(payload, config.resume))
+    return model
+
+
+def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Train (or evaluate) a HetConv model on CIFAR-10 with the published recipe.
+
+    Args:
+        config (TrainConfig, optional): the settings; defaults to the published recipe.
+        **overrides: fields of :class:`TrainConfig` to change, e.g. ``part=8, epochs=2``.
+
+    Returns:
+        TrainResult: history, best and final accuracy, the converted form's accuracy, the files.
+
+    Raises:
+        TypeError / ValueError: a bad setting, a resume checkpoint of another recipe, weights
+            that do not fit the model; all before any training.
+        FileNotFoundError: CIFAR-10 or a checkpoint is missing (the message says where the data
+            set's files go; nothing is downloaded).
+
+    Example:
+        >>> result = train_cifar(data="data", part=4, form="sparse", epochs=330)  # doctest: +SKIP
+        >>> result.best_acc, result.converted_acc  # doctest: +SKIP
+    """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig or None, got {type(config).__name__}")
+    config = TrainConfig(**asdict(config)) if config is not None else TrainConfig()
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown settings {unknown}; TrainConfig has {sorted(names)}")
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    config.validate()
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    payload = read_checkpoint(config.resume) if config.resume else None
+    if payload is not None:  # eval_only takes model, part and form from the checkpoint
+        _check_resume(payload, config, None if config.eval_only else config.seed, recipe=not config.eval_only)
+    model = _eval_model(config, payload) if config.eval_only else None  # bad weights fail here
+    data = load_cifar10(config.data)
+    seed = config.seed if config.seed is not None else (
+        payload["config"]["seed"] if payload is not None else random.randrange(2**31))
+    result = TrainResult(seed=seed)
+    out_dir = Path(config.out_dir)
+
+    with _deterministic(config.seed is not None):
+        if config.eval_only:
+            result.model = _recheck(model.to(device), data, config, device, result)
+            result.best_acc = result.final_acc
+            return result
+
+        torch.manual_seed(seed)
+        model = create_model(config.model, part=config.part, form=config.form).to(device)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+        start = 0
+        if payload is not None:
+            model.load_state_dict(payload["model"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            start, result.history = payload["epoch"], list(payload["history"])
+            result.best_acc, result.best_epoch = payload["best_acc"], payload["best_epoch"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for epoch in range(start, config.epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            loss, train_acc = _train_epoch(model, optimizer, data, config, seed, epoch, device)
+            scheduler.step()
+            test_acc = evaluate(model, data.test_images, data.test_labels, config.eval_batch_size, device)
+            result.history.append({"epoch": epoch + 1, "lr": lr, "loss": loss, "train_acc": train_acc,
+                                   "test_acc": test_acc})
+            logger.info("epoch %d/%d  lr %.4g  loss %.4f  train %.2f%%  test %.2f%%", epoch + 1, config.epochs,
+                        lr, loss, 100 * train_acc, 100 * test_acc)
+            best = test_acc > result.best_acc or result.best_epoch == 0
+            if best:
+                result.best_acc, result.best_epoch = test_acc, epoch + 1
+            last = epoch + 1 == config.epochs or (epoch + 1) % config.checkpoint_every == 0
+            if best or last:
+                state = _payload(model, optimizer, scheduler, config, seed, epoch + 1, result.best_acc,
+                                 result.best_epoch, result.history)
+                if best:
+                    save_atomic(state, out_dir / "best.pt")
+                    result.files["best"] = out_dir / "best.pt"
+                if last:
+                    save_atomic(state, out_dir / "last.pt")
+                    result.files["last"] = out_dir / "last.pt"
+        result.model = _recheck(model, data, config, device, result)
+        save_atomic(result.model.state_dict(), out_dir / "model_sparse.pt")
+        result.files["sparse"] = out_dir / "model_sparse.pt"
+    return result

@@ -1,0 +1,96 @@
+"""``sparse-hetconv train``: the published CIFAR-10 experiment (see :mod:`sparse_hetconv.cifar.train`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+# Options that define a run; with --resume, the ones not given are read from the checkpoint.
+_RECIPE_OPTIONS = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
+                   "gamma", "crop_padding", "flip")
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in text.replace(",", " ").split())
+    except ValueError as error:
+        raise ValueError(f"--milestones ({text!r}) must be epochs separated by commas, e.g. 50,140,210") from error
+
+
+def add_parser(subparsers) -> None:
+    from ..cifar.train import TrainConfig
+
+    d = TrainConfig()
+    parser = subparsers.add_parser(
+        "train", help="train a HetConv model on CIFAR-10 with the published recipe",
+        description="Train VGG-16 (or another registered model) with HetConv layers on CIFAR-10. The defaults "
+                    "are the published recipe. CIFAR-10 is read from its python-pickle folder "
+                    "(cifar-10-batches-py); nothing is downloaded.")
+    parser.add_argument("--data", default=d.data, help=f"the CIFAR-10 folder or its parent (default {d.data})")
+    parser.add_argument("--model", default=None, help=f"registered model (default {d.model})")
+    parser.add_argument("--part", type=int, default=None, help=f"HetConv part P (default {d.part})")
+    parser.add_argument("--form", choices=("sparse", "masked"), default=None, help=f"layer form (default {d.form})")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"total epochs (default {d.epochs})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    parser.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default {d.lr})")
+    parser.add_argument("--momentum", type=float, default=None, help=f"default {d.momentum}")
+    parser.add_argument("--weight-decay", type=float, default=None, help=f"default {d.weight_decay}")
+    parser.add_argument("--milestones", type=str, default=None,
+                        help=f"MultiStepLR epochs, comma-separated (default {','.join(map(str, d.milestones))})")
+    parser.add_argument("--gamma", type=float, default=None, help=f"MultiStepLR factor (default {d.gamma})")
+    parser.add_argument("--crop-padding", type=int, default=None,
+                        help=f"padding of the random crop, 0 for none (default {d.crop_padding})")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                        help="no random horizontal flips")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed, deterministic runs (default {d.seed})")
+    parser.add_argument("--out", dest="out_dir", default=None,
+                        help=f"folder for last.pt, best.pt, model_sparse.pt (default {d.out_dir}, or the folder "
+                             "of --resume)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help=f"save last.pt every N epochs (default {d.checkpoint_every})")
+    parser.add_argument("--resume", default=None, help="continue from a last.pt / best.pt checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate --weights (or --resume)")
+    parser.add_argument("--weights", default=None, help="model checkpoint to evaluate with --eval-only")
+    parser.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default %(default)s")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args):
+    """The :class:`~sparse_hetconv.cifar.TrainConfig` for parsed arguments; with ``--resume``, the
+    recipe options not given on the command line come from the checkpoint."""
+    from ..cifar.train import TrainConfig, config_from_checkpoint
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if values.get("milestones") is not None:
+        values["milestones"] = _milestones(values["milestones"])
+    stored = config_from_checkpoint(args.resume) if args.resume and not args.eval_only else {}
+    if values.get("out_dir") is None:
+        values["out_dir"] = str(Path(args.resume).parent) if stored else TrainConfig.out_dir
+    for name in _RECIPE_OPTIONS:
+        if values.get(name) is None:
+            if name in stored:
+                values[name] = tuple(stored[name]) if name == "milestones" else stored[name]
+            else:
+                values.pop(name, None)
+    return TrainConfig(**values)
+
+
+def run(args) -> int:
+    from ..cifar.train import train_cifar
+
+    config = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = train_cifar(config)
+    if config.eval_only:
+        print(f"test accuracy {100 * result.final_acc:.2f}% ; after conversion to {result.converted_form} form "
+              f"{100 * result.converted_acc:.2f}% (max logit difference {result.max_logit_diff:.3g})")
+        return 0
+    print(f"best test accuracy {100 * result.best_acc:.2f}% at epoch {result.best_epoch}; final "
+          f"{100 * result.final_acc:.2f}%; after conversion to {result.converted_form} form "
+          f"{100 * result.converted_acc:.2f}% (max logit difference {result.max_logit_diff:.3g})")
+    for label, path in result.files.items():
+        print(f"{label}: {path}")
+    return 0

@@ -1,0 +1,294 @@
+"""HetConv latency and memory benchmark: VGG-16 / CIFAR-10, every layer shape and the network.
+
+Run by ``sparse-hetconv bench`` and ``make bench``; ``--quick`` for a short run. For each part P,
+each timing *set* (one level — a layer shape or the whole network —, one P, one mode) builds every
+variant of :mod:`variants` from the same weights, checks that their outputs agree, warms them up
+and times them in interleaved rounds (medians). Modes: ``forward_b1`` and ``forward_b<batch>``
+(eval, ``no_grad``) and ``train_b<batch>`` (forward, loss, backward, SGD step; the published form
+masks its gradients after backward). Then peak training memory of each network variant in a fresh
+process, training-state bytes, and a ``torch.profiler`` table of the shipped model. Writes
+``bench.json``, ``bench.md``, ``layers.md``, ``profiles.md`` and ``latency_vs_p.png`` in
+``--out``; the repository's ``make bench`` also regenerates docs/performance.md from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ... import profiling
+from ...counting import count_macs, count_params
+from ...models import vgg16_cifar
+from ...pattern import HetConvPattern
+from . import report
+from . import variants as V
+
+PARTS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_PARTS = (2, 4, 64)
+QUICK_SHAPES = ((64, 64, 32), (256, 256, 8), (512, 512, 2))
+MEMORY_VARIANTS = ("standard_nchw", "standard_cl", "published", "masked_nchw", "masked_cl", "sparse_auto_nchw",
+                   "sparse_auto_cl")
+COMPILE_PARTS = (2, 4)  # torch.compile costs ~12 s per model and batch size: only where the ideal target is
+SLOW_FACTOR = 25.0  # a variant whose warm-up call is this much slower than the set's fastest is skipped
+SLOW_FLOOR_MS = 50.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sparse-hetconv bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="short run: P in {2, 4, 64}, 3 layer shapes, "
+                        "fewer repeats, memory at P=4 only (a few minutes)")
+    parser.add_argument("--parts", type=int, nargs="+", help=f"parts to run (default {PARTS})")
+    parser.add_argument("--batch", type=int, default=32, help="batch of the large forward and training modes")
+    parser.add_argument("--repeats", type=int, help="timed rounds per set (default 11, quick 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant and set (default 2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--variants", nargs="+", help=f"subset of {', '.join(V.ALL)}")
+    parser.add_argument("--levels", nargs="+", choices=("network", "layer"), default=["network", "layer"])
+    parser.add_argument("--shapes", type=int, help="time only the first N layer shapes")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants "
+                        "(about 15 s of compilation per model and batch size; always skipped with --quick)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="output folder (default %(default)s; the repository's `make bench` uses benchmarks/results)")
+
+
+def _useful_macs_network(part: int) -> int:
+    return count_macs(vgg16_cifar(part=part, memory_format=None), (1, 3, 32, 32), norm=False)
+
+
+def _useful_macs_layer(shape, part: int) -> int:
+    in_channels, out_channels, size = shape
+    return HetConvPattern(in_channels, out_channels, part).useful_macs_per_pixel() * size * size
+
+
+def _inputs(level: str, shape, batch: int, mode: str, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    if level == "network":
+        x = torch.randn(batch, 3, 32, 32, generator=generator)
+        target = torch.randint(0, 10, (batch,), generator=generator)
+    else:
+        in_channels, out_channels, size = shape
+        x = torch.randn(batch, in_channels, size, size, generator=generator)
+        target = torch.randn(batch, out_channels, size, size, generator=generator)
+    return x, target
+
+
+def _check_outputs(cases: dict, x: torch.Tensor) -> dict[str, float]:
+    """Largest |output - published output| relative to the published output's scale."""
+    outs = {}
+    for name, case in cases.items():
+        if name.startswith("standard") or name in V.COMPILED:  # compiling for batch 2 too costs ~15 s
+            continue
+        case.module.eval()
+        outs[name] = case.forward_fn(x[:2])().float()
+    if "published" not in outs:
+        return {}
+    ref = outs["published"]
+    scale = float(ref.abs().max().clamp(min=1e-12))
+    diffs = {name: float((out - ref).abs().max()) / scale for name, out in outs.items()}
+    bad = {name: d for name, d in diffs.items() if not d < 1e-3}
+    if bad:
+        raise RuntimeError(f"variants disagree with the published form (relative error): {bad}")
+    return diffs
+
+
+def _time_set(cases: dict, mode: str, x, target, warmup: int, repeats: int, bar) -> tuple[dict, dict]:
+    """Warm up, drop pathological variants, then time in interleaved rounds."""
+    fns, skipped = {}, {}
+    for name, case in cases.items():
+        if mode.startswith("train") and name in V.INFERENCE_ONLY:
+            continue
+        case.module.train(mode.startswith("train"))
+        fns[name] = case.train_fn(x, target) if mode.startswith("train") else case.forward_fn(x)
+    for name in fns:
+        if name in V.COMPILED:
+            for _ in range(2):
+                fns[name]()  # compile for this batch size before anything is timed
+    first = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = (time.perf_counter() - start) * 1e3
+    fastest = min(first.values())
+    for name, ms in first.items():
+        if ms > max(SLOW_FACTOR * fastest, SLOW_FLOOR_MS):
+            skipped[name] = f"skipped: first call {ms:.0f} ms, > {SLOW_FACTOR:.0f}x the fastest variant's {fastest:.1f} ms"
+    fns = {name: fn for name, fn in fns.items() if name not in skipped}
+    stats = profiling.interleaved_latency(fns, warmup=max(warmup - 1, 0), repeats=repeats, progress=bar.update)
+    return stats, skipped
+
+
+def run_set(level: str, shape, part: int, names, args, bar, rows: list, checks: list) -> None:
+    names = [n for n in names if n not in V.COMPILED or part in COMPILE_PARTS]
+    cases = V.network_cases(part, names) if level == "network" else V.layer_cases(shape, part, names)
+    label = "vgg16_cifar" if level == "network" else "{}->{} @{}x{}".format(shape[0], shape[1], shape[2], shape[2])
+    x_check, _ = _inputs(level, shape, 2, "forward", 1)
+    checks.append({"level": level, "shape": label, "part": part, "rel_error": _check_outputs(cases, x_check)})
+    useful = _useful_macs_network(part) if level == "network" else _useful_macs_layer(shape, part)
+    standard_macs = _useful_macs_network(1) if level == "network" else _useful_macs_layer(shape, 1)
+    for mode, batch in (("forward_b1", 1), (f"forward_b{args.batch}", args.batch), (f"train_b{args.batch}", args.batch)):
+        bar.set_description(f"{level} {label} P={part} {mode}")
+        x, target = _inputs(level, shape, batch, mode, 0)
+        stats, skipped = _time_set(cases, mode, x, target, args.warmup, args.repeats, bar)
+        for name, s in stats.items():
+            rows.append({"level": level, "shape": label, "part": part, "mode": mode, "batch": batch, "variant": name,
+                         "backend": V.backend_of(cases[name]), "useful_macs": useful * batch,
+                         "standard_macs": standard_macs * batch, **s})
+        for name, why in skipped.items():
+            rows.append({"level": level, "shape": label, "part": part, "mode": mode, "batch": batch, "variant": name,
+                         "skipped": why})
+    del cases
+
+
+def add_ratios(rows: list) -> None:
+    """Ratios to the published form, to the standard convolution and to the FLOP-ideal time."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        groups.setdefault((row["level"], row["shape"], row["part"], row["mode"]), {})[row["variant"]] = row
+    standard_cl = {}
+    for (level, shape, part, mode), group in groups.items():
+        if "standard_cl" in group and "median_ms" in group["standard_cl"]:
+            standard_cl.setdefault((level, shape, mode), []).append(group["standard_cl"]["median_ms"])
+    for (level, shape, part, mode), group in groups.items():
+        published = group.get("published", {}).get("median_ms")
+        standard = group.get("standard_nchw", {}).get("median_ms")
+        ref = standard_cl.get((level, shape, mode))
+        for row in group.values():
+            if "median_ms" not in row:
+                continue
+            ms = row["median_ms"]
+            work = row["useful_macs"] * (3 if mode.startswith("train") else 1)  # backward ~ 2x forward
+            row["gflops"] = 2 * work / (ms * 1e-3) / 1e9
+            row["vs_published"] = published / ms if published else None
+            row["vs_standard"] = standard / ms if standard else None
+            if ref:  # the P=1 convolution in channels-last, scaled by the useful-MAC ratio
+                row["ideal_ms"] = statistics.median(ref) * row["useful_macs"] / row["standard_macs"]
+                row["over_ideal"] = ms / row["ideal_ms"]
+
+
+def run_memory(parts, variants, args, bar) -> list:
+    results = []
+    for part in parts:
+        for name in variants:
+            if part == 1 and not name.startswith("standard") and name != "published":
+                continue
+            bar.set_description(f"memory P={part} {name}")
+            try:
+                got = profiling.peak_training_memory("sparse_hetconv.profiling.bench.variants:memory_case",
+                                                     {"variant": name, "part": part, "batch": args.batch}, steps=2,
+                                                     threads=args.threads)
+                expected = count_params(vgg16_cifar(part=part, memory_format=None)) * 4  # float32, existing kernels
+                results.append({"part": part, "variant": name, "expected_param_bytes": expected, **got})
+            except RuntimeError as error:
+                results.append({"part": part, "variant": name, "error": str(error)[-500:]})
+            bar.update(1)
+    return results
+
+
+def run_profiles(parts, args) -> list:
+    """torch.profiler tables of the shipped model and the masked form (network, batch ``--batch``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = []
+    for part in parts:
+        cases = V.network_cases(part, ["masked_cl", "sparse_auto_cl"])
+        for mode in ("forward", "train"):
+            x, target = _inputs("network", None, args.batch, mode, 0)
+            for name, case in cases.items():
+                case.module.train(mode == "train")
+                fn = case.train_fn(x, target) if mode == "train" else case.forward_fn(x)
+                for _ in range(2):
+                    fn()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        fn()
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=42)
+                tables.append({"part": part, "mode": f"{mode}_b{args.batch}", "variant": name, "calls": 3,
+                               "table": table})
+    return tables
+
+
+def _command() -> str:
+    argv = list(sys.argv[1:])
+    if Path(sys.argv[0]).match("benchmarks/bench.py"):  # the repository's ``make bench``
+        return " ".join(["python -m benchmarks.bench"] + argv)
+    if argv[:1] == ["bench"]:  # called as ``python -m sparse_hetconv bench ...``
+        argv = argv[1:]
+    return " ".join(["sparse-hetconv bench"] + argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()
+    pinned = profiling.pin_mmap_threshold()
+    torch.set_flush_denormal(True)
+    parts = tuple(args.parts or (QUICK_PARTS if args.quick else PARTS))
+    args.repeats = args.repeats or (5 if args.quick else 11)
+    names = tuple(args.variants or V.ALL)
+    if args.no_compile or (args.quick and not args.variants):
+        names = tuple(n for n in names if n not in V.COMPILED)
+    unknown = sorted(set(names) - set(V.ALL))
+    if unknown:
+        raise ValueError(f"variants {unknown} are not known; choose from {V.ALL}")
+    shapes = QUICK_SHAPES if args.quick else V.LAYER_SHAPES
+    shapes = shapes[:args.shapes] if args.shapes else shapes
+    memory_parts = () if args.no_memory else ((4,) if args.quick else parts)
+    memory_variants = [n for n in MEMORY_VARIANTS if n in names]
+    profile_parts = () if args.no_profile else tuple(p for p in (2, 4) if p in parts)
+    sets = [("network", None, p) for p in parts if "network" in args.levels]
+    sets += [("layer", s, p) for p in parts for s in shapes if "layer" in args.levels]
+    total = len(sets) * 3 * len(names) * args.repeats + len(memory_parts) * len(memory_variants)
+    info = profiling.machine_info()
+    info["mallopt_pinned"] = pinned
+    rows, checks = [], []
+    start = time.time()
+    with tqdm(total=total, unit="call", dynamic_ncols=True, file=sys.stderr, mininterval=5) as bar:
+        for index, (level, shape, part) in enumerate(sets):
+            run_set(level, shape, part, names, args, bar, rows, checks)
+            # not every variant exists in every set: re-estimate what is left
+            bar.total = bar.n + (len(sets) - index - 1) * 3 * len(names) * args.repeats + len(memory_parts) * len(memory_variants)
+            bar.refresh()
+        memory = run_memory(memory_parts, memory_variants, args, bar)
+    profiles = run_profiles(profile_parts, args) if profile_parts else []
+    add_ratios(rows)
+    result = {
+        "command": _command(),
+        "machine": info,
+        "config": {"parts": parts, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                   "threads": args.threads, "quick": args.quick, "variants": names,
+                   "shapes": [list(s) for s in shapes], "levels": args.levels},
+        "seconds": time.time() - start,
+        "rows": rows,
+        "checks": checks,
+        "memory": memory,
+        "profiles": profiles,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    written = report.write_all(result, args.out)
+    print(f"wrote {args.out / 'bench.json'} and {', '.join(str(p) for p in written)} in {result['seconds']:.0f} s "
+          f"({args.threads} threads, mmap threshold pinned: {info['mmap_threshold_pinned']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The facts a timing depends on: CPU model and instruction set, cores, threads, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from .malloc import mmap_threshold_pinned
+
+__all__ = ["cpu_isa", "machine_info"]
+
+# Instruction-set extensions that change which kernels oneDNN and MKL run, widest first.
+_ISA_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx")
+
+
+def _cpuinfo(field: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector ISA of this CPU: ``"AVX-512+AMX"``, ``"AVX-512"``, ``"AVX2"``, ``"AVX"``,
+    or the machine type (``platform.machine()``) where ``/proc/cpuinfo`` has no x86 flags."""
+    flags = set((_cpuinfo("flags") or "").split())
+    if "avx512f" in flags:
+        return "AVX-512+AMX" if "amx_tile" in flags else "AVX-512"
+    if "avx2" in flags:
+        return "AVX2"
+    if "avx" in flags:
+        return "AVX"
+    return platform.machine() or "unknown"
+
+
+def machine_info() -> dict:
+    """CPU (model, ISA), cores, threads, torch and its kernel libraries, GPU, Python, malloc pinning."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return {
+        "cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
+        "isa": cpu_isa(),
+        "isa_flags": [flag for flag in _ISA_FLAGS if flag in flags],
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onednn": torch.backends.mkldnn.is_available(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+        "trim_threshold_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        "mmap_threshold_pinned": mmap_threshold_pinned(),
+    }

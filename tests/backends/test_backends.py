@@ -1,0 +1,147 @@
+"""The backends of sparse_hetconv.backends: exactness of every one, the inference fast paths, caches.
+
+tests/test_functional.py sweeps the definition oracle over random shapes for every backend; these
+cover every name in ``backends.BACKENDS``, the no-grad fast path (fused sum, prepared-weight cache,
+the small-product route) and the index layouts the backends use. No timing is asserted anywhere.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_close, one_by_one_channels, oracle_of
+from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
+from sparse_hetconv.backends import BACKENDS, CONCRETE
+from sparse_hetconv.functional import het_conv2d
+from sparse_hetconv.pattern import HetConvPattern
+
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    autotune.clear()
+    yield
+    autotune.clear()
+    autotune.set_mode("model")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", [(8, 12, 4, 3, 2), (6, 6, 2, 1, 1), (12, 9, 3, 5, 1), (8, 8, 8, 3, 3)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_every_backend_matches_the_oracle_forward_and_backward(backend, case, layout):
+    M, N, P, k, stride = case
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(M, N, P, k, stride, bias=True, backend=backend, dtype=torch.float64)
+    x = torch.randn(2, M, 7, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x, layer = x.contiguous(memory_format=CL), layer.to(memory_format=CL)
+    x.requires_grad_(True)
+    got, expected = layer(x), oracle_of(layer, x)
+    assert_close(got, expected, f"{backend} {case} {layout} forward")
+    weight = torch.randn(expected.shape, dtype=torch.float64)
+    params = [x, layer.weight_kxk, layer.weight_1x1, layer.bias]
+    for g, e, name in zip(torch.autograd.grad((got * weight).sum(), params),
+                          torch.autograd.grad((expected * weight).sum(), params), ["x", "kxk", "1x1", "bias"]):
+        assert_close(g, e, f"{backend} {case} {layout} gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_every_backend_3d_and_empty_batch(backend):
+    torch.manual_seed(0)
+    layer = SparseHetConv3d(8, 8, 4, stride=2, backend=backend, dtype=torch.float64)
+    x = torch.randn(1, 8, 4, 5, 3, dtype=torch.float64)
+    assert_close(layer(x), oracle_of(layer, x), f"{backend} 3-D")
+    assert SparseHetConv2d(8, 4, 2, backend=backend)(torch.randn(0, 8, 5, 5)).shape == (0, 4, 5, 5)
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_fast_path_equals_the_autograd_path(backend, dtype):
+    """Without autograd the dense sum is fused into the k x k output and weights are cached."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 16, 4, bias=True, backend=backend).to(memory_format=CL)
+    x = torch.randn(3, 16, 6, 6).contiguous(memory_format=CL)
+    reference = layer(x).detach()
+    layer, x = layer.to(dtype), x.to(dtype)
+    with torch.no_grad():
+        first = layer(x)
+    with torch.inference_mode():
+        second = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    scale = float(reference.abs().max())
+    for got in (first, second):
+        assert_close(got.float() / scale, reference / scale, f"{backend} {dtype} no-grad", rtol=tol, atol=tol)
+
+
+def test_prepared_weight_cache_follows_every_change_of_the_weights():
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
+    x = torch.randn(1, 8, 4, 4)
+    with torch.no_grad():
+        before = layer(x)
+        assert layer._weight_cache.nbytes() > 0, "a no-grad call should prepare the dense 1x1 weight once"
+        layer.weight_1x1.mul_(2)  # an in-place update (what an optimizer step does)
+        after_update = layer(x)
+    assert not torch.allclose(before, after_update), "the cache served a stale weight after an in-place update"
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["weight_1x1"].zero_()
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        assert_close(layer(x), nn.functional.conv2d(x, layer.weight_kxk, None, 1, 1, 1, 2), "after load_state_dict")
+    layer.train()
+    assert layer._weight_cache.nbytes() == 0, "train() should drop the prepared inference weights"
+    assert "_weight_cache" not in str(layer.state_dict().keys()), "the cache must not be saved"
+
+
+def test_training_calls_never_use_the_cache_and_reach_the_values():
+    layer = SparseHetConv2d(8, 8, 4, backend="dense")
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 3, 3))
+    layer(torch.randn(2, 8, 3, 3)).sum().backward()
+    assert layer.weight_1x1.grad is not None and layer.weight_1x1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("M,N,P", [(8, 4, 4), (6, 9, 3), (64, 128, 64), (16, 16, 2)])
+def test_scatter_without_indices_matches_the_pattern(M, N, P):
+    pattern = HetConvPattern(M, N, P)
+    values = torch.randn(N, pattern.num_1x1, dtype=torch.float64, requires_grad=True)
+    dense = pattern.scatter_1x1(values)
+    expected = torch.zeros(N, M, dtype=torch.float64)
+    for j in range(N):  # by definition: row j's values on its 1x1 channels, in increasing order
+        expected[j, one_by_one_channels(j, M, N, P)] = values[j].detach()
+    assert torch.equal(dense, expected), "scattered matrix differs from the definition's"
+    grad = torch.randn(N, M, dtype=torch.float64)
+    (dense * grad).sum().backward()
+    assert torch.equal(values.grad, pattern.gather_1x1(grad)), "the gradient must be the gathered values"
+
+
+@pytest.mark.parametrize("M,N,P", [(8, 4, 4), (6, 9, 3), (12, 12, 2)])
+def test_grouped_weights_use_every_value_exactly_once(M, N, P):
+    index = HetConvPattern(M, N, P).shift_index("cpu")
+    assert index.shape == (P - 1, N, M // P)
+    assert torch.equal(index.reshape(-1).sort().values, torch.arange(N * (M - M // P)))
+
+
+def test_functional_auto_matches_dense():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    kxk, one = torch.randn(8, 4, 3, 3, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    assert_close(het_conv2d(x, kxk, one, part=2, backend="auto"), het_conv2d(x, kxk, one, part=2), "auto vs dense")
+
+
+@pytest.mark.parametrize("shape,layout", [((1, 16, 1, 1), "nchw"), ((1, 16, 3, 3), "channels_last"),
+                                          ((0, 16, 3, 3), "channels_last"), ((2, 16, 5, 5), "nchw")])
+
+
+def test_small_inference_calls_take_the_matrix_product_route_exactly(shape, layout):
+    """Tiny no-grad calls multiply the cached dense matrix into the output rows (one MKL product)."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(16, 8, 4, stride=2, bias=True, backend="dense", dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        x, layer = x.contiguous(memory_format=CL), layer.to(memory_format=CL)
+    expected = oracle_of(layer, x)
+    with torch.no_grad():
+        assert_close(layer(x), expected, f"no-grad {shape} {layout}")
+        assert_close(layer(x), expected, f"no-grad {shape} {layout}, cached")

@@ -1,0 +1,88 @@
+"""The profiling notebooks run, in quick mode, on the current interpreter's kernel.
+
+Each notebook is executed with nbclient under ``SPARSE_HETCONV_QUICK=1`` (its small setting);
+a cell that raises fails the test with the cell's error. The kernel is named ``python3`` and is
+resolved, through a temporary ``JUPYTER_PATH``, to this very interpreter (the project's .venv).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+PUBLIC = ("sparse_hetconv", "sparse_hetconv.models")
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """A ``python3`` kernelspec that runs this interpreter, first on JUPYTER_PATH."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    spec.joinpath("kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (sparse_hetconv tests)", "language": "python",
+    }))
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND")}
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend puts the plots into the outputs
+    os.environ["JUPYTER_PATH"] = str(root) + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+    os.environ["SPARSE_HETCONV_QUICK"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_there_are_three_notebooks():
+    names = [p.name for p in NOTEBOOKS]
+    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb"], names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_in_quick_mode(path, kernel_env, tmp_path):
+    notebook = nbformat.read(path, as_version=4)
+    assert notebook.metadata["kernelspec"]["name"] == "python3"
+    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=240,
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} produced no plot"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "quick mode: True" in text, f"{path.name} did not run in quick mode"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_has_outputs_and_plots(path):
+    notebook = nbformat.read(path, as_version=4)
+    code_cells = [c for c in notebook.cells if c.cell_type == "code"]
+    assert all(c.get("outputs") for c in code_cells if "import" in c.source and "QUICK" in c.source), \
+        f"{path.name} was committed without its outputs"
+    images = [o for c in code_cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} was committed without its plots"
+    errors = [o for c in code_cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name} was committed with an error output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_imports_only_the_public_api(path):
+    notebook = nbformat.read(path, as_version=4)
+    source = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    private = [line for line in source.splitlines() if "._" in line.replace("torch._", "")]
+    assert not private, f"{path.name} reaches into a private name: {private[0].strip()}"
+    imports = [line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))]
+    ours = [name for name in imports if name.startswith("sparse_hetconv")]
+    assert ours and all(name in PUBLIC for name in ours), f"{path.name} imports {ours}; public: {PUBLIC}"
