@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from sparse_hetconv import count_model, to_sparse
+from sparse_hetconv.counting import PAPER_VGG16_CIFAR10_MMACS
 from sparse_hetconv.models import create_model
 
 from . import RESULTS
 
-PAPER_VGG16_MMACS = {1: 313.74, 2: 175.23, 4: 105.98, 8: 71.35, 16: 54.04, 32: 45.38, 64: 41.05}
 VGG_PARTS = (1, 2, 4, 8, 16, 32, 64)
 RESNET_PARTS = (1, 2, 4, 8)
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -64,7 +64,7 @@ def vgg_table(rows: list[dict]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        paper = PAPER_VGG16_MMACS[r["part"]]
+        paper = PAPER_VGG16_CIFAR10_MMACS[r["part"]]
         useful, plain, conv = r["useful_macs"] / 1e6, r["conv_linear_macs"] / 1e6, r["conv_macs"] / 1e6
         lines.append(
             f"| {r['part']} | {paper:.2f} | {useful:.2f} | {100 * (useful - paper) / paper:+.2f} % | {plain:.2f} "

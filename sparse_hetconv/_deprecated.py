@@ -30,9 +30,29 @@ ATTRIBUTES = {
 }
 
 
-def _warn(old: str, new: str, stacklevel: int) -> None:
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points at the code using the old name: past this module and the
+    package's ``__getattr__``, not counting the import machinery's frames (``warnings`` skips them)."""
+
+    def ours(frame) -> bool:
+        return frame.f_code.co_filename == __file__ or frame.f_globals.get("__name__") == "sparse_hetconv"
+
+    def internal(frame) -> bool:
+        name = frame.f_code.co_filename
+        return "importlib" in name and "_bootstrap" in name
+
+    frame, level = sys._getframe(2), 1  # the frame of _warn's caller is level 1
+    while frame is not None and ours(frame):
+        frame = frame.f_back
+        while frame is not None and internal(frame):
+            frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn(old: str, new: str) -> None:
     warnings.warn(f"{old} is deprecated (moved in sparse_hetconv 0.2); use {new}", DeprecationWarning,
-                  stacklevel=stacklevel)
+                  stacklevel=_caller_stacklevel() + 1)
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -44,7 +64,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        _warn(spec.name, MODULES[spec.name], stacklevel=6)
+        _warn(spec.name, MODULES[spec.name])
         return importlib.import_module(MODULES[spec.name])
 
     def exec_module(self, module) -> None:  # the new module is already executed
@@ -62,6 +82,6 @@ def attribute(name: str):
     if name not in ATTRIBUTES:
         raise AttributeError(f"module 'sparse_hetconv' has no attribute {name!r}")
     module, attr = ATTRIBUTES[name]
-    _warn(f"sparse_hetconv.{name}", module + (f".{attr}" if attr else ""), stacklevel=4)
+    _warn(f"sparse_hetconv.{name}", module + (f".{attr}" if attr else ""))
     target = importlib.import_module(module)
     return target if attr is None else getattr(target, attr)

@@ -93,7 +93,7 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
     Converted: :class:`MaskedHetConv2d` / ``3d``, and every module shaped like the published
     HetConv: children ``gwc`` (a grouped k x k convolution, padding ``k // 2``) and ``pwc`` (a 1 x 1
     convolution) with matching channels and stride and output ``gwc(x) + pwc(x)``. The result is
-    exact. A non-zero ``pwc`` block diagonal is folded into ``gwc``'s centre taps (DESIGN
+    exact. A non-zero ``pwc`` block diagonal is folded into ``gwc``'s centre taps (docs/design.md
     section 4), so unmasked "approximate HetConv" models, trained without gradient masking,
     convert exactly too. ``model`` itself may be such a layer.
 

@@ -111,7 +111,7 @@ class MaskedHetConv2d(_MaskedHetConvNd):
     weights; :class:`SparseHetConv2d` is the same layer without them (``to_sparse``).
 
     Loading a ``state_dict`` whose ``pwc`` diagonal is non-zero folds it into ``gwc``'s centre
-    taps with a warning (exact, DESIGN section 4).
+    taps with a warning (exact, docs/design.md §4).
 
     Args:
         in_channels (int): ``M``.

@@ -59,7 +59,7 @@ def csr_tensor(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size
 
 @dataclass(frozen=True)
 class HetConvPattern:
-    """The kernel layout of one HetConv layer (DESIGN section 2).
+    """The kernel layout of one HetConv layer (docs/design.md §2).
 
     Args:
         in_channels (int): ``M``, input channels.
@@ -266,7 +266,7 @@ class HetConvPattern:
         return torch.diagonal(blocks, dim1=0, dim2=2).permute(2, 0, 1).reshape(self.out_channels, m)
 
     def fold(self, weight_kxk: torch.Tensor, dense_1x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold the block-diagonal 1 x 1 weights into the k x k centre taps (DESIGN section 4).
+        """Fold the block-diagonal 1 x 1 weights into the k x k centre taps (docs/design.md §4).
 
         A 1 x 1 weight ``w[j, c]`` on a channel inside filter ``j``'s block acts exactly like the
         same amount added to the centre tap ``K[j, c - g*m, centre]``, at any stride, because the

@@ -1,7 +1,7 @@
 """The sparse HetConv: a dense grouped k x k part and only the 1 x 1 kernels that exist.
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The 1 x 1 part is stored as
-the compact values of DESIGN section 3 (``N x (M - M/P)``, row ``j`` in increasing channel order);
+the compact values of docs/design.md §3 (``N x (M - M/P)``, row ``j`` in increasing channel order);
 the same values are a torch.sparse CSR matrix (:meth:`SparseHetConv2d.sparse_weight`) and a
 ``scipy.sparse`` CSR array (:meth:`SparseHetConv2d.to_scipy`). Because only existing kernels are
 parameters, no gradient ever reaches a missing one: no masking, and any stock optimizer works.

@@ -8,13 +8,13 @@ feature matrix and the sites' integer coordinates. :class:`SubMHetConv3d` and
 input, and at every active site it equals the dense HetConv (:class:`SparseHetConv3d`) evaluated
 on the dense grid with zeros at the inactive sites.
 
-How the layer computes (exact, DESIGN section 7). spconv has no ``groups``, so the grouped k x k
+How the layer computes (exact, docs/design.md §7). spconv has no ``groups``, so the grouped k x k
 part runs as ``chunks`` submanifold convolutions by spconv's own kernels, all sharing one set of
 index pairs through an ``indice_key``: chunk ``q`` maps input channels ``[q M/Q, (q+1) M/Q)`` to
 filters ``[q N/Q, (q+1) N/Q)`` with a weight that is block-diagonal over its ``P/Q`` channel
 blocks. ``chunks = part`` is the grouped convolution itself (no zero ever multiplied);
 ``chunks = 1`` is one convolution with a block-diagonal weight. The 1 x 1 part samples the centre
-site, so its weights inside a chunk's square are added to that chunk's centre tap (DESIGN
+site, so its weights inside a chunk's square are added to that chunk's centre tap (docs/design.md
 section 4) and the rest is one product with the ``(sites, M)`` feature matrix. spconv's CPU
 kernels pay per gathered row, so narrow chunks are slow: by default the layer uses the most chunks
 that keep at least 16 channels per chunk (measured in ``benchmarks/bench_spconv.py``).

@@ -1,6 +1,6 @@
 """Shared test helpers: the definition oracle, devices and dtypes, small builders.
 
-The oracle computes HetConv straight from its definition (DESIGN section 2): one tiny
+The oracle computes HetConv straight from its definition (docs/design.md §2): one tiny
 convolution per (filter, channel) pair. It shares no code with the library: it decides which
 channel carries a k x k and which a 1 x 1 kernel by itself, and reads the compact 1 x 1 values
 row by row in increasing channel order.

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from helpers import assert_close
+from published import PublishedHetConv
 from sparse_hetconv import (
     MaskedHetConv2d,
     MaskedHetConv3d,
@@ -16,18 +17,6 @@ from sparse_hetconv import (
     to_masked,
     to_sparse,
 )
-
-
-class PublishedHetConv(nn.Module):
-    """The module as the published code writes it (gwc grouped 3x3, pwc full 1x1, no mask)."""
-
-    def __init__(self, in_channels, out_channels, p, stride=1, kernel_size=3, bias=False, pwc_groups=1):
-        super().__init__()
-        self.gwc = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=p, bias=bias)
-        self.pwc = nn.Conv2d(in_channels, out_channels, 1, stride, groups=pwc_groups, bias=bias)
-
-    def forward(self, x):
-        return self.gwc(x) + self.pwc(x)
 
 
 class ProductNotSum(PublishedHetConv):

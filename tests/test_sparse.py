@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 import torch
 
-from helpers import DEVICES, assert_close, one_by_one_channels, oracle_of
+from helpers import DEVICES, assert_close, one_by_one_channels, oracle, oracle_of
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d
 
 
@@ -201,14 +201,24 @@ def test_from_conv_errors():
         SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, padding=1), part=2, reduce="mean")
 
 
-def test_no_gradient_masking_needed_with_stock_optimizer():
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.05),
+], ids=["sgd_momentum_wd", "adamw"])
+def test_stock_optimizer_trains_the_layer_as_the_definition_trains(make_optimizer):
+    """The layer, trained by a stock optimizer, follows the trajectory of the definition's own
+    parameters (the oracle, differentiated by autograd) trained by the same optimizer."""
     torch.manual_seed(0)
-    layer = SparseHetConv2d(8, 8, part=4, dtype=torch.float64)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(4, 8, 5, 5, dtype=torch.float64)
-    for _ in range(5):
+    layer = SparseHetConv2d(8, 8, part=4, bias=True, dtype=torch.float64)
+    reference = [p.detach().clone().requires_grad_(True) for p in (layer.weight_kxk, layer.weight_1x1, layer.bias)]
+    opt, ref_opt = make_optimizer(layer.parameters()), make_optimizer(reference)
+    x, target = torch.randn(4, 8, 5, 5, dtype=torch.float64), torch.randn(4, 8, 5, 5, dtype=torch.float64)
+    for step in range(5):
         opt.zero_grad()
-        loss = layer(x).square().mean()
-        loss.backward()
+        (layer(x) - target).square().mean().backward()
         opt.step()
-    assert_close(layer(x), oracle_of(layer, x), "after training the layer still is a HetConv")
+        ref_opt.zero_grad()
+        (oracle(x, *reference, 1, 4) - target).square().mean().backward()
+        ref_opt.step()
+        for name, mine, theirs in zip(("weight_kxk", "weight_1x1", "bias"), layer.parameters(), reference):
+            assert_close(mine, theirs, f"{name} after step {step + 1}")

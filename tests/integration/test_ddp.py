@@ -124,6 +124,7 @@ def single_process(form: str, bn: str, dtype: torch.dtype) -> dict[str, torch.Te
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path):
     import torch.multiprocessing as mp
 

@@ -35,6 +35,7 @@ def _train(model, batches, optimizer):
     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
     lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=5e-4),
 ], ids=["sgd", "adamw"])
+@pytest.mark.slow
 def test_masked_and_sparse_training_trajectories_are_equal(backend, make_optimizer):
     torch.manual_seed(0)
     masked = _net()

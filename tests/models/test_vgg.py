@@ -5,46 +5,13 @@ import torch
 from torch import nn
 
 from helpers import assert_close
+from published import PublishedVGG
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_sparse
 from sparse_hetconv.models import create_model, list_models, vgg16_cifar
 
 HETCONV_INDICES = [3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
 CHANNELS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
             (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
-
-
-class PublishedHetConv(nn.Module):
-    def __init__(self, in_channels, out_channels, p):
-        super().__init__()
-        self.gwc = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, groups=p, bias=False)
-        self.pwc = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-
-    def forward(self, x):
-        return self.gwc(x) + self.pwc(x)
-
-
-class PublishedVGG(nn.Module):
-    """The published script's model, written the way it is written there."""
-
-    def __init__(self, part):
-        super().__init__()
-        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-        layers, in_channels = [], 3
-        for i, v in enumerate(cfg):
-            if v == "M":
-                layers += [nn.MaxPool2d(kernel_size=2, stride=2)]
-            elif i == 0:
-                layers += [nn.Conv2d(3, v, kernel_size=3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-            else:
-                layers += [PublishedHetConv(in_channels, v, part), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-            if v != "M":
-                in_channels = v
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-                                        nn.Linear(512, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x).view(x.size(0), -1))
 
 
 def test_masked_layout_and_keys():

@@ -1,4 +1,4 @@
-"""The benchmark tooling: a tiny run of ``sparse-hetconv bench`` and the measuring helpers.
+"""The benchmark: a tiny run of ``sparse-hetconv bench``, the docs page made from it, its references.
 
 No timing is ever asserted: only that every number exists, is finite, and that the exact
 quantities (outputs, training-state bytes) are what they must be.
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # a benchmark run, however small
 
 from sparse_hetconv import count_params
 from sparse_hetconv.models import vgg16_cifar
