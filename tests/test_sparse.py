@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 import torch
 
-from helpers import DEVICES, assert_close, one_by_one_channels, oracle, oracle_of
+from helpers import DEVICES, assert_close, one_by_one_channels, oracle
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d
 
 
