@@ -1,16 +1,25 @@
-"""How ``backend="auto"`` picks the backend that computes a HetConv layer's 1 x 1 part.
+"""How ``backend="auto"`` picks the backend that computes a HetConv layer.
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Every backend of
 :mod:`sparse_hetconv.backends` computes the same numbers; which is fastest depends on the call's
-*signature*: (in/out channels, part, kernel, batch, spatial size, device, dtype, memory format,
-training or not). The choice is made once per signature and cached, in one of two modes:
+*signature*: (in/out channels, part, kernel, stride, batch, spatial size, device, dtype, memory
+format, training or not) and on the machine. The choice is made once per signature and cached,
+in one of three modes:
 
-* ``"model"`` (default): a cost model of the stock convolution kernels (below). Deterministic,
-  free, and checked against measurements by ``benchmarks/`` (``sparse-hetconv bench`` reports, per
-  layer, auto's pick beside the fastest backend measured).
-* ``"measure"``: like ``torch.backends.cudnn.benchmark``, the first call of a signature times the
-  candidate backends on random data of that signature (forward, plus backward when training) and
-  keeps the fastest. Adapts to any machine; costs a few calls per new signature.
+* ``"confirm"`` (default): on the CPU a cost model of the stock convolution kernels (below)
+  proposes a backend; a proposal other than ``dense`` (the masked form's own kernel) is kept only
+  if a one-off timing on random data of the signature confirms it is faster than ``dense``. The
+  model's constants were calibrated on one machine; the confirmation makes the choice hold on
+  any CPU (AVX2 or AVX-512, any core count), so the sparse layer is never meaningfully slower
+  than the masked layer it replaces. On CUDA every available backend is timed (the model knows
+  nothing of GPUs), like ``torch.backends.cudnn.benchmark``.
+* ``"model"``: the cost model alone. Deterministic and free; nothing is timed.
+* ``"measure"``: every available backend is timed on the first call of a signature (forward,
+  plus backward when training) and the fastest kept, on any device.
+
+Under ``torch.compile`` / ``torch.export`` the choice is the cost model's (a traced graph cannot
+time anything, and must not guard on the cache). ``sparse-hetconv bench`` reports, per layer,
+auto's pick beside the fastest backend measured.
 
 The cost model, in multiply-accumulate equivalents. A convolution with ``c_in`` input and
 ``c_out`` output channels per group runs at an efficiency ``e(c_in) e(c_out)`` of its peak, with
@@ -29,17 +38,11 @@ an elementwise pass costs a few MAC-equivalents per element. Then, for ``L`` out
 * ``blocked`` and ``torch_sparse``: matrix products (MKL) that run at a fraction of oneDNN's
   convolution speed on this kind of CPU; the model ranks them last, as measured.
 
-``grouped`` is only chosen where the model predicts it at least ``MARGIN`` faster than ``dense``,
-which costs what the masked form's own 1 x 1 convolution costs: the sparse layer is then never
-meaningfully slower than the masked layer it replaces. The model is calibrated for CPUs (oneDNN,
-float32 and bfloat16); elsewhere (CUDA, float64, float16) ``"model"`` picks ``dense``, the masked
-form's own kernel, and ``"measure"`` is the way to let a machine decide.
-
 Example:
     >>> layer = SparseHetConv2d(256, 256, part=2)
     >>> x = torch.randn(32, 256, 8, 8).contiguous(memory_format=torch.channels_last)
-    >>> choose(layer.pattern, x, training=False), choose(layer.pattern, x, training=True)
-    ('grouped', 'dense')
+    >>> choose(layer.pattern, x, training=True)
+    'dense'
 """
 
 from __future__ import annotations
@@ -52,14 +55,13 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .backends import CONCRETE, get
+from .backends import CONCRETE, available, get
 from .pattern import HetConvPattern
 
-__all__ = ["MODES", "choose", "choices", "clear", "estimate", "get_mode", "resolve_backends", "set_mode",
-           "mode", "signature"]
+__all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "get_mode", "mode", "resolve_backends",
+           "set_mode", "signature"]
 
-MODES = ("model", "measure")
-CANDIDATES = CONCRETE
+MODES = ("confirm", "model", "measure")
 MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
 # Calibrated with benchmarks/ on a 2-core AMD EPYC (AVX-512), torch 2.13, oneDNN 3.x, float32:
 C0 = 16.0  # channels per group at which a convolution runs at half its peak efficiency
@@ -70,12 +72,12 @@ MATMUL_SPEED = 0.5  # MKL matrix products relative to oneDNN convolutions (measu
 SPARSE_SPEED = 0.15  # torch.sparse CSR products relative to oneDNN convolutions (measured)
 _FAST_DTYPES = (torch.float32, torch.bfloat16)
 
-_state = {"mode": "model"}
+_state = {"mode": "confirm"}
 _CHOICES: dict[tuple, tuple[str, str]] = {}  # signature -> (backend, how it was decided)
 
 
 def set_mode(value: str) -> None:
-    """Choose how ``"auto"`` decides: ``"model"`` (cost model) or ``"measure"`` (timing).
+    """Choose how ``"auto"`` decides: ``"confirm"`` (default), ``"model"`` or ``"measure"``.
 
     Raises:
         ValueError: an unknown mode.
@@ -86,7 +88,7 @@ def set_mode(value: str) -> None:
 
 
 def get_mode() -> str:
-    """The current mode, ``"model"`` or ``"measure"``."""
+    """The current mode: ``"confirm"``, ``"model"`` or ``"measure"``."""
     return _state["mode"]
 
 
@@ -107,7 +109,9 @@ def clear() -> None:
 
 
 def choices() -> dict[tuple, tuple[str, str]]:
-    """The cached decisions: ``signature -> (backend, "model" | "measure")``."""
+    """The cached decisions: ``signature -> (backend, how)``, ``how`` one of ``"model"``,
+    ``"confirmed"`` (the model's proposal, timed faster than ``dense``), ``"refuted"`` (timed
+    slower: ``dense`` kept) and ``"measure"``."""
     return dict(_CHOICES)
 
 
@@ -119,12 +123,20 @@ def _memory_format(input: Tensor) -> str:
     return "contiguous"
 
 
-def signature(pattern: HetConvPattern, input: Tensor | None, training: bool) -> tuple:
+def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...] | None = None
+              ) -> tuple:
     """The key a choice is cached under (everything the choice may depend on)."""
     if input is None:
         return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, None, bool(training))
-    return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, tuple(input.shape),
+    return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, stride, tuple(input.shape),
             input.device.type, input.dtype, _memory_format(input), bool(training))
+
+
+def candidates(device: torch.device | str) -> tuple[str, ...]:
+    """The backends timed on ``device``: every concrete backend available there (``triton`` on
+    CUDA only; under Triton's CPU interpreter it is exact but far too slow to be a candidate)."""
+    device = torch.device(device)
+    return tuple(name for name in CONCRETE if available(name, device) and not (name == "triton" and device.type == "cpu"))
 
 
 def _efficiency(channels: int) -> float:
@@ -177,7 +189,8 @@ def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool)
     return "grouped" if costs["grouped"] < MARGIN * costs["dense"] else "dense"
 
 
-def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None) -> str:
+def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None,
+           stride: tuple[int, ...] | None = None) -> str:
     """The backend ``"auto"`` uses for a layer of this pattern called on this input.
 
     Args:
@@ -187,9 +200,11 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
             under ``torch.export`` or ``torch.compile``), ``"dense"``.
         training (bool, optional): whether autograd records the call; default
             ``torch.is_grad_enabled()``.
+        stride (tuple of int, optional): the layer's stride (part of the signature; timings use
+            it). Default: 1.
 
     Returns:
-        str: one of ``"dense"``, ``"grouped"``, ``"blocked"``, ``"torch_sparse"``.
+        str: the name of a concrete backend of :mod:`sparse_hetconv.backends`.
     """
     if training is None:
         training = torch.is_grad_enabled()
@@ -197,55 +212,71 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         return "dense"
     if input is not None and not all(isinstance(size, int) for size in input.shape):
         return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no signature to key on
+    if stride is None:
+        stride = (1,) * pattern.dims
     if torch.compiler.is_compiling():
         # Traced: a pure function of the signature. Reading the cache would make the compiled graph
         # guard on a global dict that eager calls keep extending (a recompilation every time).
         return _model_choice(pattern, input, training)
-    key = signature(pattern, input, training)
+    key = signature(pattern, input, training, tuple(stride))
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
-    if _state["mode"] == "measure" and input is not None:
-        backend, how = _measured_choice(pattern, input, training), "measure"
+    mode = _state["mode"]
+    if input is None:
+        backend, how = "dense", "model"
+    elif mode == "measure" or (mode == "confirm" and input.device.type != "cpu"):
+        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device)), "measure"
     else:
         backend, how = _model_choice(pattern, input, training), "model"
+        if mode == "confirm" and backend != "dense":
+            timed = _measured_choice(pattern, input, training, stride, ("dense", backend))
+            backend, how = timed, "confirmed" if timed == backend else "refuted"
     _CHOICES[key] = (backend, how)
     return backend
 
 
-def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, repeats: int = 3) -> str:
-    """Time each candidate on random data of the call's signature; the fastest wins."""
+def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, stride: tuple[int, ...],
+                     names: tuple[str, ...], repeats: int = 3) -> str:
+    """Time each of ``names`` on random data of the call's signature; the fastest wins.
+
+    The candidates are timed in interleaved rounds (each round calls every one once) after one
+    warm-up call each, and compared by their best round, so a slow spell of a shared machine does
+    not decide. A backend that fails on this signature (e.g. out of memory) is skipped.
+    """
+    if len(names) == 1:
+        return names[0]
     factory = {"device": input.device, "dtype": input.dtype}
-    generator_input = torch.randn(input.shape, **factory)
-    if _memory_format(input) == "channels_last":
-        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
-        generator_input = generator_input.contiguous(memory_format=fmt)
-    kxk = torch.randn((pattern.out_channels, pattern.block_in) + pattern.kernel_size, **factory)
-    values = torch.randn((pattern.out_channels, pattern.num_1x1), **factory)
-    stride = (1,) * pattern.dims
+    with torch.inference_mode(False), torch.no_grad():
+        x = torch.randn(input.shape, **factory)
+        if _memory_format(input) == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
+        kxk = torch.randn((pattern.out_channels, pattern.block_in) + pattern.kernel_size, **factory)
+        values = torch.randn((pattern.out_channels, pattern.num_1x1), **factory)
     sync = torch.cuda.synchronize if input.device.type == "cuda" else (lambda: None)
 
     def run(backend: str) -> None:
         with torch.enable_grad() if training else torch.no_grad():
-            x = generator_input.requires_grad_(training)
-            out = get(backend)(x, kxk.requires_grad_(training), values.requires_grad_(training), None, stride,
-                               pattern, training, None)
+            args = [t.detach().requires_grad_(training) for t in (x, kxk, values)]
+            out = get(backend)(args[0], args[1], args[2], None, stride, pattern, training, None)
             if training:
                 out.backward(torch.ones_like(out))
-                x.grad = kxk.grad = values.grad = None
 
-    timings = {}
-    for backend in CANDIDATES:
-        run(backend)  # warm-up (oneDNN primitive creation)
-        sync()
-        best = math.inf
-        for _ in range(repeats):
+    timings: dict[str, float] = {}
+    for backend in names:
+        try:
+            run(backend)  # warm-up (primitive creation, kernel compilation)
+            timings[backend] = math.inf
+        except (RuntimeError, ValueError):
+            continue
+    sync()
+    for _ in range(repeats):
+        for backend in timings:
             start = time.perf_counter()
             run(backend)
             sync()
-            best = min(best, time.perf_counter() - start)
-        timings[backend] = best
-    return min(timings, key=timings.get)
+            timings[backend] = min(timings[backend], time.perf_counter() - start)
+    return min(timings, key=timings.get) if timings else "dense"
 
 
 def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = False,

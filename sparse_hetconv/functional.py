@@ -32,7 +32,8 @@ def needs_grad(input: Tensor, *weights: Tensor | None) -> bool:
     return input.requires_grad or any(w is not None and w.requires_grad for w in weights)
 
 
-def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None, grad: bool) -> str:
+def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None, grad: bool,
+                    stride: tuple[int, ...] | None = None) -> str:
     """The concrete backend a call uses: ``backend`` itself, or what ``"auto"`` resolves to.
 
     The one place ``"auto"`` is resolved (:func:`sparse_hetconv.autotune.choose`); the layers and
@@ -40,7 +41,7 @@ def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None,
     """
     if backend != "auto":
         return backend
-    return autotune.choose(pattern, input, grad) if pattern.part > 1 else "dense"
+    return autotune.choose(pattern, input, grad, stride) if pattern.part > 1 else "dense"
 
 
 def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
@@ -105,7 +106,7 @@ def het_conv(
     else:
         stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
     grad = needs_grad(input, weight_kxk, weight_1x1, bias)
-    backend = resolve_backend(backend, pattern, input, grad)
+    backend = resolve_backend(backend, pattern, input, grad, stride)
     return _het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, backend, grad)
 
 

@@ -18,15 +18,16 @@ def fresh_choices():
     autotune.clear()
     yield
     autotune.clear()
-    autotune.set_mode("model")
+    autotune.set_mode("confirm")
 
 
 def test_choose_is_deterministic_cached_and_explained():
     pattern = HetConvPattern(256, 256, 2)
     x = torch.randn(32, 256, 8, 8).contiguous(memory_format=CL)
-    first = autotune.choose(pattern, x, training=False)
-    assert first == autotune.choose(pattern, x, training=False)
-    key = autotune.signature(pattern, x, False)
+    with autotune.mode("model"):
+        first = autotune.choose(pattern, x, training=False)
+        assert first == autotune.choose(pattern, x, training=False)
+    key = autotune.signature(pattern, x, False, (1, 1))
     assert autotune.choices()[key] == (first, "model")
     costs = autotune.estimate(pattern, 32 * 64, training=False)
     assert set(costs) == {"dense", "grouped", "blocked", "torch_sparse"} and min(costs.values()) > 0
@@ -40,8 +41,6 @@ def test_choose_is_deterministic_cached_and_explained():
     (dict(part=2, training=True), "dense"),  # the grouped backward is slower
     (dict(part=2, batch=1, size=2), "dense"),  # overhead-bound: one call beats P - 1
 ])
-
-
 def test_model_choice_in_the_cases_it_was_calibrated_against(kwargs, expected):
     part = kwargs.get("part", 2)
     pattern = HetConvPattern(512, 512, part)
@@ -49,13 +48,41 @@ def test_model_choice_in_the_cases_it_was_calibrated_against(kwargs, expected):
     x = torch.randn(kwargs.get("batch", 32), 512, size, size, dtype=kwargs.get("dtype", torch.float32))
     if kwargs.get("layout", "channels_last") == "channels_last":
         x = x.contiguous(memory_format=CL)
-    assert autotune.choose(pattern, x, training=kwargs.get("training", False)) == expected
+    with autotune.mode("model"):
+        assert autotune.choose(pattern, x, training=kwargs.get("training", False)) == expected
 
 
 def test_grouped_chosen_for_wide_groups_at_part_two():
     x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
-    assert autotune.choose(HetConvPattern(512, 512, 2), x, training=False) == "grouped"
-    assert autotune.choose(HetConvPattern(512, 512, 8), x, training=False) == "dense"
+    with autotune.mode("model"):
+        assert autotune.choose(HetConvPattern(512, 512, 2), x, training=False) == "grouped"
+        assert autotune.choose(HetConvPattern(512, 512, 8), x, training=False) == "dense"
+
+
+@pytest.mark.parametrize("fastest,how", [("grouped", "confirmed"), ("dense", "refuted")])
+def test_confirm_mode_times_only_the_models_non_dense_proposals(monkeypatch, fastest, how):
+    timed = []
+
+    def fake_timing(pattern, input, training, stride, names, repeats=3):
+        timed.append(names)
+        return fastest
+
+    monkeypatch.setattr(autotune, "_measured_choice", fake_timing)
+    x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
+    pattern = HetConvPattern(512, 512, 2)
+    assert autotune.get_mode() == "confirm", "confirm is the default mode"
+    assert autotune.choose(pattern, x, training=False, stride=(2, 2)) == fastest
+    assert timed == [("dense", "grouped")], "the model's proposal is timed against dense only"
+    assert autotune.choices()[autotune.signature(pattern, x, False, (2, 2))] == (fastest, how)
+    assert autotune.choose(pattern, x, training=True) == "dense" and len(timed) == 1, \
+        "a dense proposal (training) is not timed"
+    autotune.choose(pattern, x, training=False, stride=(2, 2))
+    assert len(timed) == 1, "the decision is cached per signature"
+
+
+def test_candidates_are_the_backends_available_on_the_device():
+    cpu = autotune.candidates("cpu")
+    assert {"dense", "grouped", "blocked", "torch_sparse"} <= set(cpu) and "triton" not in cpu
 
 
 def test_measure_mode_times_once_per_signature():
@@ -64,9 +91,9 @@ def test_measure_mode_times_once_per_signature():
     with autotune.mode("measure"):
         got = autotune.choose(pattern, x, training=True)
         assert autotune.get_mode() == "measure"
-    assert autotune.get_mode() == "model", "the context manager must restore the mode"
-    assert got in autotune.CANDIDATES
-    assert autotune.choices()[autotune.signature(pattern, x, True)] == (got, "measure")
+    assert autotune.get_mode() == "confirm", "the context manager must restore the mode"
+    assert got in autotune.candidates("cpu")
+    assert autotune.choices()[autotune.signature(pattern, x, True, (1, 1))] == (got, "measure")
 
 
 def test_set_mode_rejects_unknown_modes():
@@ -78,6 +105,7 @@ def test_layer_reports_what_auto_resolved_to_and_can_be_pinned():
     layer = SparseHetConv2d(512, 512, 2).to(memory_format=CL).eval()
     assert layer.resolved_backend is None, "nothing resolved before the first call"
     x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
+    autotune.set_mode("model")
     with torch.no_grad():
         layer(x)
     assert layer.resolved_backend == "grouped"
@@ -93,7 +121,7 @@ def test_resolve_backends_lists_pins_and_leaves_the_model_untouched():
     stats = model.features[1].running_mean.clone()
     x = torch.randn(4, 3, 32, 32)
     resolved = autotune.resolve_backends(model, x)
-    assert len(resolved) == 12 and set(resolved.values()) <= set(autotune.CANDIDATES)
+    assert len(resolved) == 12 and set(resolved.values()) <= set(autotune.candidates("cpu"))
     assert model.training and all(m.training for m in model.modules()), "train/eval flags must be restored"
     assert torch.equal(model.features[1].running_mean, stats), "BatchNorm statistics must not change"
     assert all(m.backend == "auto" for name, m in model.named_modules() if name in resolved)

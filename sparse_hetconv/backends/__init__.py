@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from . import blocked, dense, grouped, torch_sparse
 from .cache import WeightCache
 
-__all__ = ["BACKENDS", "CONCRETE", "WeightCache", "check_backend", "get"]
+__all__ = ["BACKENDS", "CONCRETE", "WeightCache", "available", "check_backend", "get"]
 
 _REGISTRY: dict[str, Callable] = {
     "dense": dense.het_conv,
@@ -48,3 +50,9 @@ def check_backend(value: object) -> str:
 def get(name: str) -> Callable:
     """The ``het_conv`` function of the concrete backend ``name``."""
     return _REGISTRY[name]
+
+
+def available(name: str, device: torch.device | str = "cpu") -> bool:
+    """Whether backend ``name`` can run on ``device`` here (the stock-kernel ones run anywhere)."""
+    check_backend(name)
+    return name == "auto" or name in _REGISTRY

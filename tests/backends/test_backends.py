@@ -23,7 +23,7 @@ def fresh_choices():
     autotune.clear()
     yield
     autotune.clear()
-    autotune.set_mode("model")
+    autotune.set_mode("confirm")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
