@@ -52,8 +52,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from sparse_hetconv.pattern import HetConvPattern
-
 __all__ = ["GRAD_IMPLS", "available", "check_supported", "het_conv2d_triton"]
 
 GRAD_IMPLS = ("triton", "stock")
@@ -271,17 +269,35 @@ def _blocked(rows: Tensor, values: Tensor, part: int) -> Tensor:
     return torch.cat(outs, dim=1)
 
 
-def _transposed_1x1(weight_1x1: Tensor, cin: int, cout: int, part: int) -> Tensor:
-    """Compact values of the transposed layer's 1 x 1 part, ``(M, N - N/P)``: the transposed
-    matrix has the HetConv pattern of ``N`` inputs, ``M`` filters and the same ``P``."""
-    dense = HetConvPattern(cin, cout, part).scatter_1x1(weight_1x1)
-    return HetConvPattern(cout, cin, part).gather_1x1(dense.t())
+def _transposed_1x1(weight_1x1: Tensor, part: int) -> Tensor:
+    """Compact values of the transposed layer's 1 x 1 part.
+
+    The transposed ``(M, N)`` matrix has the HetConv pattern of ``N`` inputs, ``M`` filters and the
+    same ``P``, so it is compact again: a permutation of ``P (P - 1)`` blocks, each transposed.
+    Its block ``(h, s)`` (filters of group ``h``, ``s``-th other group) holds original group
+    ``g = s + [s >= h]``, whose compact block for channel block ``h`` is ``t = h - [h > g]``.
+
+    Args:
+        weight_1x1 (Tensor[N, M - M/P]): compact values of the layer.
+
+    Returns:
+        Tensor[M, N - N/P]: row ``c`` lists the transposed layer's filter ``c`` in increasing
+        channel order.
+    """
+    cout, width = weight_1x1.shape
+    nb, mb = cout // part, width // (part - 1)
+    h = torch.arange(part, device=weight_1x1.device)[:, None]
+    s = torch.arange(part - 1, device=weight_1x1.device)[None, :]
+    g = s + (s >= h).long()
+    t = h - (h > g).long()
+    blocks = weight_1x1.reshape(part, nb, part - 1, mb).permute(0, 2, 3, 1)  # [g, t, i, jj]
+    return blocks[g, t].permute(0, 2, 1, 3).reshape(part * mb, (part - 1) * nb)
 
 
 def _grad_input(grad, input, weight_kxk, weight_1x1, stride, part, impl) -> Tensor:
     cin, cout = input.shape[1], weight_kxk.shape[0]
     kh, kw = weight_kxk.shape[2:]
-    w1t = _transposed_1x1(weight_1x1, cin, cout, part) if weight_1x1 is not None else None
+    w1t = _transposed_1x1(weight_1x1, part) if weight_1x1 is not None else None
     if impl == "triton" and stride == (1, 1):
         nb, mb = cout // part, cin // part
         kxk_t = weight_kxk.reshape(part, nb, mb, kh, kw).transpose(1, 2).flip(-2, -1).reshape(cin, nb, kh, kw)
