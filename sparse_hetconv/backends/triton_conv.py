@@ -208,8 +208,11 @@ def _allow_tf32() -> bool:
 @torch.library.custom_op("sparse_hetconv::het_conv2d_triton", mutates_args=())
 def _het_conv2d_op(input: Tensor, weight_kxk: Tensor, weight_1x1: Optional[Tensor], bias: Optional[Tensor],
                    stride: Sequence[int], part: int, grad_input: str, grad_weight_1x1: str) -> Tensor:
+    # NHWC activations; k x k weights with contiguous input channels (no copy for channels-last
+    # parameters, one small copy of the weights otherwise) so that the kernel's loads coalesce.
     x = input.contiguous(memory_format=torch.channels_last)
-    return _kernels().hetconv_forward(x, weight_kxk, weight_1x1, bias, tuple(stride), part, _allow_tf32())
+    weight = weight_kxk.contiguous(memory_format=torch.channels_last)
+    return _kernels().hetconv_forward(x, weight, weight_1x1, bias, tuple(stride), part, _allow_tf32())
 
 
 def _out_shape(input: Tensor, weight_kxk: Tensor, stride: Sequence[int]) -> tuple:
