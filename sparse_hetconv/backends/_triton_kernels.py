@@ -198,7 +198,7 @@ def _wgrad_kernel(
     width = CIN - MB
     cc = pid_c * BLOCK_K + tl.arange(0, BLOCK_K)
     c_mask = cc < width
-    channel = cc + MB * (cc >= g * MB)  # compact column -> input channel (the two ranges)
+    channel = tl.where(cc < g * MB, cc, cc + MB)  # compact column -> input channel (the two ranges)
     chunk = tl.cdiv(tl.cdiv(NPIX, SPLIT), BLOCK_PIX) * BLOCK_PIX
     start = split * chunk
     stop = tl.minimum(start + chunk, NPIX)

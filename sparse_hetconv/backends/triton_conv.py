@@ -22,8 +22,8 @@ Conventions:
 
   - ``grad_input``: ``"triton"`` (default) reuses the forward kernel at stride 1, since the
     transposed layer is a HetConv again (``N`` inputs, ``M`` filters, the same ``P``; k x k weights
-    flipped and transposed per group, 1 x 1 values of the transposed pattern gathered from the
-    compact ones): one fused pass, no zero kernels. At stride > 1, and with ``"stock"``, it uses
+    flipped and transposed per group, its compact 1 x 1 values a block permutation of the
+    layer's): one fused pass, no zero kernels, no dense ``N x M`` matrix. At stride > 1, and with ``"stock"``, it uses
     ``torch.nn.grad.conv2d_input`` (grouped) plus the transposed 1 x 1 product as ``2P`` matrix
     products over contiguous channel slices, added at the strided positions.
   - ``grad_weight_1x1``: ``"stock"`` (default) is ``2P`` cuBLAS products
@@ -42,8 +42,8 @@ Conventions:
   ``torch.compile(fullgraph=True)`` and ``torch.export`` trace it as one node.
 
 Triton is imported on first use: importing this module needs only torch, and :func:`available`
-says whether the backend can run here. ``TRITON_INTERPRET=1`` must be set before triton's kernels
-are first imported to run them on the CPU with Triton's (slow) interpreter.
+says whether the backend can run here. To run the kernels on the CPU with Triton's (slow)
+interpreter, set ``TRITON_INTERPRET=1`` before this module (and triton) is first imported.
 """
 
 import os
