@@ -30,7 +30,7 @@ if not available():
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MAX_BLOCK, MAX_SIZE = (12, 13) if CUDA else (4, 7)  # channels per block / group, spatial size
-FORWARD_EXAMPLES, BACKWARD_EXAMPLES = (60, 30) if CUDA else (20, 10)
+FORWARD_EXAMPLES, BACKWARD_EXAMPLES = (40, 20) if CUDA else (20, 10)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (rtol, atol relative to the largest expected magnitude): float32 in IEEE, accumulation only;
 # the half types round their inputs (done before the oracle too) and their outputs.
