@@ -131,21 +131,23 @@ def _forward_kernel(
         acc = tl.zeros((BLOCK_PIX, BLOCK_N), dtype=tl.float32)
     x_b = x + b * sxb
 
-    # k x k part: the taps of block g (input channels [g*m, (g+1)*m)), padding k // 2.
-    for kh in range(KH):
+    # k x k part: the taps of block g (input channels [g*m, (g+1)*m)), padding k // 2. One flat
+    # loop over (tap, channel chunk), so that the compiler pipelines loads across taps too.
+    chunks = tl.cdiv(MB, BLOCK_K)
+    for step in range(0, KH * KW * chunks):
+        tap = step // chunks
+        c = (step - tap * chunks) * BLOCK_K + offs_k
+        c_mask = c < MB
+        kh = tap // KW
+        kw = tap - kh * KW
         ih = ho * STRIDE_H - KH // 2 + kh
-        for kw in range(KW):
-            iw = wo * STRIDE_W - KW // 2 + kw
-            valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            rows = x_b + ih * sxh + iw * sxw
-            for c0 in range(0, MB, BLOCK_K):
-                c = c0 + offs_k
-                c_mask = c < MB
-                a = tl.load(rows[:, None] + (g * MB + c)[None, :] * sxc,
-                            mask=valid[:, None] & c_mask[None, :], other=0.0)
-                w = tl.load(wk + j[None, :] * skn + c[:, None] * skc + kh * skh + kw * skw,
-                            mask=c_mask[:, None] & j_mask[None, :], other=0.0)
-                acc = _mma(a, w, acc, UPCAST, PRECISION)
+        iw = wo * STRIDE_W - KW // 2 + kw
+        valid = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load((x_b + ih * sxh + iw * sxw)[:, None] + (g * MB + c)[None, :] * sxc,
+                    mask=valid[:, None] & c_mask[None, :], other=0.0)
+        w = tl.load(wk + j[None, :] * skn + c[:, None] * skc + kh * skh + kw * skw,
+                    mask=c_mask[:, None] & j_mask[None, :], other=0.0)
+        acc = _mma(a, w, acc, UPCAST, PRECISION)
 
     if HAS_1X1:
         # 1 x 1 part at the k x k centre, i.e. the input sampled at the stride.
