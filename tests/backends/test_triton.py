@@ -9,8 +9,10 @@ float64, on inputs already rounded to the tested dtype.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +341,50 @@ def test_vgg_sized_layer(stride):
     expected.backward(grad.double())
     for name, mine, ref in zip(("input", "weight_kxk", "weight_1x1"), tensors, doubles):
         check_close(mine.grad, ref.grad, f"VGG-sized grad of {name}", case.dtype)
+
+
+_COMPILE_FOR_HOPPER = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_hetconv.backends import _triton_kernels as K
+
+POINTERS = {"x", "wk", "w1", "bias", "y", "dy"}
+
+def compile(kernel, config, dtype, constants):
+    fn = kernel.fn
+    constants = dict(constants, **config.kwargs)
+    signature = {name: "constexpr" if name in constants else ("*" + dtype if name in POINTERS else
+                 "*fp32" if name == "ws" else "i32") for name in fn.arg_names}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+
+for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
+    flags = {"ACC_F64": False, "UPCAST": False, "PRECISION": precision}
+    for config in (K._FORWARD_CONFIGS[0], K._FORWARD_CONFIGS[-1]):
+        ptx = compile(K._forward_kernel, config, dtype, dict(flags, KH=3, KW=5, STRIDE_H=2, STRIDE_W=1,
+                                                             HAS_1X1=True, HAS_BIAS=True)).asm["ptx"]
+        assert "mma" in ptx, f"forward {dtype} {config}: no tensor-core MMA in the PTX"
+    compile(K._wgrad_kernel, K._WGRAD_CONFIGS[0], dtype, dict(flags, STRIDE_H=2, STRIDE_W=2))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs kernels in NumPy and misses compiler errors: compile them for sm_90
+    (the H200) through triton's bundled ptxas, which needs no GPU, in a process without the
+    interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) < (3, 4):
+        pytest.skip(f"triton {triton.__version__}: the ahead-of-time API used here (ASTSource with "
+                    "constexprs) is that of triton 3.4 and later")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, f"compiling for sm_90 failed:\n{done.stderr[-3000:]}"
