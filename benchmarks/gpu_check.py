@@ -311,15 +311,20 @@ def _ms(value) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
+def _variant_text(name: str, v: dict) -> str:
+    layout = "channels-last" if v["channels_last"] else "NCHW"
+    masking = ", gradient masking" if v["gradient_masking"] else ""
+    return f"{name} ({v['hetconv_layers']} HetConv layers, {v['triton_layers']} on triton, {layout}{masking})"
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     out = ["# GPU check: triton backend", "",
            f"Card: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
            f"cuDNN {env['cudnn']}, Python {env['python']}.", "", f"Command: `{env['command']}`", "",
-           f"Triton layers wired as: {report['triton_wiring']}.", "", "Variants: " + "; ".join(
-               f"{name} ({v['hetconv_layers']} HetConv layers, {v['triton_layers']} on triton, "
-               f"{'channels-last' if v['channels_last'] else 'NCHW'}{', gradient masking' if v['gradient_masking'] else ''})"
-               for name, v in report["variants"].items()) + ".", "", "## Tests", ""]
+           f"Triton layers wired as: {report['triton_wiring']}.", "",
+           "Variants: " + "; ".join(_variant_text(name, v) for name, v in report["variants"].items()) + ".", "",
+           "## Tests", ""]
     for name, t in report["tests"].items():
         out.append(f"- {name}: {t}" if isinstance(t, str) else
                    f"- {name}: `{t['summary']}` (exit {t['returncode']}, {t['seconds']} s; `{t['command']}`)")
@@ -341,7 +346,7 @@ def markdown(report: dict) -> str:
             "Ideal = cuDNN `nn.Conv2d(M, N, 3)` time x useful / standard MACs.", ""]
     for mode, rows in report["layers"].items():
         out += [f"### {mode}", "", "| M | N | size | stride | useful/std | triton ms | ideal ms | triton/ideal | "
-                "standard ms | masked ms | sparse auto ms | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "standard ms | masked ms | sparse auto ms | note |", "|---" * 12 + "|"]
         for r in rows:
             out.append(f"| {r['in_channels']} | {r['out_channels']} | {r['size']} | {r['stride']} | "
                        f"{r['useful_over_standard']:.3f} | {_ms(r.get('triton_ms', '-'))} | "

@@ -150,7 +150,8 @@ def test_gradients_against_finite_differences(stride, impls):
                                  grad_weight_1x1=grad_weight_1x1)
 
     if not CUDA:
-        assert torch.autograd.gradcheck(layer, tensors, fast_mode=True), f"gradcheck failed for {impls}, stride {stride}"
+        assert torch.autograd.gradcheck(layer, tensors, fast_mode=True), \
+            f"gradcheck failed for {impls}, stride {stride}"
         return
     directions = [torch.randn_like(t) for t in tensors]
     weights = torch.randn_like(layer(*tensors))
@@ -294,7 +295,8 @@ def _bad(**changes):
 BAD_CALLS = {
     "3-D input": (dict(input=torch.randn(1, 8, 4, 4, 4)), "input has shape .* expected a 4-D tensor"),
     "even kernel": (dict(weight_kxk=torch.randn(4, 4, 2, 2)), r"kernel size \(2, 2\), expected odd"),
-    "int dtype": (dict(input=torch.zeros(1, 8, 4, 4, dtype=torch.int32)), "input has dtype torch.int32, expected one of"),
+    "int dtype": (dict(input=torch.zeros(1, 8, 4, 4, dtype=torch.int32)),
+                  "input has dtype torch.int32, expected one of"),
     "mixed dtypes": (dict(weight_kxk=torch.randn(4, 4, 3, 3, dtype=torch.float16)),
                      r"weight_kxk has dtype torch.float16, expected the input's dtype \(torch.float32\)"),
     "zero stride": (dict(stride=(0, 1)), r"stride \(\(0, 1\)\) must be a tuple of two ints >= 1"),
