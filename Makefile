@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # (a masked HetConv layer measured 3.2x slower). The benchmark also pins both itself (mallopt).
 TIMING_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -33,6 +33,14 @@ test: $(STAMP)
 # Writes benchmarks/results/ (JSON, markdown, plot) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+# GPU readiness of the triton backend (about 8 min on one H200): the CUDA tests, then VGG-16 timings
+# of every form and per-layer triton vs FLOP-ideal. Runs with the GPU machine's own python (torch,
+# triton, pytest, hypothesis); writes gpu_check.json and gpu_check.md to $$OUT or benchmarks/results/gpu.
+GPU_PYTHON ?= python3
+
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m benchmarks.gpu_check --out $${OUT:-benchmarks/results/gpu} $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from sparse_hetconv.profiling.bench import add_arguments, run
+from sparse_hetconv.profiling.bench.run import add_arguments, run
 
 from . import RESULTS, docs_page
 

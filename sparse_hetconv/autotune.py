@@ -132,11 +132,13 @@ def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, str
             input.device.type, input.dtype, _memory_format(input), bool(training))
 
 
-def candidates(device: torch.device | str) -> tuple[str, ...]:
-    """The backends timed on ``device``: every concrete backend available there (``triton`` on
-    CUDA only; under Triton's CPU interpreter it is exact but far too slow to be a candidate)."""
+def candidates(device: torch.device | str, dims: int = 2) -> tuple[str, ...]:
+    """The backends timed on ``device`` for a ``dims``-D layer: every concrete backend available
+    there (``triton``: 2-D on CUDA only; under Triton's CPU interpreter it is exact but far too
+    slow to be a candidate)."""
     device = torch.device(device)
-    return tuple(name for name in CONCRETE if available(name, device) and not (name == "triton" and device.type == "cpu"))
+    return tuple(name for name in CONCRETE if name != "triton" and available(name, device)
+                 or name == "triton" and dims == 2 and device.type == "cuda" and available(name, device))
 
 
 def _efficiency(channels: int) -> float:
@@ -226,7 +228,7 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     if input is None:
         backend, how = "dense", "model"
     elif mode == "measure" or (mode == "confirm" and input.device.type != "cpu"):
-        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device)), "measure"
+        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device, pattern.dims)), "measure"
     else:
         backend, how = _model_choice(pattern, input, training), "model"
         if mode == "confirm" and backend != "dense":

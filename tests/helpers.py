@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The stock-kernel backends and "auto": what the suite sweeps on every device. The triton backend
+# runs on the CPU only under Triton's (slow) interpreter; tests/backends/test_triton.py covers it
+# there, and CUDA runs add it (CUDA_BACKENDS).
 BACKENDS = ["dense", "grouped", "blocked", "torch_sparse", "auto"]
+CUDA_BACKENDS = BACKENDS + ["triton"]
 CONV = {2: F.conv2d, 3: F.conv3d}
 
 

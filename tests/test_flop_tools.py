@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import DEVICES
 from sparse_hetconv import MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d, to_sparse
 from sparse_hetconv.counting import count_macs, count_model
-from sparse_hetconv.functional import BACKENDS
+from helpers import BACKENDS
 from sparse_hetconv.flop_tools import fvcore_analysis, fvcore_handles, ptflops_hooks
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.sparse import _SparseHetConvNd

@@ -9,6 +9,9 @@ part, device, dtype and memory format:
 * ``grouped`` (:mod:`.grouped`): ``P - 1`` grouped 1 x 1 convolutions, one per block offset.
 * ``blocked`` (:mod:`.blocked`): two matrix products per group over contiguous channel slices.
 * ``torch_sparse`` (:mod:`.torch_sparse`): the literal torch.sparse CSR matrix times the input.
+* ``triton`` (:mod:`.triton_conv`): the whole 2-D layer as one fused Triton kernel that multiplies
+  only the kernels that exist (CUDA; on the CPU under Triton's interpreter only). Imported on
+  first use: ``import sparse_hetconv`` does not load it or triton.
 
 Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)``
 computing the whole layer for ``part > 1`` (``grad``: whether autograd records the call; ``cache``:
@@ -28,11 +31,20 @@ from .cache import WeightCache
 
 __all__ = ["BACKENDS", "CONCRETE", "WeightCache", "available", "check_backend", "get"]
 
+
+
+def _triton(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache=None):
+    from .triton_conv import het_conv2d_triton
+
+    return het_conv2d_triton(input, weight_kxk, weight_1x1, bias, tuple(stride), pattern.part)
+
+
 _REGISTRY: dict[str, Callable] = {
     "dense": dense.het_conv,
     "grouped": grouped.het_conv,
     "blocked": blocked.het_conv,
     "torch_sparse": torch_sparse.het_conv,
+    "triton": _triton,
 }
 #: The backends, in the order the cost model and the tests list them.
 CONCRETE = tuple(_REGISTRY)
@@ -53,6 +65,12 @@ def get(name: str) -> Callable:
 
 
 def available(name: str, device: torch.device | str = "cpu") -> bool:
-    """Whether backend ``name`` can run on ``device`` here (the stock-kernel ones run anywhere)."""
+    """Whether backend ``name`` can run on ``device`` here: the stock-kernel ones run anywhere;
+    ``triton`` needs the triton package and a CUDA device, or Triton's interpreter on the CPU."""
     check_backend(name)
-    return name == "auto" or name in _REGISTRY
+    if name != "triton":
+        return True
+    from . import triton_conv
+
+    device = torch.device(device)
+    return triton_conv.available() and (device.type == "cuda" or (device.type == "cpu" and triton_conv._INTERPRET))

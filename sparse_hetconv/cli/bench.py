@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_parser(subparsers) -> None:
-    from ..profiling.bench import add_arguments, run
+    from ..profiling.bench.run import add_arguments, run
 
     parser = subparsers.add_parser(
         "bench", help="time and measure every HetConv form on VGG-16 / CIFAR-10",

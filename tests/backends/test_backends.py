@@ -1,8 +1,9 @@
-"""The backends of sparse_hetconv.backends: exactness of every one, the inference fast paths, caches.
+"""The stock-kernel backends of sparse_hetconv.backends: exactness, the inference fast paths, caches.
 
 tests/test_functional.py sweeps the definition oracle over random shapes for every backend; these
-cover every name in ``backends.BACKENDS``, the no-grad fast path (fused sum, prepared-weight cache,
-the small-product route) and the index layouts the backends use. No timing is asserted anywhere.
+cover every stock backend and "auto", the no-grad fast path (fused sum, prepared-weight cache,
+the small-product route) and the index layouts the backends use. The triton backend has its own
+file (test_triton.py). No timing is asserted anywhere.
 """
 
 import pytest
@@ -11,11 +12,13 @@ from torch import nn
 
 from helpers import assert_close, one_by_one_channels, oracle_of
 from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
-from sparse_hetconv.backends import BACKENDS, CONCRETE
+from sparse_hetconv.backends import CONCRETE
 from sparse_hetconv.functional import het_conv2d
 from sparse_hetconv.pattern import HetConvPattern
 
 CL = torch.channels_last
+STOCK = tuple(b for b in CONCRETE if b != "triton")
+BACKENDS = ("auto",) + STOCK
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +49,7 @@ def test_every_backend_matches_the_oracle_forward_and_backward(backend, case, la
         assert_close(g, e, f"{backend} {case} {layout} gradient of {name}")
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", STOCK)
 def test_every_backend_3d_and_empty_batch(backend):
     torch.manual_seed(0)
     layer = SparseHetConv3d(8, 8, 4, stride=2, backend=backend, dtype=torch.float64)
@@ -55,7 +58,7 @@ def test_every_backend_3d_and_empty_batch(backend):
     assert SparseHetConv2d(8, 4, 2, backend=backend)(torch.randn(0, 8, 5, 5)).shape == (0, 4, 5, 5)
 
 
-@pytest.mark.parametrize("backend", CONCRETE)
+@pytest.mark.parametrize("backend", STOCK)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_grad_fast_path_equals_the_autograd_path(backend, dtype):
     """Without autograd the dense sum is fused into the k x k output and weights are cached."""

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import BACKENDS
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_masked
-from sparse_hetconv.functional import BACKENDS
 from sparse_hetconv.models import vgg16_cifar
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -51,9 +51,11 @@ def make_layer(form: str, device) -> torch.nn.Module:
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("form", list(BACKENDS) + ["masked"])
+@pytest.mark.parametrize("form", list(BACKENDS) + ["masked", "triton"])
 @pytest.mark.parametrize("device,dtype", CASES)
 def test_layer_under_autocast(device, dtype, form, memory_format):
+    if form == "triton" and device != "cuda":
+        pytest.skip("the triton backend's CPU runs (Triton's interpreter) are tested in tests/backends/test_triton.py")
     layer = make_layer(form, device).to(memory_format=memory_format)
     x = torch.randn(4, 32, 9, 9, device=device).contiguous(memory_format=memory_format)
     expected = layer(x)

@@ -30,7 +30,7 @@ from torch import nn
 
 from helpers import assert_close
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d
-from sparse_hetconv.functional import BACKENDS
+from helpers import BACKENDS
 from sparse_hetconv.models import vgg16_cifar
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -151,6 +151,9 @@ def small_net(device) -> nn.Module:
         MaskedHetConv2d(32, 16, 4), nn.ReLU(),
         SparseHetConv2d(16, 16, 4, backend="auto"),
     )
+    if torch.device(device).type == "cuda":  # the fused kernel too (on the CPU: tests/backends/test_triton.py)
+        net.append(nn.ReLU())
+        net.append(SparseHetConv2d(16, 16, 2, backend="triton"))
     return net.to(device, memory_format=torch.channels_last)
 
 

@@ -19,7 +19,7 @@ from torch.export import Dim
 
 from helpers import assert_close
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d
-from sparse_hetconv.functional import BACKENDS
+from helpers import BACKENDS
 from sparse_hetconv.models import vgg16_cifar
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -21,7 +21,7 @@ from torch import nn
 
 from helpers import DEVICES, assert_close, masked_reference_weights, oracle, oracle_of
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_masked, to_sparse
-from sparse_hetconv.functional import BACKENDS
+from helpers import BACKENDS
 from sparse_hetconv.models import vgg16_cifar
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,8 +5,7 @@
 * :mod:`.published`: the published "efficient" HetConv and the per-filter loop, as their authors
   wrote them (the reference the speed-ups are measured against).
 * :mod:`.report`: markdown tables, target verdicts and the plot from a ``bench.json``.
+
+Importing this package loads nothing (the driver needs tqdm and matplotlib; the references in
+:mod:`.published` need torch only, so a bare GPU machine can use them).
 """
-
-from .run import add_arguments, main, run
-
-__all__ = ["add_arguments", "main", "run"]

@@ -1,0 +1,38 @@
+"""The GPU readiness script's dry run (``python -m benchmarks.gpu_check --dry-run``) on this machine.
+
+The dry run builds every VGG-16 variant and the layer list on the CPU and writes the report with
+"not run" entries; the GPU itself is exercised only on a GPU machine (``make gpu-check``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dry_run_writes_the_report(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path), "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"dry run exited {done.returncode}: {done.stderr[-2000:]}"
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    text = (tmp_path / "gpu_check.md").read_text()
+    variants = report["variants"]
+    assert set(variants) == {"published", "masked", "sparse_auto", "sparse_triton"}, f"variants {sorted(variants)}"
+    layers = {name: v["hetconv_layers"] for name, v in variants.items()}
+    assert len(set(layers.values())) == 1 and layers["masked"] > 0, f"HetConv layers per variant differ: {layers}"
+    assert variants["sparse_triton"]["triton_layers"] == layers["masked"], \
+        f"{variants['sparse_triton']['triton_layers']} of {layers['masked']} layers are on triton"
+    assert variants["published"]["gradient_masking"] and not variants["published"]["channels_last"], \
+        f"the published variant should be NCHW with gradient masking: {variants['published']}"
+    shapes = report["layers"]["float32"]
+    assert shapes and all(0 < s["useful_over_standard"] < 1 for s in shapes), f"layer shapes: {shapes}"
+    for section in ("tests", "network"):
+        for name, entry in report[section].items():
+            assert isinstance(entry, str) and entry.startswith("not run: "), f"{section}/{name} is {entry!r}"
+    assert "placeholder" not in text.lower() and "TODO" not in text, "the markdown report has placeholders"
+    assert report["environment"]["device"] in text and "benchmarks.gpu_check" in text, \
+        "the markdown report does not name the card and the command"
