@@ -108,7 +108,8 @@ def test_report_says_what_was_folded_into_what():
     assert report.folded_into["layer2.0.downsample.1"] == "layer2.0.downsample.0"
     assert report.replaced[:3] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"], "in module order"
     text = str(report)
-    assert text.startswith("fuse_bn: folded 20 BatchNorm layers, left 0") and "folded layer4.1.bn2 into layer4.1.conv2" in text
+    assert text.startswith("fuse_bn: folded 20 BatchNorm layers, left 0"), text
+    assert "folded layer4.1.bn2 into layer4.1.conv2" in text, text
 
 
 @pytest.mark.parametrize("name", ["vgg16_cifar-masked", "resnet18-sparse"])

@@ -215,14 +215,14 @@ def _check_entries(payload: object, path, needed: tuple[str, ...]) -> None:
     missing = [key for key in needed if key not in payload]
     if missing:
         raise ValueError(f"{path} is a training checkpoint without the entries {', '.join(missing)} "
-                         f"(it has {', '.join(sorted(map(str, payload)))}); it cannot be resumed: it was "
+                         f"(it has {', '.join(sorted(map(str, payload)))}); it cannot be used: it was "
                          "damaged or written by other code")
     if "config" in needed:
         config = payload["config"]
         lacking = [key for key in RECIPE if not isinstance(config, dict) or key not in config]
         if lacking:
             raise ValueError(f"{path}: the checkpoint's config lacks the settings {', '.join(lacking)}; it "
-                             "cannot be resumed: it was damaged or written by other code")
+                             "cannot be used: it was damaged or written by other code")
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,

@@ -116,7 +116,8 @@ def _kill_mid_write(runs: dict[int, tuple[list[str], Path]]) -> dict[int, subpro
 
 
 def _check_killed(done: subprocess.CompletedProcess, signum: int) -> None:
-    assert done.returncode == -signum, f"expected death by signal {signum}, got {done.returncode}: {done.stderr[-2000:]}"
+    assert done.returncode == -signum, \
+        f"expected death by signal {signum}, got status {done.returncode}: {done.stderr[-2000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
