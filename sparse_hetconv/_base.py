@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import check_input, check_tuple
+from ._checks import check_bool, check_device, check_dtype, check_input, check_tuple
 from .pattern import HetConvPattern
 
 _DIMS_NAME = {2: "2d", 3: "3d"}
@@ -26,6 +26,13 @@ class _HetConvBase(nn.Module):
         self.kernel_size = self.pattern.kernel_size
         self.stride = check_tuple("stride", stride, self._dims)
         self.padding = self.pattern.padding
+
+    @staticmethod
+    def _check_factory(bias: object, device: object, dtype: object) -> None:
+        """``bias`` a bool, ``device`` and ``dtype`` what ``nn.Conv2d`` takes; before any tensor is made."""
+        check_bool("bias", bias)
+        check_device(device)
+        check_dtype(dtype)
 
     def _init_bound(self) -> float:
         """``nn.ConvNd``'s default bound ``1 / sqrt(fan_in)`` over the filter's real fan-in."""

@@ -10,7 +10,43 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_int", "check_tuple", "check_odd", "check_input"]
+__all__ = ["check_bool", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd", "check_input"]
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool``: a truthy string such as ``"no"`` or an int is refused
+    rather than read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def check_dtype(value: object, name: str = "dtype") -> object:
+    """Return ``value`` if it is None or a floating-point or complex ``torch.dtype`` (what a
+    layer's parameters can be: autograd trains no integer tensor)."""
+    if value is None:
+        return value
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype or None, got {type(value).__name__} ({value!r})")
+    if not (value.is_floating_point or value.is_complex):
+        raise ValueError(f"{name} ({value}) must be a floating-point or complex torch.dtype, e.g. torch.float32")
+    return value
+
+
+def check_device(value: object, name: str = "device") -> object:
+    """Return ``value`` if it is None or names a device (``torch.device``, a string such as
+    ``"cuda:0"``, or a CUDA index); whether that device is available is torch's to say."""
+    if value is None or isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"{name} must be a torch.device, a str, an int or None, got {type(value).__name__} "
+                        f"({value!r})")
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{name} ({value!r}) is not a torch device, expected e.g. 'cpu', 'cuda' or 'cuda:0'") \
+            from error
+    return value
 
 
 def check_int(name: str, value: object, minimum: int = 1) -> int:

@@ -27,6 +27,7 @@ class _CompactHetConv(_HetConvBase):
     :meth:`_init_parameters`."""
 
     def _init_parameters(self, bias: bool, device=None, dtype=None) -> None:
+        self._check_factory(bias, device, dtype)
         factory = {"device": device, "dtype": dtype}
         p = self.pattern
         self.weight_kxk = nn.Parameter(torch.empty((self.out_channels, p.block_in) + p.kernel_size, **factory))

@@ -11,14 +11,15 @@ leaves a half-written file behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import errno
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._files import atomic_write
 from .convert import to_sparse
 from .counting import count_params
 from .models import create_model, list_models
@@ -33,16 +34,19 @@ _IGNORABLE_MISSING = ("num_batches_tracked",)
 
 
 def save_atomic(obj: object, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save(obj, path)`` through a temporary file in the same folder and a rename
+    (:func:`sparse_hetconv._files.atomic_write`): ``path`` holds its previous content or the whole
+    new one, never a part; no temporary file is left on an error, Ctrl-C or SIGTERM, and those of
+    killed writers are removed by the next write into the folder. The file gets the mode
+    ``open()`` would give it.
+
+    Raises:
+        FileNotFoundError: the folder of ``path`` does not exist.
+        IsADirectoryError: ``path`` is a folder.
+        OSError: the file cannot be written (``PermissionError``, a full disk); ``filename`` is
+            ``path``.
+    """
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 def read_checkpoint(path: str | Path) -> object:
@@ -50,18 +54,50 @@ def read_checkpoint(path: str | Path) -> object:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable PyTorch checkpoint (truncated, not a torch file, or
-            holding objects other than tensors and plain containers).
+        IsADirectoryError: ``path`` is a folder.
+        PermissionError (or another OSError): the file cannot be read.
+        ValueError: the file is not a readable PyTorch checkpoint (empty, truncated, not a torch
+            file, or holding objects other than tensors and plain containers, which are never
+            loaded); the message gives torch's reason, not its advice to load the file unsafely.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", str(path))
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
+                         "failed: the file is empty)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # the file system's error (permissions, I/O), not the file's content
+        raise
     except Exception as error:  # torch.load raises many types for a damaged or foreign file
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
-                         f"failed: {first})") from error
+                         f"failed: {_load_failure(error)})") from error
+
+
+# torch.load's advice around the reason of a weights-only failure (to load the file unsafely, to
+# allow-list its classes, to file an issue): none of it is the reason, and the first is unsafe.
+_ADVICE = re.compile(r"weights_only|Weights only load failed|torch\.load|safe_globals|file an issue|"
+                     r"^\(\d\)|do those steps", re.IGNORECASE)
+
+
+def _load_failure(error: BaseException) -> str:
+    """The reason torch.load gives for refusing a file, without its advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    marker = text.find("WeightsUnpickler error:")
+    if marker >= 0:
+        text = text[marker + len("WeightsUnpickler error:"):]
+    for line in text.splitlines():
+        line = re.split(r"\. (?=Please use|This is an internal|If you are seeing)", line.strip())[0].rstrip(".")
+        if line and not _ADVICE.search(line):
+            if "GLOBAL" in line or "global" in line:
+                return f"it holds objects other than tensors and plain containers, which are never loaded ({line})"
+            if "Unsupported operand" in line:
+                return f"not a file written by torch.save ({line})"
+            return line
+    return type(error).__name__
 
 
 def state_dict_of(obj: object, path: str | Path = "checkpoint") -> dict[str, Tensor]:

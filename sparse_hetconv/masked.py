@@ -38,6 +38,7 @@ class _MaskedHetConvNd(_HetConvBase):
     ) -> None:
         super().__init__()
         self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
+        self._check_factory(bias, device, dtype)
         conv = _CONV_TYPES[self._dims]
         factory = {"device": device, "dtype": dtype}
         self.gwc = conv(in_channels, out_channels, self.kernel_size, self.stride, self.padding,
@@ -124,6 +125,10 @@ class MaskedHetConv2d(_MaskedHetConvNd):
 
     Shape:
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]
+
+    Raises:
+        TypeError / ValueError: as :class:`SparseHetConv2d`'s constructor (``bias`` must be a
+            bool, ``dtype`` a floating-point or complex ``torch.dtype``), before anything is built.
 
     Example:
         >>> layer = MaskedHetConv2d(64, 128, part=4)

@@ -258,8 +258,13 @@ class SparseHetConv2d(_SparseHetConvNd):
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]
 
     Raises:
-        ValueError: a part that does not divide the channels, an even kernel, an unknown backend;
-            at call time, an input of the wrong rank or channel count.
+        TypeError: a non-int channel count, part, kernel size or stride, a ``bias`` that is not a
+            bool (``bias="no"`` is refused, not read as True), a ``dtype`` that is not a
+            ``torch.dtype``, a ``device`` that is not a device name; at call time, an input
+            that is not a tensor.
+        ValueError: a part that does not divide the channels, an even kernel, a stride below 1,
+            an unknown backend, an integer ``dtype``, an unknown device; at call time, an input of
+            the wrong rank or channel count.
 
     Example:
         >>> layer = SparseHetConv2d(256, 256, part=4)

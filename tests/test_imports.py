@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparse_hetconv"
 # (module prefix, layer); the longest matching prefix decides.
 LAYERS = [
     ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0), ("sparse_hetconv._deprecated", 0),
-    ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv.pattern", 0),
+    ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv._files", 0), ("sparse_hetconv.pattern", 0),
     ("sparse_hetconv.backends", 1),
     ("sparse_hetconv.autotune", 2),
     ("sparse_hetconv.functional", 3),

@@ -110,5 +110,19 @@ def test_input_errors():
         MaskedHetConv2d(8, 9, part=2)
 
 
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(bias="no"), TypeError, r"bias must be a bool, got str \('no'\)"),  # used to build a bias in gwc
+    (dict(stride=0), ValueError, r"stride \(0\) must be an int >= 1"),
+    (dict(kernel_size=4), ValueError, r"kernel_size \(4\) must be odd"),
+    (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size \(\(3, 3, 3\)\) must be an int or a sequence of 2"),
+    (dict(part=2.0), TypeError, r"part must be an int, got float"),
+    (dict(dtype=torch.bool), ValueError, r"dtype \(torch.bool\) must be a floating-point or complex"),
+])
+def test_constructor_errors(kwargs, error, message):
+    arguments = dict(in_channels=8, out_channels=8, part=2) | kwargs
+    with pytest.raises(error, match=message):
+        MaskedHetConv2d(**arguments)
+
+
 def test_pattern_attribute():
     assert MaskedHetConv2d(8, 4, part=2).pattern == HetConvPattern(8, 4, 2)

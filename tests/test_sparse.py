@@ -8,7 +8,7 @@ import scipy.sparse
 import torch
 
 from helpers import DEVICES, assert_close, one_by_one_channels, oracle
-from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d
+from sparse_hetconv import MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d
 
 
 def test_parameters_are_only_the_existing_kernels():
@@ -54,10 +54,48 @@ def test_factory_kwargs():
     (dict(in_channels=8, out_channels=8, part=2, stride=0), ValueError, r"stride \(0\) must be an int >= 1"),
     (dict(in_channels=8, out_channels=8, part=2, backend="cuda"), ValueError, r"backend \('cuda'\) must be one of"),
     (dict(in_channels=8.0, out_channels=8, part=2), TypeError, r"in_channels must be an int, got float"),
+    (dict(in_channels=8, out_channels=8, part=2, stride=(1, 1, 1)), ValueError,
+     r"stride \(\(1, 1, 1\)\) must be an int or a sequence of 2 ints"),
+    (dict(in_channels=8, out_channels=8, part=True), TypeError, r"part must be an int, got bool"),
 ])
 def test_constructor_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         SparseHetConv2d(**kwargs)
+
+
+def _layer_types():
+    """Every HetConv layer class whose constructor takes bias, device and dtype."""
+    types = [SparseHetConv2d, SparseHetConv3d, MaskedHetConv2d, MaskedHetConv3d]
+    try:
+        from sparse_hetconv.submanifold import SubMHetConv2d, SubMHetConv3d
+    except ImportError:  # the spconv extra is not installed
+        return types
+    return types + [SubMHetConv2d, SubMHetConv3d]
+
+
+# bias="no" used to build a bias (any truthy value did); dtype / device errors came from deep in torch.
+@pytest.mark.parametrize("cls", _layer_types(), ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(bias="no"), TypeError, r"bias must be a bool, got str \('no'\)"),
+    (dict(bias=1), TypeError, r"bias must be a bool, got int \(1\)"),
+    (dict(bias=None), TypeError, r"bias must be a bool, got NoneType"),
+    (dict(dtype="float64"), TypeError, r"dtype must be a torch.dtype or None, got str \('float64'\)"),
+    (dict(dtype=torch.int64), ValueError, r"dtype \(torch.int64\) must be a floating-point or complex torch.dtype"),
+    (dict(device="gpu"), ValueError, r"device \('gpu'\) is not a torch device, expected e.g. 'cpu'"),
+    (dict(device=2.5), TypeError, r"device must be a torch.device, a str, an int or None, got float \(2.5\)"),
+], ids=["bias-str", "bias-int", "bias-none", "dtype-str", "dtype-int64", "device-name", "device-float"])
+def test_every_layer_checks_bias_device_and_dtype(cls, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cls(8, 8, 2, **kwargs)
+
+
+@pytest.mark.parametrize("cls", _layer_types(), ids=lambda cls: cls.__name__)
+def test_every_layer_takes_the_bool_bias_and_factory_arguments_it_is_given(cls):
+    with_bias = cls(8, 8, 2, bias=True, device=torch.device("cpu"), dtype=torch.float64)
+    without = cls(8, 8, 2, bias=False, device="cpu")
+    bias_of = lambda layer: layer.gwc.bias if hasattr(layer, "gwc") else layer.bias  # noqa: E731
+    assert bias_of(with_bias) is not None and bias_of(without) is None, f"{cls.__name__}: bias not as asked"
+    assert {p.dtype for p in with_bias.parameters()} == {torch.float64}, f"{cls.__name__}: dtype not applied"
 
 
 def test_input_errors_name_expected_and_given():

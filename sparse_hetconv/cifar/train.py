@@ -12,13 +12,20 @@ With a seed, a run is deterministic on the CPU (same thread count) and with cuDN
 algorithms on a GPU: the model is initialised from the seed and epoch ``e``'s shuffling and
 augmentation come from a generator seeded with ``(seed, e)``, so a resumed run gives bit for bit
 the weights of an uninterrupted one.
+
+Files are written atomically (:func:`sparse_hetconv.checkpoint.save_atomic`): an interrupted run
+leaves its previous checkpoints whole. Everything that can be checked before training is checked
+first: the settings, the resume checkpoint (its entries and that they fit the model), the data set,
+and that ``out_dir`` can be written and holds no other run (unless ``resume`` or ``force``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -28,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
+from .._files import check_output_folder
 from ..checkpoint import TRAIN_FORMAT, load_model, read_checkpoint, save_atomic, state_dict_of
 from ..convert import to_masked, to_sparse
 from .data import augment, iterate_batches, load_cifar10, normalize
@@ -44,6 +52,10 @@ logger = logging.getLogger(__name__)
 # Settings that define a run: a resumed run must use the same ones.
 RECIPE = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
           "gamma", "crop_padding", "flip")
+# The files of a run in out_dir, and the entries of a training checkpoint.
+RUN_FILES = ("last.pt", "best.pt", "model_sparse.pt")
+CHECKPOINT_ENTRIES = ("format", "epoch", "best_acc", "best_epoch", "history", "config", "model", "optimizer",
+                      "scheduler")
 
 
 @dataclass
@@ -64,7 +76,8 @@ class TrainConfig:
         flip (bool): random horizontal flips (True).
         device (str or None): ``"cuda"`` when available, else ``"cpu"``, by default.
         seed (int or None): 0 by default; None draws one (recorded in the checkpoints).
-        out_dir (str): where ``last.pt``, ``best.pt`` and ``model_sparse.pt`` go.
+        out_dir (str): where ``last.pt``, ``best.pt`` and ``model_sparse.pt`` go. A folder that
+            holds them already is refused unless ``resume`` or ``force`` is given.
         checkpoint_every (int): save ``last.pt`` every this many epochs (and after the last one).
         resume (str or None): a ``last.pt``/``best.pt`` to continue from (same recipe required).
         eval_only (bool): only evaluate ``weights`` (or ``resume``) on the test set.
@@ -73,6 +86,9 @@ class TrainConfig:
             read from the file).
         eval_batch_size (int): batch size of evaluation (500).
         progress (bool): tqdm progress bars (True).
+        force (bool): train into an ``out_dir`` that holds another run; its ``last.pt``,
+            ``best.pt`` and ``model_sparse.pt`` are removed when training starts, so that the
+            folder never mixes two runs (False).
     """
 
     data: str = "data"
@@ -97,10 +113,22 @@ class TrainConfig:
     weights: str | None = None
     eval_batch_size: int = 500
     progress: bool = True
+    force: bool = False
 
     def validate(self) -> None:
-        """Check every setting; raises ``TypeError`` / ``ValueError`` naming the setting."""
-        if self.model not in list_models():
+        """Check every setting; raises ``TypeError`` / ``ValueError`` naming the setting
+        (``FileNotFoundError`` / ``IsADirectoryError`` for a ``resume`` or ``weights`` that is not
+        a file)."""
+        for name in ("data", "out_dir"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(getattr(self, name)).__name__}")
+        for name in ("resume", "weights"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if self.device is not None and not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"device must be a str, a torch.device or None, got {type(self.device).__name__}")
+        if not isinstance(self.model, str) or self.model not in list_models():
             raise ValueError(f"model ({self.model!r}) is not registered; available: {', '.join(list_models())}")
         if self.form not in FORMS:
             raise ValueError(f"form ({self.form!r}) must be one of {FORMS}")
@@ -120,15 +148,16 @@ class TrainConfig:
             check_int("milestones", value)
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"milestones ({self.milestones}) must be increasing epochs")
-        for name in ("flip", "eval_only", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        for name in ("flip", "eval_only", "progress", "force"):
+            check_bool(name, getattr(self, name))
         if self.eval_only and not (self.weights or self.resume):
             raise ValueError("eval_only needs weights (or resume): the checkpoint to evaluate")
         for name in ("resume", "weights"):
             path = getattr(self, name)
+            if path is not None and Path(path).is_dir():
+                raise IsADirectoryError(errno.EISDIR, f"{name} is a folder, expected a checkpoint file", str(path))
             if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"{name} ({path}) does not exist")
+                raise FileNotFoundError(errno.ENOENT, f"{name} does not exist", str(path))
         if self.device is not None:
             try:
                 device = torch.device(self.device)
@@ -174,10 +203,26 @@ def config_from_checkpoint(path: str | Path) -> dict:
         ValueError: ``path`` is not a checkpoint written by :func:`train_cifar`.
     """
     payload = read_checkpoint(path)
+    _check_entries(payload, path, ("config",))
+    return dict(payload["config"])
+
+
+def _check_entries(payload: object, path, needed: tuple[str, ...]) -> None:
+    """Require a training checkpoint with the entries ``needed`` (and a config with the recipe)."""
     if not isinstance(payload, dict) or payload.get("format") != TRAIN_FORMAT:
         raise ValueError(f"{path} is not a training checkpoint written by sparse_hetconv.train "
                          "(to evaluate a model's weights use eval_only with weights)")
-    return dict(payload["config"])
+    missing = [key for key in needed if key not in payload]
+    if missing:
+        raise ValueError(f"{path} is a training checkpoint without the entries {', '.join(missing)} "
+                         f"(it has {', '.join(sorted(map(str, payload)))}); it cannot be used: it was "
+                         "damaged or written by other code")
+    if "config" in needed:
+        config = payload["config"]
+        lacking = [key for key in RECIPE if not isinstance(config, dict) or key not in config]
+        if lacking:
+            raise ValueError(f"{path}: the checkpoint's config lacks the settings {', '.join(lacking)}; it "
+                             "cannot be used: it was damaged or written by other code")
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
@@ -257,6 +302,7 @@ def _payload(model, optimizer, scheduler, config, seed, epoch, best_acc, best_ep
 def _check_resume(payload: object, config: TrainConfig, seed: int | None, recipe: bool = True) -> None:
     if not isinstance(payload, dict) or payload.get("format") != TRAIN_FORMAT:
         raise ValueError(f"resume ({config.resume}) is not a training checkpoint written by sparse_hetconv.train")
+    _check_entries(payload, f"resume ({config.resume})", CHECKPOINT_ENTRIES if recipe else ("config", "model"))
     if not recipe:
         return
     stored = payload["config"]
@@ -269,6 +315,8 @@ def _check_resume(payload: object, config: TrainConfig, seed: int | None, recipe
     if diffs:
         raise ValueError(f"resume ({config.resume}) was trained with other settings: {', '.join(diffs)}; "
                          "pass the same ones (the command line fills them in from the checkpoint)")
+    if isinstance(payload["epoch"], bool) or not isinstance(payload["epoch"], int) or payload["epoch"] < 0:
+        raise ValueError(f"resume ({config.resume}): its epoch entry ({payload['epoch']!r}) is not a number of epochs")
     if payload["epoch"] > config.epochs:
         raise ValueError(f"epochs ({config.epochs}) is less than the {payload['epoch']} epochs the resumed "
                          "checkpoint has already trained")
@@ -300,12 +348,53 @@ def _eval_model(config: TrainConfig, payload: dict | None) -> nn.Module:
         stored = read_checkpoint(config.weights)
         name = config.model
         if isinstance(stored, dict) and stored.get("format") == TRAIN_FORMAT:
+            _check_entries(stored, config.weights, ("config", "model"))
             name = stored["config"]["model"]
         return load_model(config.weights, name, state=state_dict_of(stored, config.weights))[0]
     stored = payload["config"]
     model = create_model(stored["model"], part=stored["part"], form=stored["form"])
-    model.load_state_dict(state_dict_of(payload, config.resume))
+    _load_entry(model, state_dict_of(payload, config.resume), config.resume, "model")
     return model
+
+
+def _load_entry(target, state, path, entry: str) -> None:
+    """``target.load_state_dict(state)``; a checkpoint entry that does not fit is a ValueError
+    naming the file and the entry."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        lines = str(error).strip().splitlines()
+        raise ValueError(f"resume ({path}): its {entry} entry does not fit the {type(target).__name__} of the "
+                         f"stored settings: {lines[0] if lines else type(error).__name__}") from error
+
+
+def _check_outputs(config: TrainConfig) -> None:
+    """Before any work: ``out_dir`` can be written, its file names are free of folders, and it
+    holds no run unless ``resume`` or ``force``."""
+    out_dir = Path(config.out_dir)
+    check_output_folder(out_dir)
+    for name in RUN_FILES:
+        if (out_dir / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder, but training writes a file of that name",
+                                    str(out_dir / name))
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and config.resume is None and not config.force:
+        raise FileExistsError(errno.EEXIST, f"holds a training run ({', '.join(existing)}); pass resume (--resume "
+                              f"{out_dir / 'last.pt'}) to continue it or force=True (--force) to replace it",
+                              str(out_dir))
+
+
+def _build(config: TrainConfig, device: torch.device, payload: dict | None):
+    """The model, optimizer and scheduler of the run, with the resume checkpoint's state loaded."""
+    model = create_model(config.model, part=config.part, form=config.form).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+    if payload is not None:
+        _load_entry(model, payload["model"], config.resume, "model")
+        _load_entry(optimizer, payload["optimizer"], config.resume, "optimizer")
+        _load_entry(scheduler, payload["scheduler"], config.resume, "scheduler")
+    return model, optimizer, scheduler
 
 
 def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
@@ -319,10 +408,14 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
         TrainResult: history, best and final accuracy, the converted form's accuracy, the files.
 
     Raises:
-        TypeError / ValueError: a bad setting, a resume checkpoint of another recipe, weights
+        TypeError / ValueError: a bad setting, a resume checkpoint of another recipe or without
+            the entries a resumed run needs (the message names the file and the entries), weights
             that do not fit the model; all before any training.
         FileNotFoundError: CIFAR-10 or a checkpoint is missing (the message says where the data
             set's files go; nothing is downloaded).
+        FileExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``force`` is given.
+        PermissionError (or another OSError): ``out_dir`` cannot be written; checked before
+            training, and a failure while writing leaves the previous files whole.
 
     Example:
         >>> result = train_cifar(data="data", part=4, form="sparse", epochs=330)  # doctest: +SKIP
@@ -338,12 +431,12 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
     for name, value in overrides.items():
         setattr(config, name, value)
     config.validate()
+    if not config.eval_only:
+        _check_outputs(config)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     payload = read_checkpoint(config.resume) if config.resume else None
     if payload is not None:  # eval_only takes model, part and form from the checkpoint
         _check_resume(payload, config, None if config.eval_only else config.seed, recipe=not config.eval_only)
-    model = _eval_model(config, payload) if config.eval_only else None  # bad weights fail here
-    data = load_cifar10(config.data)
     seed = config.seed if config.seed is not None else (
         payload["config"]["seed"] if payload is not None else random.randrange(2**31))
     result = TrainResult(seed=seed)
@@ -351,22 +444,24 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
 
     with _deterministic(config.seed is not None):
         if config.eval_only:
+            model = _eval_model(config, payload)  # bad weights fail here, before the data are read
+            data = load_cifar10(config.data)
             result.model = _recheck(model.to(device), data, config, device, result)
             result.best_acc = result.final_acc
             return result
 
         torch.manual_seed(seed)
-        model = create_model(config.model, part=config.part, form=config.form).to(device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones), config.gamma)
+        model, optimizer, scheduler = _build(config, device, payload)  # a resume that does not fit fails here
+        data = load_cifar10(config.data)
         start = 0
         if payload is not None:
-            model.load_state_dict(payload["model"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
             start, result.history = payload["epoch"], list(payload["history"])
             result.best_acc, result.best_epoch = payload["best_acc"], payload["best_epoch"]
+        elif config.force:  # a new run replaces the old one whole, never file by file
+            for name in RUN_FILES:
+                if (out_dir / name).exists():
+                    (out_dir / name).unlink()
+                    logger.info("removed %s of the previous run (force)", out_dir / name)
         out_dir.mkdir(parents=True, exist_ok=True)
         for epoch in range(start, config.epochs):
             lr = optimizer.param_groups[0]["lr"]

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .._checks import check_int
+from .._files import atomic_write, check_output_file
 from ..convert import to_masked, to_sparse
 from ..masked import MaskedHetConv2d
 from ..models import vgg16_cifar
 from ..profiling import measure_latency, parameter_bytes
+from . import positive_int
 
 __all__ = ["add_parser", "format_demo", "run", "run_demo"]
 
@@ -25,10 +28,23 @@ __all__ = ["add_parser", "format_demo", "run", "run_demo"]
 def run_demo(part: int = 4, batch: int = 32, repeats: int = 10, seed: int = 0) -> dict:
     """Convert a random masked ``vgg16_cifar(part)`` to sparse form and measure both.
 
+    Args:
+        part (int): HetConv ``P`` (must divide 64).
+        batch (int): size of the random batch (>= 1).
+        repeats (int): timed forward passes per form (>= 1).
+        seed (int): seed of the weights and the batch (>= 0).
+
     Returns:
         dict: ``layers`` (name, channels, masked / sparse parameters), totals, bytes,
         ``max_abs_diff`` and ``latency_ms`` of both forms.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or value, before any work.
     """
+    check_int("part", part)
+    check_int("batch", batch)
+    check_int("repeats", repeats)
+    check_int("seed", seed, 0)
     torch.manual_seed(seed)
     # The published layout: masked form, NCHW, as a checkpoint of the published script loads.
     masked = vgg16_cifar(part=part, form="masked", memory_format=None).eval()
@@ -101,16 +117,20 @@ def format_demo(result: dict) -> str:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="convert a masked VGG-16 (random weights) to sparse form")
-    parser.add_argument("--part", type=int, default=4, help="HetConv part P (default 4)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size of the latency run (default 32)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per form (default 10)")
-    parser.add_argument("--out", type=Path, default=Path("demo_result.json"), help="JSON file for the result")
+    parser.add_argument("--part", type=positive_int, default=4, help="HetConv part P, a divisor of 64 (default 4)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="batch size of the latency run (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=10,
+                        help="timed forward passes per form (default 10)")
+    parser.add_argument("--out", type=Path, default=Path("demo_result.json"),
+                        help="JSON file for the result (replaced if it exists; default %(default)s)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_output_file(args.out)  # before the work: a folder that is missing or not writable fails now
     result = run_demo(part=args.part, batch=args.batch, repeats=args.repeats)
     print(format_demo(result))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(args.out, lambda file: file.write(text.encode()))
     print(f"\nsaved {args.out}")
     return 0

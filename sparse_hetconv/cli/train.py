@@ -6,6 +6,8 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
+from . import nonnegative_float, nonnegative_int, positive_float, positive_int
+
 # Options that define a run; with --resume, the ones not given are read from the checkpoint.
 _RECIPE_OPTIONS = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
                    "gamma", "crop_padding", "flip")
@@ -29,31 +31,36 @@ def add_parser(subparsers) -> None:
                     "(cifar-10-batches-py); nothing is downloaded.")
     parser.add_argument("--data", default=d.data, help=f"the CIFAR-10 folder or its parent (default {d.data})")
     parser.add_argument("--model", default=None, help=f"registered model (default {d.model})")
-    parser.add_argument("--part", type=int, default=None, help=f"HetConv part P (default {d.part})")
+    parser.add_argument("--part", type=positive_int, default=None, help=f"HetConv part P (default {d.part})")
     parser.add_argument("--form", choices=("sparse", "masked"), default=None, help=f"layer form (default {d.form})")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"total epochs (default {d.epochs})")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
-    parser.add_argument("--lr", type=float, default=None, help=f"SGD learning rate (default {d.lr})")
-    parser.add_argument("--momentum", type=float, default=None, help=f"default {d.momentum}")
-    parser.add_argument("--weight-decay", type=float, default=None, help=f"default {d.weight_decay}")
+    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"total epochs (default {d.epochs})")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"SGD learning rate (default {d.lr})")
+    parser.add_argument("--momentum", type=nonnegative_float, default=None, help=f"default {d.momentum}")
+    parser.add_argument("--weight-decay", type=nonnegative_float, default=None, help=f"default {d.weight_decay}")
     parser.add_argument("--milestones", type=str, default=None,
                         help=f"MultiStepLR epochs, comma-separated (default {','.join(map(str, d.milestones))})")
-    parser.add_argument("--gamma", type=float, default=None, help=f"MultiStepLR factor (default {d.gamma})")
-    parser.add_argument("--crop-padding", type=int, default=None,
+    parser.add_argument("--gamma", type=nonnegative_float, default=None,
+                        help=f"MultiStepLR factor (default {d.gamma})")
+    parser.add_argument("--crop-padding", type=nonnegative_int, default=None,
                         help=f"padding of the random crop, 0 for none (default {d.crop_padding})")
     parser.add_argument("--no-flip", dest="flip", action="store_false", default=None,
                         help="no random horizontal flips")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=None, help=f"random seed, deterministic runs (default {d.seed})")
+    parser.add_argument("--seed", type=nonnegative_int, default=None,
+                        help=f"random seed, deterministic runs (default {d.seed})")
     parser.add_argument("--out", dest="out_dir", default=None,
                         help=f"folder for last.pt, best.pt, model_sparse.pt (default {d.out_dir}, or the folder "
-                             "of --resume)")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                             "of --resume); a folder that holds a run needs --resume or --force")
+    parser.add_argument("--force", action="store_true",
+                        help="train into an --out that holds another run (its last.pt, best.pt and "
+                             "model_sparse.pt are removed when training starts)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=d.checkpoint_every,
                         help=f"save last.pt every N epochs (default {d.checkpoint_every})")
     parser.add_argument("--resume", default=None, help="continue from a last.pt / best.pt checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="only evaluate --weights (or --resume)")
     parser.add_argument("--weights", default=None, help="model checkpoint to evaluate with --eval-only")
-    parser.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default %(default)s")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=d.eval_batch_size, help="default %(default)s")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=run)
 

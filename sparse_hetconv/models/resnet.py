@@ -9,11 +9,14 @@ shortcut projections) and the classifier stay standard. ``part=1`` gives the pla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from .._base import _HetConvBase
 from .._checks import check_int
+from ..backends import check_backend
 from ._registry import register_model
 from .layers import check_form, make_conv
 
@@ -36,9 +39,12 @@ class BasicBlock(nn.Module):
     """
 
     expansion = 1
+    # (layer, its BatchNorm) pairs whose BatchNorm is the layer's only user, for fuse_bn
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, in_channels: int, width: int, stride: int, part: int, form: str, backend: str) -> None:
         super().__init__()
+        _check_block(in_channels, width, stride)
         self.conv1 = make_conv(in_channels, width, part, form, stride=stride, backend=backend)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = make_conv(width, width, part, form, backend=backend)
@@ -60,9 +66,11 @@ class Bottleneck(nn.Module):
     """
 
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, in_channels: int, width: int, stride: int, part: int, form: str, backend: str) -> None:
         super().__init__()
+        _check_block(in_channels, width, stride)
         out_channels = width * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -79,6 +87,12 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
+
+
+def _check_block(in_channels: object, width: object, stride: object) -> None:
+    check_int("in_channels", in_channels)
+    check_int("width", width)
+    check_int("stride", stride)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module | None:
@@ -102,14 +116,28 @@ class ResNet(nn.Module):
     Shape:
         input (Tensor[batch, 3, H, W]) -> Tensor[batch, num_classes]; built for 224x224, any
         ``H, W >= 32`` runs (the pool before ``fc`` is adaptive).
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or value (the message names it).
     """
+
+    conv_bn_pairs = (("conv1", "bn1"),)
 
     def __init__(self, block, layers, part: int = 4, form: str = "sparse", num_classes: int = 1000,
                  backend: str = "auto") -> None:
         super().__init__()
+        if not (isinstance(block, type) and issubclass(block, nn.Module)
+                and isinstance(getattr(block, "expansion", None), int)):
+            raise TypeError(f"block must be BasicBlock, Bottleneck or another nn.Module class with an int "
+                            f"'expansion', got {block!r}")
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != len(STAGE_WIDTHS):
+            raise ValueError(f"layers ({layers!r}) must be a sequence of {len(STAGE_WIDTHS)} ints: blocks per stage")
+        for count in layers:
+            check_int("layers", count)
         check_int("part", part)
         check_int("num_classes", num_classes)
         check_form(form)
+        check_backend(backend)
         if STAGE_WIDTHS[0] % part:
             raise ValueError(f"part ({part}) must divide {STAGE_WIDTHS[0]}, the channels of the narrowest "
                              "3x3 layer of a ResNet")

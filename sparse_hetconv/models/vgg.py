@@ -7,11 +7,14 @@ In masked form the state_dict keys are those of the published script, so its che
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from .._checks import check_int
 from .._memory_format import apply_memory_format, check_memory_format
+from ..backends import check_backend
 from ._registry import register_model
 from .layers import check_form, make_conv
 
@@ -33,14 +36,21 @@ class VGG(nn.Module):
         memory_format (torch.memory_format or None): layout of the 4-D parameters;
             ``torch.channels_last`` (default) makes every activation channels-last, the fast
             layout of oneDNN's convolutions; None keeps PyTorch's NCHW default.
+
+    Raises:
+        TypeError / ValueError: an argument of the wrong type or value, a ``config`` that is not
+            a sequence of channel counts and ``"M"`` starting with a convolution, or a ``part``
+            that does not divide a HetConv layer's channels (the message names the argument).
     """
 
     def __init__(self, config=VGG16_CONFIG, part: int = 4, form: str = "sparse", num_classes: int = 10,
                  backend: str = "auto", memory_format=torch.channels_last) -> None:
         super().__init__()
+        _check_config(config)
         check_int("part", part)
         check_int("num_classes", num_classes)
         check_form(form)
+        check_backend(backend)
         check_memory_format(memory_format)
         layers: list[nn.Module] = []
         in_channels = 3
@@ -62,6 +72,18 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _check_config(config: object) -> None:
+    if isinstance(config, (str, bytes)) or not isinstance(config, Sequence):
+        raise TypeError(f"config must be a sequence of channel counts and 'M', got {type(config).__name__} "
+                        f"({config!r})")
+    for item in config:
+        if item != "M" and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
+            raise ValueError(f"config ({config!r}) must hold channel counts (ints >= 1) and 'M' (a max-pool), "
+                             f"got {item!r}")
+    if not config or config[0] == "M":
+        raise ValueError(f"config ({tuple(config)!r}) must start with a convolution (a channel count)")
 
 
 @register_model

@@ -226,3 +226,122 @@ def test_eval_only_bad_weights_fail_before_reading_data(tmp_path):
     weights.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
         train_cifar(data=str(tmp_path / "no_data"), eval_only=True, weights=str(weights))
+
+
+# -- outputs and resume checkpoints: refused before any work, in one line from the command line --
+def _stderr_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sparse-hetconv train: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture
+def no_data_read(monkeypatch):
+    """Fail the test if the data set is read: the check under test must come first."""
+    import sparse_hetconv.cifar.train as train_module
+
+    def load_cifar10(data):
+        raise AssertionError("CIFAR-10 was read although the run was refused")
+
+    monkeypatch.setattr(train_module, "load_cifar10", load_cifar10)
+
+
+def test_out_holding_a_run_needs_resume_or_force(runs, capsys, no_data_read):
+    a = runs["out"] / "a"
+    before = {name: (a / name).read_bytes() for name in ("last.pt", "best.pt", "model_sparse.pt")}
+    assert cli.main(["train", "--data", str(runs["root"]), "--out", str(a), "--epochs", "1", "--no-progress"]) == 2
+    line = _stderr_line(capsys)
+    assert f"{a}: holds a training run (last.pt, best.pt, model_sparse.pt); pass resume (--resume {a / 'last.pt'}) " \
+           "to continue it or force=True (--force) to replace it" in line, line
+    assert {name: (a / name).read_bytes() for name in before} == before, "the previous run was overwritten"
+    with pytest.raises(FileExistsError, match="holds a training run"):
+        train_cifar(data=str(runs["root"]), out_dir=str(a), epochs=1, progress=False)
+
+
+def test_forced_run_replaces_the_old_run_whole(runs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import sparse_hetconv.cifar.train as train_module
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["out"] / "a", old)
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped in the first epoch by the test")
+
+    monkeypatch.setattr(train_module, "_train_epoch", stop)
+    assert cli.main(["train", "--data", str(runs["root"]), "--out", str(old), "--epochs", "1", "--force",
+                     "--no-progress"]) == 2
+    assert _stderr_line(capsys) == "sparse-hetconv train: error: stopped in the first epoch by the test"
+    left = sorted(p.name for p in old.iterdir())
+    assert left == [], f"a forced run must not leave the old run's files beside its own: {left}"
+
+
+def _damaged(runs, tmp_path, change) -> Path:
+    payload = {key: value for key, value in runs["first"].items()}
+    change(payload)
+    path = tmp_path / "damaged" / "last.pt"
+    path.parent.mkdir()
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("optimizer"), r"is a training checkpoint without the entries optimizer \(it has best_acc"),
+    (lambda p: [p.pop("scheduler"), p.pop("history")], r"without the entries history, scheduler"),
+    (lambda p: p.__setitem__("config", {k: v for k, v in p["config"].items() if k != "part"}),
+     r"the checkpoint's config lacks the settings part"),
+    (lambda p: p.__setitem__("model", {k: v for k, v in p["model"].items() if "classifier.3" not in k}),
+     r"its model entry does not fit the VGG of the stored settings: Error\(s\) in loading state_dict"),
+    (lambda p: p.__setitem__("optimizer", {"state": {}, "param_groups": []}),
+     r"its optimizer entry does not fit the SGD of the stored settings"),
+], ids=["no-optimizer", "no-scheduler-history", "config-without-part", "model-keys", "optimizer-groups"])
+def test_resume_of_a_damaged_checkpoint_names_the_file_and_what_is_missing(runs, tmp_path, capsys, change, message,
+                                                                          no_data_read):
+    path = _damaged(runs, tmp_path, change)  # these were KeyError / RuntimeError tracebacks
+    with pytest.raises(ValueError, match=rf"resume \({__import__('re').escape(str(path))}\).*{message}"):
+        train_cifar(data=str(runs["root"]), resume=str(path), out_dir=str(path.parent), epochs=2, part=4,
+                    form="masked", progress=False)
+    status = cli.main(["train", "--data", str(runs["root"]), "--resume", str(path), "--epochs", "2", "--no-progress"])
+    assert status == 2
+    line = _stderr_line(capsys)
+    assert str(path) in line, line
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"], "nothing may be written"
+
+
+def test_output_folder_is_checked_before_the_work(runs, tmp_path, capsys, no_data_read):
+    (tmp_path / "file").write_text("not a folder")
+    assert cli.main(["train", "--data", str(runs["root"]), "--out", str(tmp_path / "file" / "run")]) == 2
+    assert _stderr_line(capsys).endswith(f"{tmp_path / 'file'}: is a file, expected a folder")
+    (tmp_path / "run" / "best.pt").mkdir(parents=True)
+    assert cli.main(["train", "--data", str(runs["root"]), "--out", str(tmp_path / "run")]) == 2
+    assert _stderr_line(capsys).endswith(f"{tmp_path / 'run' / 'best.pt'}: is a folder, but training writes a file "
+                                         "of that name")
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="file modes and /sys are POSIX")
+def test_unwritable_output_folder_is_refused_before_the_work(runs, tmp_path, capsys, no_data_read):
+    from test_files import _unwritable  # the unwritable folder the file tests use
+
+    locked = _unwritable(tmp_path)  # this was a PermissionError traceback after the whole run
+    assert cli.main(["train", "--data", str(runs["root"]), "--out", str(locked / "run")]) == 2
+    assert _stderr_line(capsys) == f"sparse-hetconv train: error: {locked}: cannot write into this folder " \
+                                   "(Permission denied)"
+
+
+@pytest.mark.parametrize("setting, error, message", [
+    ({"force": "yes"}, TypeError, r"force must be a bool, got str \('yes'\)"),
+    ({"flip": 1}, TypeError, r"flip must be a bool, got int \(1\)"),
+    ({"out_dir": 5}, TypeError, r"out_dir must be a path \(str or os.PathLike\), got int"),
+    ({"weights": 3, "eval_only": True}, TypeError, r"weights must be a path \(str or os.PathLike\) or None"),
+    ({"device": 0}, TypeError, r"device must be a str, a torch.device or None, got int"),
+    ({"model": ["vgg16_cifar"]}, ValueError, r"model \(\['vgg16_cifar'\]\) is not registered"),
+])
+def test_settings_of_the_wrong_type(setting, error, message, tmp_path):
+    with pytest.raises(error, match=message):
+        train_cifar(**({"data": str(tmp_path), "out_dir": str(tmp_path / "out")} | setting))
+
+
+def test_weights_that_are_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match="weights is a folder, expected a checkpoint file"):
+        train_cifar(data=str(tmp_path), eval_only=True, weights=str(tmp_path))

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, count_params, to_sparse
-from sparse_hetconv.models import create_model, list_models, resnet18, resnet34, resnet50
-from sparse_hetconv.models.layers import FORMS
+from sparse_hetconv.models import ResNet, create_model, list_models, register_model, resnet18, resnet34, resnet50
+from sparse_hetconv.models.layers import FORMS, make_conv
+from sparse_hetconv.models.resnet import BasicBlock, Bottleneck
 
 # Smallest input (height = width) each registered model is tested at; a newly registered model
 # must be added here (test_every_model_has_a_test_size says so).
@@ -123,3 +124,37 @@ def test_resnet_bad_arguments():
         resnet34(part=2.0)
     with pytest.raises(ValueError, match=r"num_classes \(0\)"):
         resnet18(num_classes=0)
+
+
+# -- arguments ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("call, error, message", [
+    # a backend used to be checked only when a sparse layer was built: at part=1 or in masked form
+    # any string passed
+    (lambda: resnet18(part=1, backend="fastest"), ValueError, r"backend \('fastest'\) must be one of"),
+    (lambda: resnet18(form="masked", backend="fastest"), ValueError, r"backend \('fastest'\) must be one of"),
+    (lambda: resnet18(form=None), ValueError, r"form \(None\) must be one of \('sparse', 'masked'\)"),
+    (lambda: resnet18(part=True), TypeError, r"part must be an int, got bool"),
+    (lambda: resnet18(num_classes=10.0), TypeError, r"num_classes must be an int, got float"),
+    (lambda: ResNet(BasicBlock, (2, 2, 2)), ValueError, r"layers \(\(2, 2, 2\)\) must be a sequence of 4 ints"),
+    (lambda: ResNet(BasicBlock, (2, 0, 2, 2)), ValueError, r"layers \(0\) must be an int >= 1"),
+    (lambda: ResNet("basic", (2, 2, 2, 2)), TypeError, r"block must be BasicBlock, Bottleneck or another"),
+    (lambda: BasicBlock(64, 64, 0, 4, "sparse", "auto"), ValueError, r"stride \(0\) must be an int >= 1"),
+    (lambda: Bottleneck(64.0, 64, 1, 4, "sparse", "auto"), TypeError, r"in_channels must be an int, got float"),
+    (lambda: create_model(["resnet18"]), TypeError, r"name must be a str, got list"),
+    (lambda: create_model("resnet18", parts=4), TypeError,
+     r"resnet18 takes no argument 'parts'; it takes part, form, num_classes, backend"),
+    (lambda: register_model("resnet18"), TypeError, r"register_model expects a named function or class, got str"),
+    (lambda: make_conv(8, 8, 2, "dense"), ValueError, r"form \('dense'\) must be one of"),  # built a masked layer
+    (lambda: make_conv(8, 8, 1, "sparse", bias="no"), TypeError, r"bias must be a bool, got str \('no'\)"),
+    (lambda: make_conv(8, 8, 1, "sparse", kernel_size=2), ValueError, r"kernel_size \(2\) must be odd"),
+    (lambda: make_conv(8, 8, 1, "sparse", stride=-1), ValueError, r"stride \(-1\) must be an int >= 1"),
+])
+def test_model_arguments_are_checked(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_registry_refuses_a_second_model_of_the_same_name():
+    with pytest.raises(ValueError, match=r"a model named 'resnet18' is already registered"):
+        register_model(resnet18)
+    assert create_model("resnet18", part=2).conv1.out_channels == 64, "the registered resnet18 is unchanged"

@@ -7,7 +7,7 @@ from torch import nn
 from helpers import assert_close
 from published import PublishedVGG
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_sparse
-from sparse_hetconv.models import create_model, list_models, vgg16_cifar
+from sparse_hetconv.models import VGG, create_model, list_models, vgg16_cifar
 
 HETCONV_INDICES = [3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
 CHANNELS = [(64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512),
@@ -86,7 +86,27 @@ def test_registry():
     (dict(form="dense"), r"form \('dense'\) must be one of \('sparse', 'masked'\)"),
     (dict(part=0), r"part \(0\) must be an int >= 1"),
     (dict(num_classes=0), r"num_classes \(0\) must be an int >= 1"),
+    (dict(part=1, backend="fastest"), r"backend \('fastest'\) must be one of"),  # no layer used to check it
+    (dict(form="masked", backend="fastest"), r"backend \('fastest'\) must be one of"),
+    (dict(memory_format="nhwc"), r"memory_format \('nhwc'\) must be torch.channels_last"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         vgg16_cifar(**kwargs)
+
+
+@pytest.mark.parametrize("config, error, message", [
+    ([], ValueError, r"config \(\(\)\) must start with a convolution"),  # built a model that failed in forward
+    (["M", 64], ValueError, r"must start with a convolution"),
+    ([64, 0, "M"], ValueError, r"config \(\[64, 0, 'M'\]\) must hold channel counts \(ints >= 1\) and 'M'.*got 0"),
+    ([64, "pool"], ValueError, r"got 'pool'"),
+    ("64M", TypeError, r"config must be a sequence of channel counts and 'M', got str"),
+])
+def test_bad_config(config, error, message):
+    with pytest.raises(error, match=message):
+        VGG(config)
+
+
+def test_small_config_builds_and_runs():
+    model = VGG((16, "M", 32, "M"), part=2, num_classes=3, memory_format=None)
+    assert model(torch.randn(2, 3, 4, 4)).shape == (2, 3)
