@@ -2,9 +2,7 @@
 
 import math
 
-import numpy as np
 import pytest
-import scipy.sparse
 import torch
 
 from helpers import DEVICES, assert_close, one_by_one_channels, oracle
@@ -155,6 +153,10 @@ def test_sparse_weight_times_input_is_the_1x1_part():
 
 
 def test_scipy_round_trip():
+    np = pytest.importorskip("numpy", reason="scipy interop needs numpy")
+    scipy = pytest.importorskip("scipy", reason="scipy interop needs scipy")
+    import scipy.sparse  # noqa: F401
+
     torch.manual_seed(0)
     layer = SparseHetConv2d(12, 6, part=3, dtype=torch.float64)
     matrix = layer.to_scipy()
@@ -173,6 +175,10 @@ def test_scipy_round_trip():
 
 
 def test_load_scipy_rejects_what_does_not_fit_and_changes_nothing():
+    np = pytest.importorskip("numpy", reason="scipy interop needs numpy")
+    scipy = pytest.importorskip("scipy", reason="scipy interop needs scipy")
+    import scipy.sparse  # noqa: F401
+
     layer = SparseHetConv2d(8, 4, part=2)
     before = layer.weight_1x1.detach().clone()
     bad = layer.to_scipy().toarray()
@@ -187,6 +193,9 @@ def test_load_scipy_rejects_what_does_not_fit_and_changes_nothing():
 
 
 def test_to_scipy_bfloat16_and_part_one():
+    np = pytest.importorskip("numpy", reason="scipy interop needs numpy")
+    pytest.importorskip("scipy", reason="scipy interop needs scipy")
+
     layer = SparseHetConv2d(8, 4, part=2, dtype=torch.bfloat16)
     assert layer.to_scipy().dtype == np.float32
     standard = SparseHetConv2d(4, 4, part=1)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from sparse_hetconv import cli
-from sparse_hetconv.cifar.data import augment, find_cifar10, load_cifar10
-from sparse_hetconv.models import vgg16_cifar
-from sparse_hetconv.cifar.train import TrainConfig, config_from_checkpoint, train_cifar
+np = pytest.importorskip("numpy", reason="the CIFAR-10 reader builds numpy arrays")
+import torch  # noqa: E402
+
+from sparse_hetconv import cli  # noqa: E402
+from sparse_hetconv.cifar.data import augment, find_cifar10, load_cifar10  # noqa: E402
+from sparse_hetconv.models import vgg16_cifar  # noqa: E402
+from sparse_hetconv.cifar.train import TrainConfig, config_from_checkpoint, train_cifar  # noqa: E402
 
 TRAIN_PER_BATCH, TEST_IMAGES = 8, 24  # 5 x 8 + 24 = 64 images
 

@@ -36,3 +36,19 @@ def test_dry_run_writes_the_report(tmp_path):
     assert "placeholder" not in text.lower() and "TODO" not in text, "the markdown report has placeholders"
     assert report["environment"]["device"] in text and "benchmarks.gpu_check" in text, \
         "the markdown report does not name the card and the command"
+
+
+def test_cuda_test_files_collect_on_a_bare_gpu_machine():
+    """The GPU machine has torch, triton, pytest and hypothesis only: the files gpu_check runs must
+    collect there (a collection error would stop the whole run and waste the GPU session)."""
+    from benchmarks.gpu_check import BARE_MACHINE_MISSING, cuda_test_files
+
+    files = cuda_test_files() + ["tests/backends/test_triton.py"]
+    code = ("import sys\n"
+            f"for name in {BARE_MACHINE_MISSING!r}:\n    sys.modules[name] = None  # import fails\n"
+            "import pytest\n"
+            f"sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', *{files!r}]))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"collection failed without the optional packages:\n{done.stdout[-3000:]}"
