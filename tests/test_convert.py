@@ -125,7 +125,7 @@ def test_published_checkpoint_loads_into_masked_form_by_key():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda: ProductNotSum(8, 8, 2), r"module '0' \(ProductNotSum\) has gwc and pwc but its forward is not gwc\(x\) \+ pwc\(x\)"),
+    (lambda: ProductNotSum(8, 8, 2), r"module '0' \(ProductNotSum\): its forward is not a signed sum of its convolutions \(gwc, pwc\)"),
     (lambda: WithExtra(8, 8, 2), r"module '0' \(WithExtra\) holds more than gwc and pwc"),
 ])
 def test_modules_that_are_not_hetconv_are_refused(bad, message):
