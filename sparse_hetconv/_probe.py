@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["FORWARD_HOOKS", "STATE_HOOKS", "hook_names", "no_global_hooks", "probe_input", "quiet_copy",
+__all__ = ["CopyError", "FORWARD_HOOKS", "STATE_HOOKS", "hook_names", "no_global_hooks", "probe_input", "quiet_copy",
            "relative_change", "silenced", "tolerance"]
 
 # The hook dictionaries of an nn.Module (torch 2.x), by what they observe.
@@ -56,10 +56,23 @@ def _strip_hooks(module: nn.Module) -> None:
             sub._is_full_backward_hook = None
 
 
+class CopyError(ValueError):
+    """A module that cannot be copied for a test run (the converters add its path)."""
+
+
 def quiet_copy(module: nn.Module, dtype: torch.dtype | None = torch.float64) -> nn.Module:
     """A deep copy of ``module`` without any hook in its subtree, its floating tensors in ``dtype``
-    (None keeps them), in eval mode. The original is not touched."""
-    clone = copy.deepcopy(module)
+    (None keeps them), in eval mode. The original is not touched.
+
+    Raises:
+        CopyError (a ValueError): torch cannot copy it (e.g. under the old ``weight_norm``).
+    """
+    try:
+        clone = copy.deepcopy(module)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CopyError(f"cannot be copied for a test run ({first}); if it uses torch.nn.utils.weight_norm, "
+                        "remove it first (torch.nn.utils.remove_weight_norm)") from error
     _strip_hooks(clone)
     if dtype is not None:
         clone = clone.to(dtype)

@@ -26,8 +26,9 @@ error the input model is untouched. What they share (``_convert``):
   works), because the replacement takes the same input and returns the same output. Hooks that
   cannot be carried over are refused with a ``ValueError`` naming the path, before anything
   changes: hooks on a replaced module's children (which disappear), ``state_dict`` hooks (the
-  keys change), ``weight_norm`` / ``spectral_norm`` (remove them first), and, for converters that
-  permute a layer's channels (``from_shifted``, ``to_shifted``), any hook on the layer.
+  keys change), the hook-based ``weight_norm`` / ``spectral_norm`` (remove them first), and, for
+  converters that permute a layer's channels (``from_shifted``, ``to_shifted``), any hook on the
+  layer.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from itertools import chain
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import check_int
 from ._memory_format import apply_memory_format, check_memory_format
-from ._probe import FORWARD_HOOKS, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change, tolerance
+from ._probe import FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change, tolerance
 from ._report import ConversionReport
 from .backends import check_backend
 from .masked import NotAHetConvError, _MaskedHetConvNd, hetconv_kind, read_hetconv_weights
@@ -119,7 +122,18 @@ def _plan(model: nn.Module, build, report: ConversionReport | None = None) -> li
             continue
         key = id(module)
         if key not in steps:
-            new = build(path, module)
+            try:
+                new = build(path, module)
+            except Exception as error:  # a probe under weight_norm fails in many ways: name the cause
+                norm = _norm_in(module)
+                if norm:
+                    raise ValueError(f"{_where(path, module)} uses {norm}; remove it before converting") from error
+                if isinstance(error, CopyError):
+                    raise ValueError(f"{_where(path, module)} {error}") from error
+                raise
+            norm = None if new is None else _norm_in(module)
+            if norm:
+                raise ValueError(f"{_where(path, module)} uses {norm}; remove it before converting")
             steps[key] = None if new is None else _Step([path], module, new)
             if steps[key] is not None:
                 order.append(steps[key])
@@ -156,15 +170,15 @@ def _check_ties(model: nn.Module, plan: list[_Step]) -> None:
                                  "converting it would untie them (untie them first)")
 
 
-def _norm_hook(hooks) -> str | None:
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    for hook in hooks.values():
-        if isinstance(hook, WeightNorm):
-            return "weight_norm (torch.nn.utils.remove_weight_norm)"
-        if isinstance(hook, SpectralNorm):
-            return "spectral_norm (torch.nn.utils.remove_spectral_norm)"
+def _norm_in(module: nn.Module) -> str | None:
+    """``weight_norm`` / ``spectral_norm`` (the hook-based ones) anywhere in ``module``: their
+    forward pre-hook recomputes ``weight``, which a converted layer does not have."""
+    for sub in module.modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                return "weight_norm (torch.nn.utils.remove_weight_norm)"
+            if isinstance(hook, SpectralNorm):
+                return "spectral_norm (torch.nn.utils.remove_spectral_norm)"
     return None
 
 
@@ -179,9 +193,6 @@ def _check_hooks(plan: list[_Step], carry: bool) -> None:
                 raise ValueError(f"module '{path + '.' if path else ''}{sub_path}' has a {', '.join(kinds)}, but it "
                                  f"disappears when {_where(path, step.old)} is converted; {advice}")
         kinds = hook_names(step.old)
-        norm = _norm_hook(step.old._forward_pre_hooks)
-        if norm:
-            raise ValueError(f"{_where(path, step.old)} uses {norm}; remove it before converting")
         state = [kind for kind in kinds if "state_dict" in kind]
         if state:
             raise ValueError(f"{_where(path, step.old)} has a {', '.join(state)}, which cannot follow it: "
@@ -245,7 +256,12 @@ def _convert(model, build, inplace: bool, what: str, memory_format=None, return_
     report = ConversionReport(what) if report is None else report
     report.params_before = _params(model)
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as error:  # torch refuses to copy e.g. a model under the old weight_norm
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{what}: the model cannot be deep-copied ({first}); pass inplace=True or remove "
+                             "what prevents the copy (torch.nn.utils.remove_weight_norm)") from error
     plan = _plan(model, build, report)  # raises before anything is changed; the input is never touched
     _check_ties(model, plan)
     _check_hooks(plan, carry_hooks)

@@ -223,6 +223,8 @@ def _finisher(wrappers: set[int], protected: list[nn.Module]):
     """Absorb the permutations, then drop the identities they leave in the wrappers."""
 
     def finish(model: nn.Module, report: ConversionReport) -> nn.Module:
+        if not wrappers:
+            return model
         absorb_permutations(model, protected)
         paths: dict[int, list[str]] = {}
         for path, module in model.named_modules(remove_duplicate=False):

@@ -171,6 +171,11 @@ class SxproVGG(nn.Module):
         return self.classifier(x)
 
 
+def sxpro_vgg(layer="HetConv2d_v2", cfg=(8, "M", 8, "M", 16, 16, "M"), p=4, num_classes=10, spatial=1):
+    """A factory for the command line: :class:`SxproVGG` with the sxpro layer named ``layer``."""
+    return SxproVGG({"HetConv2d": HetConv2d, "HetConv2d_v2": HetConv2d_v2}[layer], list(cfg), p, num_classes, spatial)
+
+
 # -- zhang943/Approximate-HetConv (HetConv.py, vgg.py): module names, keys and cfg lists as there.
 class HetConv(nn.Module):
     """zhang943's HetConv: gwc (grouped 3x3) + pwc (full 1x1, never masked), no bias."""
@@ -239,3 +244,22 @@ def zhang_vgg(cfg="D", p=4, batch_norm=True, width=1):
         model.classifier[1] = nn.BatchNorm1d(512 // width)
         model.classifier[2] = nn.Linear(512 // width, 10)
     return model
+
+
+def train_briefly(model, input_shape, steps=3, seed=0, lr=0.05, mask_grads=None):
+    """A few SGD steps (momentum 0.9, weight decay 5e-4, as the published scripts train) on random
+    data, so that converted weights are trained ones, not an initialisation; returns the model in
+    eval mode. ``mask_grads(model)`` runs after each backward (the naive masked implementation)."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(input_shape, generator=generator, dtype=dtype)
+        loss = model(x).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if mask_grads is not None:
+            mask_grads(model)
+        optimizer.step()
+    return model.eval()
