@@ -60,9 +60,12 @@ class CopyError(ValueError):
     """A module that cannot be copied for a test run (the converters add its path)."""
 
 
-def quiet_copy(module: nn.Module, dtype: torch.dtype | None = torch.float64) -> nn.Module:
+def quiet_copy(module: nn.Module, dtype: torch.dtype | None = torch.float64, finite: bool = False) -> nn.Module:
     """A deep copy of ``module`` without any hook in its subtree, its floating tensors in ``dtype``
     (None keeps them), in eval mode. The original is not touched.
+
+    With ``finite`` every inf or NaN in the copy's parameters and buffers is replaced by zero, for
+    probes that ask about structure only (which children a forward adds up).
 
     Raises:
         CopyError (a ValueError): torch cannot copy it (e.g. under the old ``weight_norm``).
@@ -76,6 +79,11 @@ def quiet_copy(module: nn.Module, dtype: torch.dtype | None = torch.float64) -> 
     _strip_hooks(clone)
     if dtype is not None:
         clone = clone.to(dtype)
+    if finite:
+        with torch.no_grad():
+            for tensor in list(clone.parameters()) + list(clone.buffers()):
+                if tensor.is_floating_point():
+                    tensor.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return clone.eval()
 
 
@@ -123,9 +131,20 @@ def probe_input(channels: int, kernel_size: tuple[int, ...], device=None, seed: 
 
 
 def relative_change(new: Tensor, old: Tensor) -> float:
-    """``||new - old|| / ||old||`` (Frobenius); 0.0 when both are zero, inf when only ``old`` is."""
-    diff = float(torch.linalg.vector_norm((new - old).double()))
-    scale = float(torch.linalg.vector_norm(old.double()))
+    """``||new - old|| / ||old||`` (Frobenius); 0.0 when both are zero, inf when only ``old`` is.
+
+    Entries where ``old`` is not finite (a non-finite weight of the source) are left out; a
+    non-finite ``new`` where ``old`` is finite counts as an infinite change. A converted layer may
+    give a finite value where the source gave NaN: docs/design.md §9 (a masked-out weight is not
+    part of the layer's function, whatever it holds).
+    """
+    new, old = new.double(), old.double()
+    finite = torch.isfinite(old)
+    if not bool(torch.isfinite(new[finite]).all()):
+        return float("inf")
+    new, old = new[finite], old[finite]
+    diff = float(torch.linalg.vector_norm(new - old))
+    scale = float(torch.linalg.vector_norm(old))
     if scale == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return diff / scale

@@ -387,8 +387,9 @@ def _read_sum(module: nn.Module, convs: list[tuple[str, nn.Module]], dims: int, 
 
 
 def _sum_coefficients(module: nn.Module, names: list[str], first: nn.Module, where: str, error: type) -> list[float]:
-    """The coefficients ``a`` with ``module(x) = sum_i a_i child_i(x)``, found on a float64 probe."""
-    quiet = quiet_copy(module)
+    """The coefficients ``a`` with ``module(x) = sum_i a_i child_i(x)``, found on a float64 probe
+    (non-finite weights set to zero there: the coefficients are a matter of structure)."""
+    quiet = quiet_copy(module, finite=True)
     x = probe_input(first.in_channels, tuple(first.kernel_size), first.weight.device)
     with torch.no_grad(), no_global_hooks():
         try:

@@ -127,7 +127,8 @@ def _per_filter_layout(module: nn.Module, where: str) -> _PerFilter | None:
 
 def _read_per_filter(module: nn.Module, layout: _PerFilter, where: str) -> tuple[Tensor, Tensor | None]:
     """The dense ``(N, M, *k)`` weight and bias (float64) of a module that computes a stride-1
-    convolution, read from its responses to unit impulses and checked on a random input."""
+    convolution, read from its responses to unit impulses and checked on a random input (with its
+    real weights: a non-finite one makes the reading fail)."""
     quiet = quiet_copy(module)
     device = next(quiet.parameters()).device
     k, m_in, n_out, dims = layout.kernel_size, layout.in_channels, layout.out_channels, layout.dims
