@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 
 import torch
@@ -46,10 +46,11 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import check_int
 from ._memory_format import apply_memory_format, check_memory_format
-from ._probe import FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change, tolerance
+from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
+                     tolerance)
 from ._report import ConversionReport
 from .backends import check_backend
-from .masked import NotAHetConvError, _MaskedHetConvNd, hetconv_kind, read_hetconv_weights
+from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd, check_reduce
 
 __all__ = ["ConversionReport", "hetconvify", "to_masked", "to_sparse"]

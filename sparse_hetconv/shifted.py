@@ -340,8 +340,8 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
                 raise ValueError(f"{where} has per-filter k x k kernels (part {layout.part}) in neither the shifted "
                                  "nor the block pattern; it cannot be converted exactly")
             dtype = next(module.parameters()).dtype
-            read, p_in, p_out, dropped = _to_block(weight, bias, layout.part, kind, (1,) * layout.dims, layout.dims, dtype,
-                                             where)
+            read, p_in, p_out, dropped = _to_block(weight, bias, layout.part, kind, (1,) * layout.dims, layout.dims,
+                                                   dtype, where)
         elif part is not None and type(module) in _CONV_TYPES.values():
             dims = 2 if isinstance(module, nn.Conv2d) else 3
             if skip_first and not seen_first:

@@ -155,7 +155,8 @@ class SxproVGG(nn.Module):
 
     def __init__(self, layer, cfg, p, num_classes=10, spatial=1):
         super().__init__()
-        layers, in_channels = [nn.Conv2d(3, cfg[0], 3, padding=1), nn.BatchNorm2d(cfg[0]), nn.ReLU(inplace=True)], cfg[0]
+        layers = [nn.Conv2d(3, cfg[0], 3, padding=1), nn.BatchNorm2d(cfg[0]), nn.ReLU(inplace=True)]
+        in_channels = cfg[0]
         for v in cfg[1:]:
             if v == "M":
                 layers += [nn.MaxPool2d(kernel_size=2, stride=2)]

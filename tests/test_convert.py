@@ -135,7 +135,8 @@ def test_published_checkpoint_loads_into_masked_form_by_key():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda: ProductNotSum(8, 8, 2), r"module '0' \(ProductNotSum\): its forward is not a signed sum of its convolutions \(gwc, pwc\)"),
+    (lambda: ProductNotSum(8, 8, 2),
+     r"module '0' \(ProductNotSum\): its forward is not a signed sum of its convolutions \(gwc, pwc\)"),
     (lambda: WithExtra(8, 8, 2), r"module '0' \(WithExtra\) holds more than gwc and pwc"),
 ])
 def test_modules_that_are_not_hetconv_are_refused(bad, message):
@@ -321,7 +322,7 @@ def test_other_modules_of_convolutions_are_left_alone_and_reported():
     new, report = to_sparse(model, return_report=True)
     assert isinstance(new[0], Separable) and isinstance(new[1], SparseHetConv2d)
     assert "its forward is not a signed sum of its convolutions (dw, pw)" in report.skipped["0"], report
-    with pytest.warns(UserWarning, match=r"no layer to convert; returned it unchanged; skipped <root>: .* not a signed sum"):
+    with pytest.warns(UserWarning, match=r"no layer to convert; returned it unchanged; skipped <root>: .* not a signed"):
         to_sparse(Separable())
 
 
@@ -464,3 +465,28 @@ def test_hetconvify_reports_exactness_per_layer():
     assert report.dropped["0"][1] == pytest.approx(_relative_change(model[0], new[0]), rel=1e-9)
     assert not report.exact and report.relative_change == report.dropped["0"][1]
     assert "replaced 0 (dropped |w| <=" in str(report) and "NOT exact: 1 layers" in str(report)
+
+
+@pytest.mark.parametrize("converter, layer", [
+    (to_masked, lambda: SparseHetConv2d(8, 8, part=2)),
+    (lambda m, **k: hetconvify(m, part=2, skip_first=False, return_report=False, **k),
+     lambda: nn.Conv2d(8, 8, 3, padding=1)),
+])
+def test_hooks_follow_every_converter(converter, layer):
+    calls = []
+    model = nn.Sequential(layer())
+    model[0].register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+    new = converter(model)
+    assert calls == [], "conversion ran the hook"
+    new(torch.randn(1, 8, 4, 4))
+    assert len(calls) == 1 and calls[0] == type(new[0]).__name__ != type(model[0]).__name__, calls
+
+
+def test_to_submanifold_keeps_shared_layers_shared():
+    pytest.importorskip("spconv")
+    from sparse_hetconv.submanifold import to_submanifold
+
+    shared = SparseHetConv3d(8, 8, part=2)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    new = to_submanifold(model)
+    assert new[0] is new[2] and type(new[0]).__name__ == "SubMHetConv3d", "one layer at two paths must stay one"
