@@ -364,12 +364,14 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
                 return None
         else:
             return None
-        new = _wrap(p_in, _layer(read, form, backend, module.training), torch.argsort(p_out))
+        layer = _layer(read, form, backend, module.training)
+        new = _wrap(p_in, layer, torch.argsort(p_out))
         change = _verify(path, module, new, exact=not (layout is None and dropped), channels=read.pattern.in_channels,
                          kernel_size=read.pattern.kernel_size)
         if layout is None and dropped:
             report.dropped[path] = (dropped, change)
-        wrappers.add(id(new))
+        if new is not layer:
+            wrappers.add(id(new))
         return new
 
     return _convert(model, build, inplace, "from_shifted", memory_format, return_report, report=report,
@@ -437,7 +439,8 @@ def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.c
         conv.train(module.training)
         new = _wrap(torch.argsort(p_in).cpu(), conv, p_out.cpu())
         _verify(path, module, new, channels=pattern.in_channels, kernel_size=pattern.kernel_size)
-        wrappers.add(id(new))
+        if new is not conv:
+            wrappers.add(id(new))
         protected.append(conv)
         return new
 

@@ -490,3 +490,36 @@ def test_to_submanifold_keeps_shared_layers_shared():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     new = to_submanifold(model)
     assert new[0] is new[2] and type(new[0]).__name__ == "SubMHetConv3d", "one layer at two paths must stay one"
+
+
+# -- property: every signed sum of grouped children is read exactly -----------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+class Sum(nn.Module):
+    def __init__(self, children, signs):
+        super().__init__()
+        for i, child in enumerate(children):
+            self.add_module(f"c{i}", child)
+        self.signs = signs
+
+    def forward(self, x):
+        return sum(sign * child(x) for sign, child in zip(self.signs, self.children()))
+
+
+_KXK = st.tuples(st.sampled_from([3, 5]), st.sampled_from([2, 4]), st.sampled_from([1, -1]), st.booleans())
+_POINTWISE = st.tuples(st.just(1), st.sampled_from([1, 2, 4]), st.sampled_from([1, -1]), st.booleans())
+
+
+@given(kxk=st.lists(_KXK, min_size=1, max_size=2), pointwise=st.lists(_POINTWISE, min_size=1, max_size=2),
+       stride=st.sampled_from([1, 2]), seed=st.integers(0, 99))
+def test_any_signed_sum_of_grouped_and_pointwise_convolutions_is_exact(kxk, pointwise, stride, seed):
+    """(kernel, groups, sign, bias) per child: grouped k x k ones and pointwise ones of any groups."""
+    torch.manual_seed(seed)
+    terms = kxk + pointwise
+    children = [nn.Conv2d(8, 12, k, stride, k // 2, groups=g, bias=b).double() for k, g, _, b in terms]
+    source = Sum(children, [s for _, _, s, _ in terms])
+    new, report = to_sparse(source, return_report=True)
+    assert isinstance(new, SparseHetConv2d) and new.part == min(g for _, g, _, _ in kxk), report
+    assert new.kernel_size == (max(k for k, _, _, _ in kxk),) * 2 and new.stride == (stride, stride)
+    same_function(source, new, (1, 8, 7, 8), f"sum of {terms}")

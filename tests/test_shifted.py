@@ -309,3 +309,28 @@ def test_refusals_name_the_module_and_leave_the_model_untouched():
         from_shifted(model, approximate="yes")
     with pytest.raises(ValueError, match=r"part \(0\) must be an int >= 1"):
         from_shifted(model, part=0)
+
+
+# -- properties ----------------------------------------------------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(part=st.sampled_from([2, 4]), blocks_in=st.integers(1, 3), blocks_out=st.integers(1, 3),
+       kernel=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), bias=st.booleans(), seed=st.integers(0, 99))
+def test_any_masked_dense_convolution_round_trips_exactly(part, blocks_in, blocks_out, kernel, stride, bias, seed):
+    """A dense convolution under the shifted mask, between a stem and a head that absorb the
+    permutations: from_shifted is exact with none left, and to_shifted gives the weights back."""
+    torch.manual_seed(seed)
+    m, n = part * blocks_in, part * blocks_out
+    conv = nn.Conv2d(m, n, kernel, stride, kernel // 2, bias=bias).double()
+    with torch.no_grad():
+        conv.weight.mul_(shifted_mask(m, n, part, kernel))
+    source = nn.Sequential(nn.Conv2d(2, m, 1), nn.BatchNorm2d(m), conv, nn.ReLU(), nn.Conv2d(n, 3, 1)).double()
+    randomise_batchnorm(source, seed)
+    converted, report = from_shifted(source, part=part, skip_first=False, include=lambda path, c: path == "2",
+                                     return_report=True)
+    assert report.replaced == ["2"] and report.exact and report.permutations == [], report
+    same_function(source, converted, (1, 2, 7, 6), f"P={part} M={m} N={n} k={kernel} s={stride}")
+    back = to_shifted(converted)
+    for key, value in source.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), f"to_shifted(from_shifted(.)) changed {key}"
