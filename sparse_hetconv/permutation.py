@@ -111,8 +111,9 @@ _FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F
               F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
               operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, torch.mul, torch.add}
 _ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.add}
-_MAX_POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-              F.adaptive_max_pool3d}
+# max pools and the position of their ``return_indices`` argument
+_MAX_POOLS = {F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6, F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2,
+              F.adaptive_max_pool3d: 2}
 _METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clone", "mul", "div", "add",
             "sub", "neg", "mul_", "div_", "add_", "sub_"}
 
@@ -223,8 +224,10 @@ def _classify_fx(node: fx.Node, model: nn.Module, calls: dict, protected: set[in
             return "barrier", None
         if node.target in _ARITHMETIC and not (len(node.args) == 2 and isinstance(node.args[1], (int, float))):
             return "barrier", None  # only ``x * number``: a tensor operand may differ per channel
-        if node.target in _MAX_POOLS and (node.kwargs.get("return_indices") or len(node.args) > 2):
-            return "barrier", None  # positional arguments might ask for the indices too
+        position = _MAX_POOLS.get(node.target)
+        if position is not None and (node.kwargs.get("return_indices") or
+                                     (len(node.args) > position and node.args[position])):
+            return "barrier", None  # it returns (values, indices)
         return "fn", None
     if node.op == "call_function" and node.target is torch.flatten and _only_tensor_arg(node):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)

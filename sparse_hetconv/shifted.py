@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._base import _HetConvBase
 from ._checks import check_int
 from ._memory_format import check_memory_format
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
@@ -85,10 +86,10 @@ def _per_filter_layout(module: nn.Module, where: str) -> _PerFilter | None:
     """The layout of a module made of one container of convolutions per filter, or None.
 
     Every descendant is a convolution with one output channel or a plain container; the
-    convolutions of each container (one per filter) read ``M`` input channels together, those
-    with a k x k kernel ``M / P`` of them.
+    convolutions of each container (one per filter, at least two filters) read ``M`` input
+    channels together, those with a k x k kernel ``M / P`` of them (``P > 1``).
     """
-    if isinstance(module, (nn.modules.conv._ConvNd, _CONTAINERS)) or _has_own_tensors(module):
+    if isinstance(module, (nn.modules.conv._ConvNd, _CONTAINERS, _HetConvBase)) or _has_own_tensors(module):
         return None
     convs = []
     for sub in module.modules():
@@ -105,6 +106,8 @@ def _per_filter_layout(module: nn.Module, where: str) -> _PerFilter | None:
     ids = {id(c) for c in convs}
     filters = [[c for c in sub.children() if id(c) in ids] for sub in module.modules()]
     filters = [f for f in filters if f]
+    if len(filters) < 2:
+        return None  # one container of 1-channel convolutions (a head, say) is not a layer of filters
     widths = {sum(c.in_channels for c in f) for f in filters}
     kxk = {sum(c.in_channels for c in f if any(k != 1 for k in c.kernel_size)) for f in filters}
     if len(widths) != 1 or len(kxk) != 1 or 0 in kxk:

@@ -334,3 +334,22 @@ def test_any_masked_dense_convolution_round_trips_exactly(part, blocks_in, block
     back = to_shifted(converted)
     for key, value in source.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), f"to_shifted(from_shifted(.)) changed {key}"
+
+
+class Head(nn.Module):
+    """Two 1-channel convolutions side by side (a detection head): not a layer of filters."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Conv2d(8, 1, 3, padding=1)
+        self.box = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x):
+        return self.score(x), self.box(x)
+
+
+def test_other_modules_of_one_channel_convolutions_are_left_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Head())
+    with pytest.warns(UserWarning, match="from_shifted: the model has no layer to convert"):
+        new = from_shifted(model)
+    assert isinstance(new[1], Head) and isinstance(new[1].score, nn.Conv2d)
