@@ -6,6 +6,7 @@ CVPR 2019, https://arxiv.org/abs/1903.04120.
 Three forms of one layer: the definition (tests only), the published masked dense form
 (:class:`MaskedHetConv2d`) and the sparse form (:class:`SparseHetConv2d`), which stores only the
 kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models exactly;
+:func:`from_shifted` / :func:`to_shifted` handle the paper's shifted pattern (docs/conversion.md);
 :func:`hetconvify` turns standard CNNs into HetConv ones; :func:`count_macs` counts the paper's
 way. This import loads the layers and their tools only; the measuring tools
 (:mod:`sparse_hetconv.profiling`), the CIFAR-10 experiment (:mod:`sparse_hetconv.cifar`), the
@@ -21,11 +22,14 @@ from .functional import het_conv2d, het_conv3d
 from .fuse import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
+from .permutation import ChannelPermutation
+from .shifted import from_shifted, shifted_mask, to_shifted
 from .sparse import SparseHetConv2d, SparseHetConv3d
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "ChannelPermutation",
     "ConversionReport",
     "ConvertReport",
     "HetConvPattern",
@@ -42,13 +46,16 @@ __all__ = [
     "count_model",
     "count_params",
     "functional",
+    "from_shifted",
     "fuse_bn",
     "het_conv2d",
     "het_conv3d",
     "hetconvify",
     "models",
+    "shifted_mask",
     "shifted_to_block_permutation",
     "to_masked",
+    "to_shifted",
     "to_sparse",
 ]
 

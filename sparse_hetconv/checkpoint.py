@@ -3,7 +3,9 @@
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The published VGG-16 script
 saves the ``state_dict`` of the masked model (keys ``features.3.gwc.weight``,
 ``features.3.pwc.weight``, ...), sometimes wrapped in a dict and with DataParallel's ``module.``
-prefix. :func:`convert_checkpoint` turns such a file into the sparse model's ``state_dict``.
+prefix; other implementations save their own models (zhang943's ``{'net': DataParallel(vgg)}``,
+sxpro's shifted layers). :func:`convert_checkpoint` turns such a file into the sparse model's
+``state_dict``, for a registered model or for the user's own factory (docs/conversion.md).
 Files are always read with ``torch.load(weights_only=True)``: tensors and plain containers only,
 never arbitrary code. Files are written to a temporary name first and renamed, so a failure never
 leaves a half-written file behind.
@@ -12,20 +14,26 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import errno
+import importlib
+import os
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ._base import _HetConvBase
 from ._files import atomic_write
 from .convert import to_sparse
 from .counting import count_params
 from .models import create_model, list_models
+from .shifted import from_shifted
 
 __all__ = ["ConvertReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_form",
-           "load_model", "save_atomic", "TRAIN_FORMAT"]
+           "load_model", "resolve_model", "save_atomic", "TRAIN_FORMAT"]
 
 TRAIN_FORMAT = "sparse_hetconv.train"
 # Keys under which training scripts commonly nest the model's state_dict.
@@ -161,130 +169,383 @@ def _last_linear(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Tensor] | None = None
-               ) -> tuple[nn.Module, dict]:
-    """Build a registered model in the form a checkpoint holds and load the checkpoint into it.
-
-    The form and part come from the weights (:func:`infer_form`), the number of classes from the
-    model's last ``nn.Linear``. Missing ``num_batches_tracked`` entries (old checkpoints) are allowed.
-
-    Args:
-        path (str or Path): the checkpoint (any layout :func:`state_dict_of` accepts).
-        model (str): the registered model the weights belong to.
-        state (dict, optional): an already extracted ``state_dict`` (``path`` then only names it).
-
-    Returns:
-        (nn.Module, dict): the model in eval mode, and ``{"model", "form", "part", "num_classes"}``.
+# -- the model a checkpoint belongs to: a registered name or the user's factory --------------------
+def resolve_model(model: str):
+    """The constructor named by ``model``: a registered model (``"vgg16_cifar"``) or a factory
+    ``"package.module:function"`` (any callable returning an ``nn.Module``; ``"pkg.mod:Class"``
+    and ``"pkg.mod:obj.method"`` work too), imported here.
 
     Raises:
-        FileNotFoundError / ValueError: the file is missing, unreadable, or does not fit the model
-            (the message lists missing and unexpected keys and wrong shapes).
+        TypeError: ``model`` is not a string, or names something that is not callable.
+        ValueError: an unknown registered name, a module that cannot be imported or an attribute
+            it does not have (the message says which).
     """
-    if model not in list_models():
-        raise ValueError(f"model ({model!r}) is not registered; available: {', '.join(list_models())}")
-    if state is None:
-        state = state_dict_of(read_checkpoint(path), path)
-    form, part = infer_form(state, path)
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a str (a registered name or 'package.module:function'), got "
+                        f"{type(model).__name__}")
+    if ":" not in model:
+        if model not in list_models():
+            raise ValueError(f"model ({model!r}) is not registered; available: {', '.join(list_models())}; "
+                             "or give your own factory as 'package.module:function'")
+        return partial(create_model, model)
+    module_name, _, attribute = model.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"model ({model!r}) must be a registered name or 'package.module:function'")
     try:
-        net = create_model(model, part=part, form=form)
-    except ValueError as error:
-        raise ValueError(f"{path} does not fit {model}: its HetConv layers have part {part} ({error})") from error
-    head = _last_linear(net)
-    classes = state.get(f"{head}.weight") if head else None
-    num_classes = int(classes.shape[0]) if isinstance(classes, Tensor) and classes.dim() == 2 else None
-    if num_classes and num_classes != net.get_submodule(head).out_features:
-        net = create_model(model, part=part, form=form, num_classes=num_classes)
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"model ({model!r}): cannot import {module_name!r} ({error}); is its folder on the "
+                         "Python path (PYTHONPATH)?") from error
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise ValueError(f"model ({model!r}): {getattr(target, '__name__', module_name)!r} has no attribute "
+                             f"{name!r}")
+        target = getattr(target, name)
+    if not callable(target):
+        raise TypeError(f"model ({model!r}) names a {type(target).__name__}, expected a function or class that "
+                        "returns an nn.Module")
+    return target
+
+
+def _build(factory, model: str, kwargs: dict) -> nn.Module:
+    try:
+        net = factory(**kwargs)
+    except Exception as error:  # the user's factory: its failure is a mistake in the arguments
+        raise ValueError(f"model {model} with arguments {kwargs} failed: {type(error).__name__}: {error}") from error
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model {model} returned a {type(net).__name__}, expected an nn.Module")
+    return net
+
+
+def _fit(net: nn.Module, state: dict[str, Tensor], path, label: str) -> dict[str, Tensor]:
+    """``state`` with the keys ``net`` expects (a prefix all keys share dropped where that makes
+    them fit), or a ``ValueError`` listing missing and unexpected keys and wrong shapes."""
     expected = net.state_dict()
+    for prefix in ("", "module.", "model.", "net.", "_orig_mod."):
+        if prefix and not all(key.startswith(prefix) for key in state):
+            continue
+        candidate = {key[len(prefix):]: value for key, value in state.items()}
+        if set(candidate) <= set(expected) and all(k in candidate or k.endswith(_IGNORABLE_MISSING) for k in expected):
+            state = candidate
+            break
     missing = [k for k in expected if k not in state and not k.endswith(_IGNORABLE_MISSING)]
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
              for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        problems = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
-                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("wrong shapes", wrong)) if items]
-        raise ValueError(f"{path} does not fit {model}(part={part}, form={form!r}): " + "; ".join(problems))
-    net.load_state_dict(state, strict=False)
+        problems = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''} ({len(items)})"
+                    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("wrong shapes", wrong)) if items]
+        raise ValueError(f"{path} does not fit {label}: " + "; ".join(problems))
+    return state
+
+
+def _load(net: nn.Module, state: dict[str, Tensor], path, label: str) -> nn.Module:
+    net.load_state_dict(_fit(net, state, path, label), strict=False)
+    return net
+
+
+def _checkpoint_dtype(state: dict[str, Tensor], path) -> torch.dtype:
+    """The floating dtype of a checkpoint (the most common one, with a warning, if it mixes them)."""
+    sizes: dict[torch.dtype, int] = {}
+    for value in state.values():
+        if value.is_floating_point():
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
+    if not sizes:
+        return torch.float32
+    dtype = max(sizes, key=sizes.get)
+    if len(sizes) > 1:
+        names = ", ".join(str(d).replace("torch.", "") for d in sizes)
+        warnings.warn(f"{path} mixes floating dtypes ({names}); the converted checkpoint is "
+                      f"{str(dtype).replace('torch.', '')} throughout", stacklevel=3)
+    return dtype
+
+
+def _check_finite(state: dict[str, Tensor], path, allow: bool) -> bool:
+    """Refuse (or, with ``allow``, warn about) non-finite values; True if there are any."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items() if v.is_floating_point()]
+    bad = [(k, n) for k, n in bad if n]
+    if not bad:
+        return False
+    listed = ", ".join(f"{k} ({n} of {state[k].numel()})" for k, n in bad[:4]) + (" ..." if len(bad) > 4 else "")
+    message = f"{path} holds non-finite values (inf or NaN) in {len(bad)} tensors: {listed}"
+    if not allow:
+        raise ValueError(f"{message}; pass allow_nonfinite=True (--allow-nonfinite) to convert it anyway")
+    warnings.warn(f"{message}; converting anyway (allow_nonfinite=True)", stacklevel=3)
+    return True
+
+
+def _to_sparse_form(net: nn.Module):
+    """The pipeline a checkpoint goes through: shifted-pattern layers to block ones (their
+    permutations absorbed), then every block HetConv to the sparse form. Returns the model and
+    the paths converted, and the permutations left."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(from_shifted|to_sparse): the model has no layer to convert")
+        net, shifted = from_shifted(net, memory_format=None, return_report=True)
+        net, sparse = to_sparse(net, memory_format=None, return_report=True)
+    return net, shifted.replaced + sparse.replaced, shifted.permutations, {**shifted.skipped, **sparse.skipped}
+
+
+def _parts(net: nn.Module) -> list[int]:
+    return sorted({m.part for m in net.modules() if isinstance(m, _HetConvBase)})
+
+
+def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Tensor] | None = None,
+               model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+    """Build the model a checkpoint belongs to, in the form it holds, and load the checkpoint.
+
+    A registered ``model``: the form and part come from the weights (:func:`infer_form`), the
+    number of classes from the model's last ``nn.Linear``. A factory ``"package.module:function"``
+    (called with ``model_kwargs``): the checkpoint holds either what the factory builds, or what
+    ``sparse-hetconv convert`` wrote for it (the factory's model converted to the sparse form).
+    Missing ``num_batches_tracked`` entries (old checkpoints) are allowed; the model takes the
+    checkpoint's floating dtype.
+
+    Args:
+        path (str or Path): the checkpoint (any layout :func:`state_dict_of` accepts).
+        model (str): the registered model, or a factory, the weights belong to.
+        state (dict, optional): an already extracted ``state_dict`` (``path`` then only names it).
+        model_kwargs (dict, optional): keyword arguments of the constructor.
+
+    Returns:
+        (nn.Module, dict): the model in eval mode, and ``{"model", "form", "part", "num_classes"}``
+        (for a factory, ``form`` is ``"source"`` or ``"sparse"`` and ``part`` the HetConv layers'
+        part, None if they have several or there are none).
+
+    Raises:
+        FileNotFoundError / ValueError / TypeError: the file is missing or unreadable, ``model``
+            cannot be built, or the checkpoint does not fit it (the message lists missing and
+            unexpected keys and wrong shapes).
+    """
+    kwargs = _check_kwargs(model_kwargs)
+    factory = resolve_model(model)
+    if state is None:
+        state = state_dict_of(read_checkpoint(path), path)
+    dtype = _checkpoint_dtype(state, path)
+    if ":" not in model:
+        net, info = _load_registered(path, model, state, kwargs)
+        return net.to(dtype).eval(), info
+    net = _build(factory, model, kwargs)
+    try:
+        _fit(net, state, path, model)
+        form = "source"
+    except ValueError as as_source:
+        net, *_ = _to_sparse_form(net.eval())
+        try:
+            _fit(net, state, path, f"{model} converted to the sparse form")
+        except ValueError:
+            raise as_source from None
+        form = "sparse"
+    net = _load(net.to(dtype), state, path, model)
+    parts = _parts(net)
+    head = _last_linear(net)
+    info = {"model": model, "form": form, "part": parts[0] if len(parts) == 1 else None,
+            "num_classes": net.get_submodule(head).out_features if head else None}
+    return net.eval(), info
+
+
+def _load_registered(path, model: str, state: dict[str, Tensor], kwargs: dict) -> tuple[nn.Module, dict]:
+    form, part = infer_form(state, path)
+    kwargs = {"part": part, "form": form, **kwargs}
+    try:
+        net = create_model(model, **kwargs)
+    except ValueError as error:
+        raise ValueError(f"{path} does not fit {model}: its HetConv layers have part {part} ({error})") from error
+    head = _last_linear(net)
+    classes = state.get(f"{head}.weight") if head else None
+    num_classes = int(classes.shape[0]) if isinstance(classes, Tensor) and classes.dim() == 2 else None
+    if num_classes and num_classes != net.get_submodule(head).out_features and "num_classes" not in kwargs:
+        net = create_model(model, **kwargs, num_classes=num_classes)
+    _load(net, state, path, f"{model}(part={part}, form={form!r})")
     info = {"model": model, "form": form, "part": part, "num_classes": net.get_submodule(head).out_features
             if head else None}
     return net.eval(), info
 
 
+def _check_kwargs(model_kwargs) -> dict:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
+    return dict(model_kwargs)
+
+
 @dataclass
 class ConvertReport:
-    """What :func:`convert_checkpoint` did."""
+    """What :func:`convert_checkpoint` did.
+
+    ``masked_params`` are the parameters the source model stores (for a registered model its
+    masked form, zeros included), ``sparse_params`` those of the converted model, and
+    ``useful_params`` the useful ones (the same in both). ``max_abs_diff`` and ``relative_diff``
+    compare the two models' outputs on a random batch, computed in float64.
+    """
 
     source: Path
     target: Path
     model: str
-    part: int
+    part: int | None
     num_classes: int | None
-    masked_params: int  # stored by the masked model (zeros included)
-    sparse_params: int  # stored by the sparse model
-    useful_params: int  # the same in both forms
+    masked_params: int
+    sparse_params: int
+    useful_params: int
     source_bytes: int
     target_bytes: int
     max_abs_diff: float
     batch: int
+    relative_diff: float = 0.0
+    dtype: str = "float32"
+    source_form: str = "masked"
+    converted: list[str] = field(default_factory=list)
+    permutations: list[str] = field(default_factory=list)
+    input_size: tuple[int, ...] = (3, 32, 32)
 
     def __str__(self) -> str:
-        return "\n".join([
-            f"{self.model}(part={self.part}): {self.source} (masked) -> {self.target} (sparse)",
-            f"parameters stored: masked {self.masked_params:,} -> sparse {self.sparse_params:,} "
-            f"({1 - self.sparse_params / self.masked_params:.1%} fewer; {self.useful_params:,} useful in both)",
+        name = self.model if self.part is None else f"{self.model}(part={self.part})"
+        src = self.source_form
+        lines = [
+            f"{name}: {self.source} ({src}) -> {self.target} (sparse, {self.dtype})",
+            f"converted {len(self.converted)} layers; channel permutations left at run time: "
+            f"{', '.join(self.permutations) or 'none'}",
+            f"parameters stored: {src} {self.masked_params:,} -> sparse {self.sparse_params:,} "
+            f"({1 - self.sparse_params / max(self.masked_params, 1):.1%} fewer; {self.useful_params:,} useful in both)",
             f"file size: {self.source_bytes:,} B -> {self.target_bytes:,} B "
             f"({self.source_bytes / 2**20:.2f} MiB -> {self.target_bytes / 2**20:.2f} MiB)",
-            f"max |masked(x) - sparse(x)| on a random batch of {self.batch}: {self.max_abs_diff:.3g}",
-        ])
+            f"max |{src}(x) - sparse(x)| on a random batch of {self.batch} x {'x'.join(map(str, self.input_size))}: "
+            f"{self.max_abs_diff:.3g} (relative {self.relative_diff:.3g}, float64)",
+        ]
+        return "\n".join(lines)
+
+
+def _check_output(target: Path, force: bool) -> None:
+    """What can be checked about the output before any work."""
+    if target.is_dir():
+        raise ValueError(f"the output {target} is a folder, expected a file name")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"the folder of the output file {target} does not exist")
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"the folder of the output file {target} is not writable")
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; pass force=True (--force) to overwrite it")
+
+
+def _input_size(net: nn.Module, input_size) -> tuple[int, ...]:
+    if input_size is not None:
+        if not isinstance(input_size, (tuple, list)) or not 2 <= len(input_size) <= 4 \
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_size):
+            raise ValueError(f"input_size ({input_size!r}) must be (channels, height, width) or (channels, depth, "
+                             "height, width) of positive ints")
+        return tuple(input_size)
+    first = next((m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    if first is None:
+        raise ValueError("the model has no convolution to read its input channels from; pass input_size "
+                         "(--input-size C,H,W)")
+    return (first.in_channels,) + (32, 32) if isinstance(first, nn.Conv2d) else (first.in_channels, 16, 16, 16)
+
+
+def _compare(source: nn.Module, converted: nn.Module, shape: tuple[int, ...], seed: int, model: str,
+             nonfinite: bool) -> tuple[float, float]:
+    """Both models on one random float64 batch: ``(max |a - b|, relative difference)``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            expected, got = source(x), converted(x)
+    except Exception as error:  # the user's model on an input of the wrong size
+        raise ValueError(f"model {model} failed on a random input of shape {tuple(shape)} "
+                         f"({type(error).__name__}: {error}); pass input_size (--input-size C,H,W)") from error
+    finite = torch.isfinite(expected) & torch.isfinite(got)
+    diff = (got - expected).where(finite, torch.zeros((), dtype=got.dtype))
+    scale = float(expected.where(finite, torch.zeros((), dtype=got.dtype)).norm())
+    relative = float(diff.norm()) / scale if scale else float(diff.norm())
+    if not nonfinite and (not bool(finite.all()) or relative > 1e-9):
+        raise ValueError(f"the converted model's outputs differ from {model}'s by {relative:.3g} (relative) on a "
+                         "random batch; nothing was written (this is a bug in sparse_hetconv: please report it)")
+    return float(diff.abs().max()) if diff.numel() else 0.0, relative
 
 
 def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg16_cifar", force: bool = False,
-                       batch: int = 8, seed: int = 0) -> ConvertReport:
-    """Convert a masked checkpoint into the sparse model's ``state_dict`` (exact).
+                       batch: int = 8, seed: int = 0, *, model_kwargs: dict | None = None, input_size=None,
+                       allow_nonfinite: bool = False) -> ConvertReport:
+    """Convert a checkpoint of any HetConv model into the sparse model's ``state_dict`` (exact).
+
+    The source model is built from ``model`` (a registered name, whose part, form and classes are
+    read from the weights, or your factory ``"package.module:function"`` called with
+    ``model_kwargs``) and the checkpoint loaded into it; every HetConv layer is converted
+    (shifted-pattern layers by :func:`~sparse_hetconv.shifted.from_shifted`, then every block one
+    by :func:`~sparse_hetconv.to_sparse`), in float64, and the converted model is checked against
+    the source on a random batch before anything is written. The output keeps the checkpoint's
+    floating dtype. To load it: :func:`load_model` with the same ``model`` and ``model_kwargs``.
 
     Args:
-        source (str or Path): a ``state_dict`` of ``model(form="masked")``: bare or wrapped in a
-            dict, with or without a ``module.`` prefix; part and classes are read from the weights.
-        target (str or Path): where to write the sparse ``state_dict``; its folder must exist.
-        model (str): the registered model (default ``"vgg16_cifar"``).
+        source (str or Path): the checkpoint: a bare ``state_dict`` or one wrapped in a dict under
+            ``state_dict``, ``model_state_dict``, ``model``, ``net`` or ``state``, its keys with or
+            without a ``module.`` (DataParallel), ``model.``, ``net.`` or ``_orig_mod.`` prefix.
+        target (str or Path): where to write the sparse ``state_dict``; its folder must exist and
+            be writable.
+        model (str): a registered model (default ``"vgg16_cifar"``) or ``"package.module:function"``.
         force (bool): overwrite an existing ``target``.
-        batch (int): size of the random 3x32x32 batch on which both forms are compared.
+        batch (int): size of the random batch on which both models are compared.
         seed (int): seed of that batch.
+        model_kwargs (dict, optional): keyword arguments of the model's constructor.
+        input_size (tuple, optional): ``(C, H, W)`` (``(C, D, H, W)``) of that batch; default the
+            first convolution's input channels at 32 x 32 (16^3).
+        allow_nonfinite (bool): convert a checkpoint holding inf or NaN (with a warning) instead of
+            refusing it.
 
     Returns:
-        ConvertReport: parameter counts, file sizes and the largest output difference.
+        ConvertReport: what was converted, parameter counts, file sizes, the output difference.
 
     Raises:
         FileNotFoundError: ``source`` or ``target``'s folder is missing.
         FileExistsError: ``target`` exists and ``force`` is False.
-        ValueError: ``source`` is not a masked checkpoint of ``model`` (nothing is written).
+        PermissionError: ``target``'s folder is not writable.
+        TypeError / ValueError: bad arguments, a model that cannot be built, a checkpoint that does
+            not fit it, non-finite values, nothing to convert. All of these are checked before the
+            work that can be skipped, and nothing is written.
     """
     source, target = Path(source), Path(target)
-    if not isinstance(force, bool):
-        raise TypeError(f"force must be a bool, got {type(force).__name__}")
+    for name, value in (("force", force), ("allow_nonfinite", allow_nonfinite)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in (("batch", batch), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch" else 0):
+            raise ValueError(f"{name} ({value!r}) must be an int >= {1 if name == 'batch' else 0}")
+    kwargs = _check_kwargs(model_kwargs)
     if not source.is_file():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"the folder of the output file {target} does not exist")
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass force=True (--force) to overwrite it")
-    if target.is_dir():
-        raise ValueError(f"the output {target} is a folder, expected a file name")
+    _check_output(target, force)
+    factory = resolve_model(model)
     state = state_dict_of(read_checkpoint(source), source)
-    form, _ = infer_form(state, source)
-    if form == "sparse":
-        raise ValueError(f"{source} already holds a sparse-form state_dict (keys like '*.weight_kxk'); "
-                         "nothing to convert")
-    masked, info = load_model(source, model, state=state)
-    sparse = to_sparse(masked).eval()
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=generator)
-    with torch.no_grad():
-        diff = float((masked(x) - sparse(x)).abs().max())
-    save_atomic(sparse.state_dict(), target)
-    return ConvertReport(source, target, model, info["part"], info["num_classes"],
-                         count_params(masked, stored=True), count_params(sparse, stored=True),
-                         count_params(sparse), source.stat().st_size, target.stat().st_size, diff, batch)
+    nonfinite = _check_finite(state, source, allow_nonfinite)
+    dtype = _checkpoint_dtype(state, source)
+    if ":" in model:
+        net = _load(_build(factory, model, kwargs).double(), state, source, model)
+        info = {"part": None, "num_classes": None}
+        source_form = "source"
+    else:
+        if infer_form(state, source)[0] == "sparse":
+            raise ValueError(f"{source} already holds a sparse-form state_dict (keys like '*.weight_kxk'); "
+                             "nothing to convert")
+        net, info = _load_registered(source, model, state, kwargs)  # float32 holds float16 / bfloat16 exactly
+        net = net.double()
+        source_form = "masked"
+    net.eval()
+    shape = (batch,) + _input_size(net, input_size)
+    converted, paths, permutations, skipped = _to_sparse_form(net)
+    if not paths:
+        why = "".join(f"; {p or '<root>'}: {reason}" for p, reason in skipped.items())
+        raise ValueError(f"{source}: model {model} has no HetConv layer to convert{why}")
+    max_abs, relative = _compare(net, converted.eval(), shape, seed, model, nonfinite)
+    converted = converted.to(dtype)
+    save_atomic(converted.state_dict(), target)
+    parts = _parts(converted)
+    head = _last_linear(converted)
+    return ConvertReport(
+        source, target, model, info["part"] or (parts[0] if len(parts) == 1 else None),
+        info["num_classes"] or (converted.get_submodule(head).out_features if head else None),
+        count_params(net, stored=True), count_params(converted, stored=True), count_params(converted),
+        source.stat().st_size, target.stat().st_size, max_abs, batch, relative,
+        str(dtype).replace("torch.", ""), source_form, paths, permutations, shape[1:])
 
 
 def __getattr__(name: str):

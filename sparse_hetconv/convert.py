@@ -2,28 +2,55 @@
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
 
-* :func:`to_sparse` — masked (and published ``gwc``/``pwc``) layers -> :class:`SparseHetConv2d`.
+* :func:`to_sparse` — masked layers, and every module that computes a HetConv as a signed sum of
+  convolutions (the published ``gwc``/``pwc`` pair, sxpro's ``Efficient_HetConv2d``, ...) ->
+  :class:`SparseHetConv2d`, exactly.
 * :func:`to_masked` — the exact inverse.
 * :func:`hetconvify` — standard ``nn.Conv2d`` k x k layers -> HetConv layers, to fine-tune.
+* :func:`sparse_hetconv.shifted.from_shifted` / ``to_shifted`` — the paper's shifted pattern.
 
 All of them work on a deep copy unless ``inplace=True``, keep module names, every other module,
 train/eval state, device and dtype, and check the whole model before changing anything: on an
-error the input model is untouched. Hooks registered on a replaced module are not carried over.
+error the input model is untouched. What they share (``_convert``):
+
+* **Every replaced module is checked** to compute what the replacement computes, on a random
+  float64 probe run on a hook-free copy (no user hook fires, the module is not changed); an exact
+  converter raises a ``ValueError`` naming the path where it does not.
+* **Shared modules stay shared**: a module that sits at several paths (weight tying, a block
+  reused twice) is converted once and the one replacement is placed at every path; the report
+  lists it once (``report.shared`` has the other paths). A replaced module that shares a
+  parameter or buffer with a module that is not replaced with it is refused: converting it would
+  untie them.
+* **Hooks**: forward pre-hooks, forward hooks and backward hooks registered on a replaced module
+  itself are moved onto its replacement (same order, same handles: ``handle.remove()`` still
+  works), because the replacement takes the same input and returns the same output. Hooks that
+  cannot be carried over are refused with a ``ValueError`` naming the path, before anything
+  changes: hooks on a replaced module's children (which disappear), ``state_dict`` hooks (the
+  keys change), the hook-based ``weight_norm`` / ``spectral_norm`` (remove them first), and, for
+  converters that permute a layer's channels (``from_shifted``, ``to_shifted``), any hook on the
+  layer.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import check_int
 from ._memory_format import apply_memory_format, check_memory_format
-from .masked import _MaskedHetConvNd, read_hetconv_weights
+from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
+                     tolerance)
+from ._report import ConversionReport
 from .backends import check_backend
+from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd, check_reduce
 
 __all__ = ["ConversionReport", "hetconvify", "to_masked", "to_sparse"]
@@ -37,65 +64,248 @@ def _check_model(model: object) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _where(path: str, module: nn.Module) -> str:
+    return f"module '{path or '<root>'}' ({type(module).__name__})"
+
+
 def _looks_published(module: nn.Module) -> bool:
-    return isinstance(module, _MaskedHetConvNd) or (
-        isinstance(getattr(module, "gwc", None), nn.Module) and isinstance(getattr(module, "pwc", None), nn.Module)
-    )
+    """True for the modules :func:`to_sparse` converts: masked layers, ``gwc``/``pwc`` modules
+    (converted or refused), and other signed sums of convolutions that read as an exact HetConv."""
+    kind = hetconv_kind(module)
+    if kind != "sum":
+        return kind is not None
+    try:
+        read_hetconv_weights(module)
+    except NotAHetConvError:
+        return False
+    return True
 
 
-def _plan(model: nn.Module, build) -> list[tuple[str, nn.Module]]:
+@dataclass(eq=False)
+class _Step:
+    """One module to replace, at every path where it sits."""
+
+    paths: list[str]
+    old: nn.Module
+    new: nn.Module
+
+
+def _inside(path: str, prefixes: set[str]) -> bool:
+    """``path`` is one of ``prefixes`` or inside one of them (``""``, the root, holds every path)."""
+    if "" in prefixes or path in prefixes:
+        return True
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
+def _plan(model: nn.Module, build, report: ConversionReport | None = None) -> list[_Step]:
     """Walk the tree top-down; ``build(path, module)`` returns a replacement or None.
 
-    A replaced module's children are not visited. Nothing is changed here.
+    Every path of a shared module is visited (``remove_duplicate=False``) but ``build`` runs once
+    per module: its replacement goes to every path. A replaced module's children are not visited.
+    Nothing is changed here.
     """
-    plan, skip = [], []
-    for path, module in model.named_modules():
-        if any(path == s or path.startswith(s + ".") for s in skip):
+    steps: dict[int, _Step | None] = {}
+    order: list[_Step] = []
+    replaced: set[str] = set()
+    for path, module in model.named_modules(remove_duplicate=False):
+        if _inside(path, replaced):
             continue
-        new = build(path, module)
-        if new is not None:
-            plan.append((path, new))
-            skip.append(path)
-    return plan
+        key = id(module)
+        if key not in steps:
+            try:
+                new = build(path, module)
+            except Exception as error:  # a probe under weight_norm fails in many ways: name the cause
+                norm = _norm_in(module)
+                if norm:
+                    raise ValueError(f"{_where(path, module)} uses {norm}; remove it before converting") from error
+                if isinstance(error, CopyError):
+                    raise ValueError(f"{_where(path, module)} {error}") from error
+                raise
+            norm = None if new is None else _norm_in(module)
+            if norm:
+                raise ValueError(f"{_where(path, module)} uses {norm}; remove it before converting")
+            steps[key] = None if new is None else _Step([path], module, new)
+            if steps[key] is not None:
+                order.append(steps[key])
+        elif steps[key] is not None:
+            steps[key].paths.append(path)
+        if steps[key] is not None:
+            replaced.add(path)
+    if report is not None:
+        report.replaced = [step.paths[0] for step in order]
+        report.shared = {step.paths[0]: step.paths[1:] for step in order if len(step.paths) > 1}
+    return order
 
 
-def _apply(model: nn.Module, plan: list[tuple[str, nn.Module]]) -> nn.Module:
-    for path, new in plan:
-        if not path:
-            return new
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, new)
+def _check_ties(model: nn.Module, plan: list[_Step]) -> None:
+    """Refuse to replace a module whose parameters or buffers are also used outside it."""
+    owner: dict[int, tuple[_Step, str]] = {}
+    for step in plan:
+        for name, tensor in chain(step.old.named_parameters(), step.old.named_buffers()):
+            other = owner.get(id(tensor))
+            if other is not None and other[0] is not step:
+                raise ValueError(f"modules '{other[0].paths[0]}' and '{step.paths[0]}' share the tensor "
+                                 f"'{other[1]}' / '{name}'; converting them separately would untie it "
+                                 "(share the whole module instead, or untie it first)")
+            owner[id(tensor)] = (step, name)
+    paths = {path for step in plan for path in step.paths}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if _inside(path, paths):
+            continue
+        for name, tensor in chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False)):
+            if id(tensor) in owner:
+                step, inner = owner[id(tensor)]
+                raise ValueError(f"{_where(step.paths[0], step.old)} shares its tensor '{inner}' with "
+                                 f"'{path + '.' if path else ''}{name}', which is not converted with it; "
+                                 "converting it would untie them (untie them first)")
+
+
+def _norm_in(module: nn.Module) -> str | None:
+    """``weight_norm`` / ``spectral_norm`` (the hook-based ones) anywhere in ``module``: their
+    forward pre-hook recomputes ``weight``, which a converted layer does not have."""
+    for sub in module.modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                return "weight_norm (torch.nn.utils.remove_weight_norm)"
+            if isinstance(hook, SpectralNorm):
+                return "spectral_norm (torch.nn.utils.remove_spectral_norm)"
+    return None
+
+
+def _check_hooks(plan: list[_Step], carry: bool) -> None:
+    """Refuse the hooks that cannot follow their module to its replacement (see the module doc)."""
+    advice = "remove them (handle.remove()), convert, and register them on the new layer"
+    for step in plan:
+        path = step.paths[0]
+        for sub_path, sub in step.old.named_modules():
+            kinds = hook_names(sub)
+            if sub_path and kinds:
+                raise ValueError(f"module '{path + '.' if path else ''}{sub_path}' has a {', '.join(kinds)}, but it "
+                                 f"disappears when {_where(path, step.old)} is converted; {advice}")
+        kinds = hook_names(step.old)
+        state = [kind for kind in kinds if "state_dict" in kind]
+        if state:
+            raise ValueError(f"{_where(path, step.old)} has a {', '.join(state)}, which cannot follow it: "
+                             f"the converted layer's state_dict keys differ; {advice}")
+        if kinds and not carry:
+            raise ValueError(f"{_where(path, step.old)} has a {', '.join(kinds)}, but this converter changes the "
+                             f"order of the layer's channels, so the hook would see other tensors; {advice}")
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> bool:
+    if not hook_names(old, state=False):
+        return False
+    for name in FORWARD_HOOKS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+            setattr(old, name, OrderedDict())
+    new._is_full_backward_hook = getattr(old, "_is_full_backward_hook", None)
+    return True
+
+
+def _apply(model: nn.Module, plan: list[_Step]) -> nn.Module:
+    for step in plan:
+        for path in step.paths:
+            if not path:
+                return step.new
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, name, step.new)
     return model
 
 
-def _convert(model, build, inplace: bool, what: str, memory_format=None, return_report: bool = False):
+def _verify(path: str, old: nn.Module, new: nn.Module, exact: bool = True, channels: int | None = None,
+            kernel_size: tuple[int, ...] | None = None) -> float:
+    """``new`` against ``old`` on a float64 probe (hooks off); the relative output change.
+
+    With ``exact``, a change beyond the rounding of ``old``'s dtype is a ``ValueError`` naming the
+    path: the module does not compute what the pattern it was read as says. ``channels`` and
+    ``kernel_size`` size the probe (default: ``new``'s attributes).
+    """
+    tensor = next(chain(new.parameters(), new.buffers()))
+    channels = new.in_channels if channels is None else channels
+    kernel_size = tuple(getattr(new, "kernel_size", (1,))) if kernel_size is None else tuple(kernel_size)
+    x = probe_input(channels, kernel_size, tensor.device)
+    with torch.no_grad(), no_global_hooks():
+        change = relative_change(quiet_copy(new)(x), quiet_copy(old)(x))
+    dtype = next(chain(old.parameters(), old.buffers()), tensor).dtype
+    if exact and not change <= tolerance(dtype):
+        raise ValueError(f"{_where(path, old)} does not compute the HetConv it was read as: the converted layer's "
+                         f"output differs by {change:.3g} (relative) on a test input; it cannot be converted exactly")
+    return change
+
+
+def _convert(model, build, inplace: bool, what: str, memory_format=None, return_report: bool = False, *,
+             report: ConversionReport | None = None, carry_hooks: bool = True, finish=None, empty: str | None = None):
+    """The steps every converter shares: check, plan (``build`` per module), check ties and hooks,
+    apply, ``finish(model, report)`` (e.g. absorb permutations), memory format, report."""
     _check_model(model)
     _check_bool("inplace", inplace)
     _check_bool("return_report", return_report)
     check_memory_format(memory_format)
-    report = ConversionReport(what, params_before=_params(model))
+    report = ConversionReport(what) if report is None else report
+    report.params_before = _params(model)
     if not inplace:
-        model = copy.deepcopy(model)
-    plan = _plan(model, build)  # raises before anything is changed; the input is never touched
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as error:  # torch refuses to copy e.g. a model under the old weight_norm
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{what}: the model cannot be deep-copied ({first}); pass inplace=True or remove "
+                             "what prevents the copy (torch.nn.utils.remove_weight_norm)") from error
+    plan = _plan(model, build, report)  # raises before anything is changed; the input is never touched
+    _check_ties(model, plan)
+    _check_hooks(plan, carry_hooks)
     if not plan:
-        warnings.warn(f"{what}: the model has no layer to convert; returned it unchanged", stacklevel=3)
-    model = apply_memory_format(_apply(model, plan), memory_format)
-    report.replaced = [path for path, _ in plan]
+        skipped = "".join(f"; skipped {p or '<root>'}: {why}" for p, why in report.skipped.items())
+        warnings.warn(empty or f"{what}: the model has no layer to convert; returned it unchanged{skipped}",
+                      stacklevel=3)
+    report.hooks = [step.paths[0] for step in plan if _move_hooks(step.old, step.new)]
+    model = _apply(model, plan)
+    if finish is not None:
+        model = finish(model, report)
+    model = apply_memory_format(model, memory_format)
     report.params_after = _params(model)
     return (model, report) if return_report else model
 
 
 def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
               memory_format=torch.channels_last, return_report: bool = False) -> nn.Module:
-    """Turn every masked HetConv in ``model`` into a :class:`SparseHetConv2d` (or ``3d``).
+    """Turn every HetConv in ``model`` that is computed as a sum of convolutions into a
+    :class:`SparseHetConv2d` (or ``3d``), exactly.
 
-    Converted: :class:`MaskedHetConv2d` / ``3d``, and every module shaped like the published
-    HetConv: children ``gwc`` (a grouped k x k convolution, padding ``k // 2``) and ``pwc`` (a 1 x 1
-    convolution) with matching channels and stride and output ``gwc(x) + pwc(x)``. The result is
-    exact. A non-zero ``pwc`` block diagonal is folded into ``gwc``'s centre taps (docs/design.md
-    section 4), so unmasked "approximate HetConv" models, trained without gradient masking,
-    convert exactly too. ``model`` itself may be such a layer.
+    Converted (docs/design.md §4; :func:`~sparse_hetconv.masked.read_hetconv_weights` has the
+    details):
+
+    * :class:`MaskedHetConv2d` / ``3d``; one whose ``gwc``/``pwc`` no longer match its declared
+      ``part``, kernel size or stride is refused.
+    * Modules with children ``gwc`` (a grouped k x k convolution, padding ``k // 2``) and ``pwc``
+      (a 1 x 1 convolution, any ``groups``), the published layout: refused with the module path
+      if they are not an exact HetConv.
+    * Any other module whose only children are convolutions of one dimension, at least one a
+      grouped k x k and one a 1 x 1, with the same channels and stride, when its forward returns
+      a signed sum of them: sxpro's ``Efficient_HetConv2d`` (``conv3x3 + conv1x1 - conv1x1_``,
+      all with bias) and the like. A module with such children whose forward is something else
+      (a depthwise-separable ``pw(dw(x))`` has the same children) is left alone and listed in
+      ``report.skipped`` with the reason.
+
+    The coefficients of the sum are found on a probe, and every converted module is checked
+    against its replacement on a random float64 input run on a hook-free copy, so no user hook
+    fires. A non-zero pointwise block diagonal is folded into the centre taps, so unmasked
+    "approximate HetConv" models convert exactly too. The paper's *shifted* pattern (sxpro's
+    ``HetConv2d``) is :func:`sparse_hetconv.shifted.from_shifted`'s job. ``model`` itself may be a
+    single layer. Shared modules stay shared; hooks on a replaced module move to its replacement,
+    others are refused (the module docstring says which).
 
     Args:
         model (nn.Module): the model (or a single layer).
@@ -104,15 +314,17 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
         memory_format (torch.memory_format or None): layout given to every 4-D (5-D) parameter
             and buffer of the result; ``torch.channels_last`` (default) makes the activations
             channels-last end to end, the fast layout on the CPU; None leaves them as they are.
-        return_report (bool): also return a :class:`ConversionReport`.
+        return_report (bool): also return a :class:`ConversionReport` (replaced, skipped and why,
+            shared, hooks moved; ``report.exact`` is always True here).
 
     Returns:
         nn.Module: the converted model (with ``return_report``: ``(model, report)``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a module with ``gwc``/``pwc`` children that is not an exact HetConv; the
-            message names its path, and ``model`` is left untouched.
+        ValueError: a masked or ``gwc``/``pwc`` module that is not an exact HetConv, a replaced
+            module that shares a tensor with one that is not replaced, a hook that cannot be
+            carried over; the message names the path, and ``model`` is left untouched.
 
     Example:
         >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
@@ -121,14 +333,21 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
     """
 
     check_backend(backend)
+    report = ConversionReport("to_sparse", form="sparse")
 
     def build(path, module):
-        if not _looks_published(module):
+        if hetconv_kind(module) is None:
             return None
-        read = read_hetconv_weights(module, path)
-        return _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
+        try:
+            read = read_hetconv_weights(module, path)
+        except NotAHetConvError as error:
+            report.skipped[path] = str(error)
+            return None
+        new = _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
+        _verify(path, module, new)
+        return new
 
-    return _convert(model, build, inplace, "to_sparse", memory_format, return_report)
+    return _convert(model, build, inplace, "to_sparse", memory_format, return_report, report=report)
 
 
 def to_masked(model: nn.Module, inplace: bool = False, memory_format=torch.channels_last,
@@ -139,61 +358,22 @@ def to_masked(model: nn.Module, inplace: bool = False, memory_format=torch.chann
     with the published module layout (``gwc``/``pwc`` keys), e.g. to save a checkpoint for code
     that expects it. Copies unless ``inplace=True``. ``memory_format`` and ``return_report`` as for
     :func:`to_sparse` (memory formats never change a checkpoint: ``state_dict`` tensors compare
-    equal either way).
+    equal either way). Each layer is checked on a probe; shared layers stay shared and hooks
+    follow as for :func:`to_sparse`.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
 
     def build(path, module):
-        return module.to_masked() if isinstance(module, _SparseHetConvNd) else None
+        if not isinstance(module, _SparseHetConvNd):
+            return None
+        new = module.to_masked()
+        _verify(path, module, new)
+        return new
 
-    return _convert(model, build, inplace, "to_masked", memory_format, return_report)
-
-
-@dataclass
-class ConversionReport:
-    """What a converter did (``return_report=True``): layers replaced and skipped, parameters.
-
-    Attributes:
-        converter (str): ``"to_sparse"``, ``"to_masked"`` or ``"hetconvify"``.
-        replaced (list of str): paths of the modules replaced, in module order.
-        skipped (dict): path -> why a candidate was left alone (``hetconvify``).
-        params_before (int), params_after (int): stored parameter elements of the model before
-            and after (shared parameters once).
-        part (int or None), form (str or None): ``hetconvify``'s settings.
-    """
-
-    converter: str
-    replaced: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    params_before: int = 0
-    params_after: int = 0
-    part: int | None = None
-    form: str | None = None
-
-    @property
-    def reduction(self) -> float:
-        """Parameters after / before (1.0 when nothing changed)."""
-        return self.params_after / self.params_before if self.params_before else 1.0
-
-    def __str__(self) -> str:
-        settings = f"(part={self.part}, form={self.form!r})" if self.part is not None else ""
-        lines = [f"{self.converter}{settings}: replaced {len(self.replaced)} layers, skipped {len(self.skipped)}; "
-                 f"parameters {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%})"]
-        lines += [f"  replaced {name or '<root>'}" for name in self.replaced]
-        lines += [f"  skipped  {name or '<root>'}: {why}" for name, why in self.skipped.items()]
-        return "\n".join(lines)
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
+    return _convert(model, build, inplace, "to_masked", memory_format, return_report,
+                    report=ConversionReport("to_masked", form="masked"))
 
 
 def hetconvify(
@@ -214,7 +394,13 @@ def hetconvify(
     1 with padding ``k // 2`` and channels divisible by ``part`` becomes a HetConv: the k x k
     kernels on the pattern's blocks are kept exactly and every other kernel is reduced to a 1 x 1
     weight (``reduce="center"``: its centre tap; ``"sum"``: the sum of its taps). The output
-    changes (fine-tune afterwards). This is how a pretrained standard CNN becomes a HetConv one.
+    changes (fine-tune afterwards) unless the dropped taps are zero, as in a dense convolution
+    trained under a block-pattern mask: ``report.exact`` says which, and ``report.dropped`` gives
+    each inexact layer's largest dropped weight and relative output change on a probe. This is
+    how a pretrained standard CNN becomes a HetConv one. A convolution shared at several paths is
+    converted once (its ``include`` decision is taken at its first path); shared modules and hooks
+    as for :func:`to_sparse`. For the paper's shifted pattern use
+    :func:`sparse_hetconv.shifted.from_shifted` with ``part``.
 
     Args:
         model (nn.Module): the model.
@@ -228,14 +414,15 @@ def hetconvify(
         backend (str): ``backend`` of new sparse layers.
         memory_format (torch.memory_format or None): as for :func:`to_sparse`.
         return_report (bool): also return the :class:`ConversionReport` (what was replaced,
-            skipped and why). Not given: ``(model, report)`` as in 0.1, with a
+            skipped and why, and exactness). Not given: ``(model, report)`` as in 0.1, with a
             ``DeprecationWarning``; from 0.3 the model alone, like the other converters.
 
     Returns:
         nn.Module, or ``(nn.Module, ConversionReport)`` with ``return_report=True``.
 
     Raises:
-        TypeError / ValueError: bad arguments, before anything is changed.
+        TypeError / ValueError: bad arguments, a shared tensor or a hook that cannot be carried
+            over, before anything is changed.
     """
     _check_model(model)
     check_int("part", part)
@@ -255,7 +442,7 @@ def hetconvify(
                       DeprecationWarning, stacklevel=2)
     else:
         _check_bool("return_report", return_report)
-    report = ConversionReport("hetconvify", part=part, form=form, params_before=_params(model))
+    report = ConversionReport("hetconvify", part=part, form=form)
     seen_first = []
 
     def build(path, module):
@@ -273,18 +460,13 @@ def hetconvify(
         if reason:
             report.skipped[path] = reason
             return None
-        report.replaced.append(path)
-        sparse = _SPARSE_BY_DIMS[dims].from_conv(module, part, reduce, backend)
+        sparse, layer = _SPARSE_BY_DIMS[dims].from_conv(module, part, reduce, backend, return_report=True)
+        if not layer.exact:
+            report.dropped[path] = layer.dropped[""]
         return sparse if form == "sparse" else sparse.to_masked()
 
-    if not inplace:
-        model = copy.deepcopy(model)
-    plan = _plan(model, build)
-    model = apply_memory_format(_apply(model, plan), memory_format)
-    report.params_after = _params(model)
-    if not plan:
-        warnings.warn(f"hetconvify: no convolution could be replaced with part={part}; see the report",
-                      stacklevel=2)
+    empty = f"hetconvify: no convolution could be replaced with part={part}; see the report"
+    model, report = _convert(model, build, inplace, "hetconvify", memory_format, True, report=report, empty=empty)
     return (model, report) if legacy or return_report else model
 
 

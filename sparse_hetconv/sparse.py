@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ._compact import _CompactHetConv
+from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
+from ._report import ConversionReport
 from ._checks import check_int
 from .backends import WeightCache, check_backend
 from .functional import _het_conv, needs_grad, resolve_backend
@@ -157,14 +159,17 @@ class _SparseHetConvNd(_CompactHetConv):
         return masked.train(self.training)
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto") -> "_SparseHetConvNd":
+    def from_conv(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto",
+                  return_report: bool = False):
         """Initialise a HetConv from a standard convolution, to fine-tune a pretrained CNN.
 
         The k x k kernels on the pattern's blocks are kept exactly; every other kernel becomes a
         1 x 1 weight: its centre tap (``reduce="center"``, the default: the part of the kernel a
         1 x 1 kernel keeps exactly) or the sum of its taps (``reduce="sum"``: the kernel's response
-        to a locally constant input). This changes the layer's output unless the dropped taps
-        are zero; fine-tuning recovers it.
+        to a locally constant input). The result is **exact** when the dropped taps (the
+        non-centre taps of the kernels off the block diagonal) are all zero, as they are for a
+        dense convolution trained under a HetConv-shaped mask (docs/design.md §4); otherwise the
+        output changes and fine-tuning recovers it. ``return_report=True`` says which.
 
         Args:
             conv (nn.Conv2d or nn.Conv3d): ``groups=1``, dilation 1, an odd kernel with padding
@@ -172,9 +177,18 @@ class _SparseHetConvNd(_CompactHetConv):
             part (int): ``P`` of the new layer.
             reduce (str): ``"center"`` or ``"sum"``.
             backend (str): the new layer's ``backend``.
+            return_report (bool): also return a :class:`~sparse_hetconv.ConversionReport`
+                (converter ``"from_conv"``, the layer at path ``""``): ``report.exact``, and
+                for an inexact result ``report.dropped[""] = (largest dropped |weight|,
+                relative output change on a float64 probe)``.
+
+        Returns:
+            SparseHetConv2d (``3d``), or ``(layer, ConversionReport)`` with ``return_report``.
+            Hooks registered on ``conv`` are not copied (the model converters carry them over).
 
         Raises:
-            TypeError: ``conv`` is not a convolution of this dimension.
+            TypeError: ``conv`` is not a convolution of this dimension, or ``return_report`` is
+                not a bool.
             ValueError: the convolution cannot become a HetConv (the message says why).
         """
         reason = _dense_conv_problem(conv, part, cls._dims)
@@ -182,6 +196,8 @@ class _SparseHetConvNd(_CompactHetConv):
             raise ValueError(f"cannot turn {conv} into a HetConv with part={part}: {reason}")
         reduce = check_reduce(reduce)
         check_backend(backend)
+        if not isinstance(return_report, bool):
+            raise TypeError(f"return_report must be a bool, got {type(return_report).__name__} ({return_report!r})")
         weight = conv.weight.detach()
         layer = cls(conv.in_channels, conv.out_channels, part, conv.kernel_size, conv.stride,
                     conv.bias is not None, backend, device=weight.device, dtype=weight.dtype)
@@ -196,7 +212,16 @@ class _SparseHetConvNd(_CompactHetConv):
                 layer.weight_1x1.copy_(p.gather_1x1(reduced))
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias)
-        return layer.train(conv.training)
+        layer.train(conv.training)
+        if not return_report:
+            return layer
+        report = ConversionReport("from_conv", replaced=[""], part=part, form="sparse",
+                                  params_before=sum(t.numel() for t in conv.parameters()),
+                                  params_after=sum(t.numel() for t in layer.parameters()))
+        dropped = dropped_taps(weight, p)
+        if dropped > 0:
+            report.dropped[""] = (dropped, layer_change(conv, layer))
+        return layer, report
 
     @classmethod
     def from_dense(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto"):
@@ -204,6 +229,24 @@ class _SparseHetConvNd(_CompactHetConv):
         warnings.warn(f"{cls.__name__}.from_dense is deprecated; use {cls.__name__}.from_conv", DeprecationWarning,
                       stacklevel=2)
         return cls.from_conv(conv, part, reduce, backend)
+
+
+def dropped_taps(weight: Tensor, pattern) -> float:
+    """The largest ``|w|`` among the taps a HetConv of ``pattern`` does not have: the non-centre
+    taps of the kernels off the block diagonal of a dense ``Tensor[N, M, *k]`` (0.0 if none)."""
+    if pattern.part == 1:
+        return 0.0
+    off = weight.detach().abs().flatten(2).clone()
+    off[..., pattern.kernel_numel // 2] = 0  # the centre tap of an odd kernel, kept as the 1 x 1 weight
+    off = off.amax(-1).masked_fill(~pattern.mask_1x1(weight.device), 0)
+    return float(off.max())
+
+
+def layer_change(old: nn.Module, new: nn.Module) -> float:
+    """``||new(x) - old(x)|| / ||old(x)||`` on a float64 probe, without firing any hook."""
+    x = probe_input(new.in_channels, tuple(new.kernel_size), new.weight_kxk.device)
+    with torch.no_grad(), no_global_hooks():
+        return relative_change(quiet_copy(new)(x), quiet_copy(old)(x))
 
 
 def _dense_conv_problem(conv: nn.Module, part: int, dims: int) -> str | None:

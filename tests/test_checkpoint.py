@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_hetconv import cli, convert_checkpoint
+from published import HetConv, sxpro_vgg, train_briefly, zhang_vgg
+from sparse_hetconv import SparseHetConv2d, cli, convert_checkpoint
 from sparse_hetconv.checkpoint import infer_form, load_model, state_dict_of
 from sparse_hetconv.models import resnet18, vgg16_cifar
 
@@ -68,7 +71,7 @@ def test_convert_from_the_command_line(masked, layout, tmp_path, capsys):
 def test_convert_in_a_fresh_process(masked, tmp_path):
     source, target = tmp_path / "masked.pt", tmp_path / "sparse.pt"
     torch.save(masked.state_dict(), source)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")  # tiny probes: one thread is faster
     done = subprocess.run([sys.executable, "-m", "sparse_hetconv", "convert", str(source), str(target)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -184,3 +187,145 @@ def test_state_dict_of_unwraps():
     assert state_dict_of({"model_state_dict": {"module.a.weight": torch.zeros(1)}, "epoch": 1}).keys() == {"a.weight"}
     with pytest.raises(ValueError, match="got list"):
         state_dict_of([1, 2])
+
+
+# -- any architecture: the user's model factory ------------------------------------------------------
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Conversions probe tiny layers, which a second thread only slows down; the command line puts
+    the current folder on sys.path, which must not outlive the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def zhang_checkpoint(path: Path, cfg: str = "A", dtype=torch.float32, seed: int = 0) -> nn.Module:
+    """zhang943's VGG (8x narrower), trained a few steps and saved the way train_cifar10.py does."""
+    torch.manual_seed(seed)
+    model = train_briefly(zhang_vgg(cfg, p=4, width=8), (4, 3, 32, 32), steps=2).to(dtype)
+    torch.save({"net": nn.DataParallel(model).state_dict(), "acc": 93.74, "epoch": 199}, path)
+    return model
+
+
+def assert_same_function(source: nn.Module, converted: nn.Module, shape, rtol: float) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted.double()(x), source.double()(x), rtol=rtol, atol=rtol,
+                                   msg=lambda m: f"converted checkpoint vs its source model: {m}")
+
+
+@pytest.mark.parametrize("cfg", ["A", "D", "E"])  # VGG-11, VGG-16, VGG-19
+def test_zhang943_checkpoints_convert_with_one_command(cfg, tmp_path, capsys, one_thread):
+    source, target = tmp_path / f"vgg_{cfg}.pth", tmp_path / "sparse.pt"
+    model = zhang_checkpoint(source, cfg)
+    kwargs = {"cfg": cfg, "p": 4, "width": 8}
+    assert cli.main(["convert", str(source), str(target), "--model", "published:zhang_vgg",
+                     "--model-kwargs", json.dumps(kwargs)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    layers = sum(isinstance(m, HetConv) for m in model.modules())
+    assert f"published:zhang_vgg(part=4): {source} (source) -> {target} (sparse, float32)" in out, out
+    assert f"converted {layers} layers; channel permutations left at run time: none" in out, out
+    loaded, info = load_model(target, "published:zhang_vgg", model_kwargs=kwargs)
+    assert info == {"model": "published:zhang_vgg", "form": "sparse", "part": 4, "num_classes": 10}, info
+    assert sum(isinstance(m, SparseHetConv2d) for m in loaded.modules()) == layers
+    assert_same_function(model.eval(), loaded, (2, 3, 32, 32), rtol=1e-5)
+
+
+def test_sxpro_shifted_layers_convert_from_the_command_line(tmp_path, capsys, one_thread):
+    torch.manual_seed(0)
+    model = train_briefly(sxpro_vgg("HetConv2d"), (4, 3, 8, 8), steps=2)
+    source, target = tmp_path / "sxpro.pt", tmp_path / "sparse.pt"
+    torch.save({"state_dict": model.state_dict()}, source)
+    assert cli.main(["convert", str(source), str(target), "--model", "published:sxpro_vgg", "--model-arg",
+                     "layer=HetConv2d", "--model-arg", "p=4", "--input-size", "3,8,8"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "converted 3 layers; channel permutations left at run time: none" in out and "3x8x8" in out, out
+    loaded, info = load_model(target, "published:sxpro_vgg", model_kwargs={"layer": "HetConv2d", "p": 4})
+    assert info["form"] == "sparse" and info["part"] == 4
+    assert_same_function(model, loaded, (2, 3, 8, 8), rtol=1e-5)
+
+
+def test_a_float16_checkpoint_stays_float16(tmp_path, one_thread):
+    source, target = tmp_path / "half.pt", tmp_path / "out.pt"
+    model = zhang_checkpoint(source, dtype=torch.float16)
+    report = convert_checkpoint(source, target, model="published:zhang_vgg", model_kwargs={"width": 8, "cfg": "A"})
+    written = torch.load(target, weights_only=True)
+    floating = {v.dtype for v in written.values() if v.is_floating_point()}
+    assert floating == {torch.float16} and report.dtype == "float16", f"the output became {floating}"
+    loaded, _ = load_model(target, "published:zhang_vgg", model_kwargs={"width": 8, "cfg": "A"})
+    assert next(loaded.parameters()).dtype == torch.float16
+    assert_same_function(model, loaded, (2, 3, 32, 32), rtol=2e-3)  # folded centre taps rounded once to float16
+
+
+def test_common_wrappers_and_prefixes_are_read(tmp_path, one_thread):
+    torch.manual_seed(0)
+    model = zhang_vgg("A", p=4, width=8).eval()
+    source = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, source)
+    report = convert_checkpoint(source, tmp_path / "out.pt", model="published:zhang_vgg",
+                                model_kwargs={"width": 8, "cfg": "A"})
+    assert report.relative_diff < 1e-9 and len(report.converted) == 7, report
+
+
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, capsys, one_thread):
+    source, target = tmp_path / "nan.pt", tmp_path / "out.pt"
+    zhang_checkpoint(source)
+    state = torch.load(source, weights_only=True)
+    state["net"]["module.features.4.gwc.weight"][0, 0, 1, 1] = float("nan")
+    torch.save(state, source)
+    args = ["convert", str(source), str(target), "--model", "published:zhang_vgg", "--model-arg", "width=8",
+            "--model-arg", "cfg=A"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-hetconv convert: error:") and "non-finite values (inf or NaN) in 1 tensors: " \
+        "features.4.gwc.weight (1 of" in err and "--allow-nonfinite" in err, err
+    assert not target.exists()
+    assert cli.main(args + ["--allow-nonfinite"]) == 0
+    err = capsys.readouterr().err  # the command line shows warnings as one line each
+    assert "sparse-hetconv convert: warning:" in err and "converting anyway" in err, err
+    assert target.exists()
+
+
+def test_output_checks_come_before_any_work(tmp_path, monkeypatch):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    taken = tmp_path / "taken.pt"
+    taken.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="exists; pass force=True"):  # not "not a readable checkpoint"
+        convert_checkpoint(garbage, taken, model="published:zhang_vgg")
+    with pytest.raises(ValueError, match=r"model \('nope:f'\): cannot import 'nope'"):
+        convert_checkpoint(garbage, tmp_path / "new.pt", model="nope:f")  # before reading the file
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=r"the folder of the output file .*new.pt is not writable"):
+        convert_checkpoint(garbage, tmp_path / "new.pt")
+    assert taken.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "nosuchmodule:build"], r"cannot import 'nosuchmodule' .*PYTHONPATH"),
+    (["--model", "published:nope"], r"'published' has no attribute 'nope'"),
+    (["--model", "published:ZHANG_CFG"], r"names a dict, expected a function or class"),
+    (["--model", "published:zhang_vgg", "--model-kwargs", "[1]"], r"--model-kwargs \('\[1\]'\) must be a JSON object"),
+    (["--model", "published:zhang_vgg", "--model-kwargs", "{bad"], r"is not valid JSON"),
+    (["--model", "published:zhang_vgg", "--model-arg", "width"], r"--model-arg \('width'\) must be KEY=VALUE"),
+    (["--model", "published:zhang_vgg", "--model-arg", "cfg=Z"], r"published:zhang_vgg with arguments \{'cfg': 'Z'\} "
+                                                                 r"failed: KeyError"),
+    (["--model", "published:zhang_vgg", "--model-arg", "width=8", "--model-arg", "p=1"],
+     r"published:zhang_vgg has no HetConv layer to convert"),
+    (["--model", "published:zhang_vgg"], r"does not fit published:zhang_vgg: .*wrong shapes: features.0.weight"),
+    (["--model", "published:zhang_vgg", "--model-arg", "width=8", "--input-size", "3,x"], r"--input-size"),
+])
+def test_model_mistakes_are_one_line_errors(extra, message, tmp_path, capsys, one_thread):
+    source, target = tmp_path / "in.pt", tmp_path / "out.pt"
+    zhang_checkpoint(source)
+    if "p=1" in extra:  # a checkpoint of the standard VGG that p=1 builds: nothing to convert
+        torch.save(zhang_vgg("A", p=1, width=8).state_dict(), source)
+    if "--model-arg" in extra and "width=8" in extra and "cfg=A" not in extra:
+        extra = extra + ["--model-arg", "cfg=A"]
+    assert cli.main(["convert", str(source), str(target)] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-hetconv convert: error:") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not target.exists()

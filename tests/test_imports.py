@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparse_hetconv"
 LAYERS = [
     ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0), ("sparse_hetconv._deprecated", 0),
     ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv._files", 0), ("sparse_hetconv.pattern", 0),
+    ("sparse_hetconv._probe", 0), ("sparse_hetconv._report", 0),
     ("sparse_hetconv.backends", 1),
     ("sparse_hetconv.autotune", 2),
     ("sparse_hetconv.functional", 3),
@@ -29,6 +30,7 @@ LAYERS = [
     ("sparse_hetconv.sparse", 4),
     ("sparse_hetconv.convert", 5), ("sparse_hetconv.counting", 5), ("sparse_hetconv.fuse", 5),
     ("sparse_hetconv.flop_tools", 5), ("sparse_hetconv.models", 5), ("sparse_hetconv.shifted", 5),
+    ("sparse_hetconv.permutation", 5),
     ("sparse_hetconv.checkpoint", 6), ("sparse_hetconv.submanifold", 6),
     ("sparse_hetconv.profiling", 7), ("sparse_hetconv.cifar", 7),
     ("sparse_hetconv.cli", 8), ("sparse_hetconv.__main__", 8),
