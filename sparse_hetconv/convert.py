@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._memory_format import apply_memory_format, check_memory_format
 from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
                      tolerance)
@@ -62,12 +62,6 @@ _FORMS = ("sparse", "masked")
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
 
 
 def _params(model: nn.Module) -> int:
@@ -251,8 +245,8 @@ def _convert(model, build, inplace: bool, what: str, memory_format=None, return_
     """The steps every converter shares: check, plan (``build`` per module), check ties and hooks,
     apply, ``finish(model, report)`` (e.g. absorb permutations), memory format, report."""
     _check_model(model)
-    _check_bool("inplace", inplace)
-    _check_bool("return_report", return_report)
+    check_bool("inplace", inplace)
+    check_bool("return_report", return_report)
     check_memory_format(memory_format)
     report = ConversionReport(what) if report is None else report
     report.params_before = _params(model)
@@ -428,8 +422,8 @@ def hetconvify(
     check_int("part", part)
     if form not in _FORMS:
         raise ValueError(f"form ({form!r}) must be one of {_FORMS}")
-    _check_bool("skip_first", skip_first)
-    _check_bool("inplace", inplace)
+    check_bool("skip_first", skip_first)
+    check_bool("inplace", inplace)
     reduce = check_reduce(reduce)
     if include is not None and not callable(include):
         raise TypeError(f"include must be callable or None, got {type(include).__name__}")
@@ -441,7 +435,7 @@ def hetconvify(
                       "the report or return_report=False for the model alone (the default from 0.3)",
                       DeprecationWarning, stacklevel=2)
     else:
-        _check_bool("return_report", return_report)
+        check_bool("return_report", return_report)
     report = ConversionReport("hetconvify", part=part, form=form)
     seen_first = []
 

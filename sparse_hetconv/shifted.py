@@ -23,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from ._memory_format import check_memory_format
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
 from .backends import check_backend
-from .convert import _FORMS, _SPARSE_BY_DIMS, _check_bool, _check_model, _convert, _verify, _where
+from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _verify, _where
 from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_hetconv_weights
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation, absorb_permutations
@@ -322,7 +322,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
         check_int("part", part)
     for name, value in (("approximate", approximate), ("skip_first", skip_first), ("inplace", inplace),
                         ("return_report", return_report)):
-        _check_bool(name, value)
+        check_bool(name, value)
     if include is not None and not callable(include):
         raise TypeError(f"include must be callable or None, got {type(include).__name__}")
     if form not in _FORMS:
