@@ -370,6 +370,29 @@ def to_masked(model: nn.Module, inplace: bool = False, memory_format=torch.chann
                     report=ConversionReport("to_masked", form="masked"))
 
 
+def _dense_candidate(path: str, module: nn.Module, part: int, skip_first: bool, include, seen_first: list[str],
+                     report: ConversionReport) -> int | None:
+    """The dimension of a standard convolution that may become a HetConv of ``part``, or None
+    (with the reason in ``report.skipped`` for a convolution left alone): ``hetconvify``'s and
+    ``from_shifted``'s shared rule (the first convolution with ``skip_first``, ``include``, and
+    what :func:`_dense_conv_problem` refuses)."""
+    if type(module) not in (nn.Conv2d, nn.Conv3d):
+        return None
+    dims = 2 if isinstance(module, nn.Conv2d) else 3
+    if skip_first and not seen_first:
+        seen_first.append(path)
+        report.skipped[path] = "first convolution (skip_first=True)"
+        return None
+    if include is not None and not include(path, module):
+        report.skipped[path] = "excluded by include()"
+        return None
+    reason = _dense_conv_problem(module, part, dims)
+    if reason:
+        report.skipped[path] = reason
+        return None
+    return dims
+
+
 def hetconvify(
     model: nn.Module,
     part: int,
@@ -440,19 +463,8 @@ def hetconvify(
     seen_first = []
 
     def build(path, module):
-        if type(module) not in (nn.Conv2d, nn.Conv3d):
-            return None
-        dims = 2 if isinstance(module, nn.Conv2d) else 3
-        if skip_first and not seen_first:
-            seen_first.append(path)
-            report.skipped[path] = "first convolution (skip_first=True)"
-            return None
-        if include is not None and not include(path, module):
-            report.skipped[path] = "excluded by include()"
-            return None
-        reason = _dense_conv_problem(module, part, dims)
-        if reason:
-            report.skipped[path] = reason
+        dims = _dense_candidate(path, module, part, skip_first, include, seen_first, report)
+        if dims is None:
             return None
         sparse, layer = _SPARSE_BY_DIMS[dims].from_conv(module, part, reduce, backend, return_report=True)
         if not layer.exact:

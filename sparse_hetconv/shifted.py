@@ -28,11 +28,11 @@ from ._memory_format import check_memory_format
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
 from .backends import check_backend
-from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _verify, _where
+from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
 from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_hetconv_weights
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation, absorb_permutations
-from .sparse import _dense_conv_problem, _SparseHetConvNd, dropped_taps
+from .sparse import _SparseHetConvNd, dropped_taps
 
 __all__ = ["ChannelPermutation", "from_shifted", "shifted_mask", "to_shifted"]
 
@@ -346,17 +346,8 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
             read, p_in, p_out, dropped = _to_block(weight, bias, layout.part, kind, (1,) * layout.dims, layout.dims,
                                                    dtype, where)
         elif part is not None and type(module) in _CONV_TYPES.values():
-            dims = 2 if isinstance(module, nn.Conv2d) else 3
-            if skip_first and not seen_first:
-                seen_first.append(path)
-                report.skipped[path] = "first convolution (skip_first=True)"
-                return None
-            if include is not None and not include(path, module):
-                report.skipped[path] = "excluded by include()"
-                return None
-            reason = _dense_conv_problem(module, part, dims)
-            if reason:
-                report.skipped[path] = reason
+            dims = _dense_candidate(path, module, part, skip_first, include, seen_first, report)
+            if dims is None:
                 return None
             bias = None if module.bias is None else module.bias.detach().double()
             read, p_in, p_out, dropped = _to_block(module.weight.detach().double(), bias, part, "shifted",
