@@ -98,7 +98,7 @@ def _kill_mid_write(runs: dict[int, tuple[list[str], Path]]) -> dict[int, subpro
                     continue
                 if runs[signum][1].exists():
                     child.send_signal(signum)
-                    out, err = child.communicate(timeout=60)
+                    out, err = child.communicate(timeout=180)  # generous: CI machines can be loaded
                     done[signum] = subprocess.CompletedProcess(child.args, child.returncode, out, err)
                 elif child.poll() is not None:
                     out, err = child.communicate()
