@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..pattern import HetConvPattern
-from ._common import CONV, channels_last, kxk_part, rows, subsample
+from ._common import CONV, channels_last, eager_tensor, kxk_part, rows, subsample
 
 __all__ = ["het_conv", "SMALL_PRODUCT"]
 
@@ -52,8 +52,6 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetCo
     pixels = x.shape[0] * math.prod(x.shape[2:])
     if pixels * pattern.in_channels * pattern.out_channels > SMALL_PRODUCT or x.numel() == 0:
         return None
-    if torch.compiler.is_compiling():
-        return None
     rows_in, rows_out = rows(x), rows(out)
     if rows_in is None or rows_out is None:
         return None
@@ -70,7 +68,10 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetCo
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
              stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
-    if not grad:
+    # The in-place fast paths are for ordinary eager calls: graph capture records stock operations
+    # only, and fake or torch.func-wrapped tensors are better served by the plain convolution.
+    fast = not grad and eager_tensor(input) and eager_tensor(weight_1x1)
+    if fast:
         small = _accumulate_small(out, input, weight_1x1, pattern, stride, cache)
         if small is not None:
             return small
@@ -78,7 +79,7 @@ def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor
         weight = _weight(weight_1x1, pattern)
     else:
         weight = cache.get("dense", weight_1x1, lambda v: _weight(v, pattern))
-    if not grad and _fusable(input, out) and channels_last(input):
+    if fast and _fusable(input, out) and channels_last(input):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             out, input, weight, None, [0, 0], list(stride), [1, 1], 1, "add", None, None, [], None
         )

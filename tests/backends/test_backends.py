@@ -5,6 +5,8 @@ cover every name in ``backends.BACKENDS``, the no-grad fast path (fused sum, pre
 the small-product route) and the index layouts the backends use. No timing is asserted anywhere.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -145,3 +147,81 @@ def test_small_inference_calls_take_the_matrix_product_route_exactly(shape, layo
     with torch.no_grad():
         assert_close(layer(x), expected, f"no-grad {shape} {layout}")
         assert_close(layer(x), expected, f"no-grad {shape} {layout}, cached")
+
+
+# -- caches keyed on state ------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_a_layer_made_under_inference_mode_runs(backend):
+    """Its parameters are inference tensors, which have no version counter to key a cache on
+    ("Inference tensors do not track version counter" before the fix)."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = SparseHetConv2d(8, 8, 2, backend=backend, dtype=torch.float64).eval()
+        x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+        expected = oracle_of(layer, x)
+        assert_close(layer(x), expected, f"{backend}: first call under inference_mode")
+        assert_close(layer(x), expected, f"{backend}: repeated call")
+        layer.weight_1x1.mul_(-1)  # in place and untracked: nothing may have been cached
+        assert_close(layer(x), oracle_of(layer, x), f"{backend}: after an in-place update")
+    assert layer._weight_cache.nbytes() == 0, "inference tensors must not be cached"
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped", "auto"])
+def test_traced_module_follows_weight_updates_after_an_eager_call(backend):
+    """Before the fix a trace taken after an eager no-grad call recorded the prepared weight of the
+    layer's cache as a constant: the traced module ignored every later weight update."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(8, 8, 2, backend=backend).eval()
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(layer, (x,), check_trace=False)
+        layer.weight_1x1.mul_(-3)
+        assert_close(traced(x), layer(x), f"{backend}: traced module after a weight update", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CONCRETE)
+def test_fake_tensor_mode_leaves_no_fake_index_behind(backend):
+    """Before the fix an index tensor first built under FakeTensorMode (shape propagation, memory
+    estimates) was cached as a fake tensor, and every later real call of that shape failed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparse_hetconv import pattern as pattern_module
+
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(24, 24, 3, backend=backend)  # a shape no other test uses
+    pattern_module._INDEX_CACHE.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        if backend == "torch_sparse":  # torch.sparse has no fake-tensor kernels: the call fails there
+            with pytest.raises(RuntimeError):
+                layer(torch.randn(2, 24, 4, 4))
+        else:
+            assert layer(torch.randn(2, 24, 4, 4)).shape == (2, 24, 4, 4), "fake call: wrong output shape"
+    x = torch.randn(2, 24, 4, 4, dtype=torch.float64)
+    layer = layer.double()
+    assert_close(layer(x), oracle_of(layer, x), f"{backend}: real call after a FakeTensorMode call")
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped", "blocked", "auto"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_vmap_over_an_ensemble(backend, layout):
+    """torch.func model ensembling: the cache keys on storage addresses (batched tensors have none)
+    and vmap cannot answer memory-format queries; both raised before the fix."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    models = [SparseHetConv2d(8, 8, 2, backend=backend).eval().to(memory_format=fmt) for _ in range(3)]
+    params, buffers = stack_module_state(models)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=fmt)
+
+    def one(p, b, x):
+        return functional_call(models[0], (p, b), (x,))
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no batching rule" performance warnings
+        got = vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+        expected = torch.stack([m(x) for m in models])
+    assert_close(got, expected, f"{backend} {layout}: vmap over 3 models", rtol=1e-5, atol=1e-6)
