@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
+from .backends._common import bf16_conv_is_wrong, conv_kxk
 from .pattern import HetConvPattern
 
 __all__ = ["MaskedHetConv2d", "MaskedHetConv3d", "HetConvWeights", "read_hetconv_weights"]
@@ -66,7 +67,15 @@ class _MaskedHetConvNd(_HetConvBase):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         pwc = self.pwc._conv_forward(input, self.masked_1x1(), self.pwc.bias)
-        return self.gwc(input) + pwc
+        return self._gwc(input) + pwc
+
+    def _gwc(self, input: Tensor) -> Tensor:
+        """``gwc(input)``, in float32 where oneDNN gets it wrong in bfloat16
+        (:func:`~sparse_hetconv.backends._common.bf16_conv_is_wrong`)."""
+        gwc = self.gwc
+        if not bf16_conv_is_wrong(input, self.stride):
+            return gwc(input)  # through the module, so that its hooks (FLOP counters) see it
+        return conv_kxk(input, gwc.weight, gwc.bias, self.stride, self.padding, self.part)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint whose pwc diagonal is not zero (an "approximate HetConv" trained without

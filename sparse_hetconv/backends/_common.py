@@ -11,15 +11,62 @@ from torch import Tensor, nn
 
 from ..pattern import HetConvPattern
 
-__all__ = ["CONV", "channels_last", "eager_tensor", "kxk_part", "rows", "subsample"]
+__all__ = ["CONV", "bf16_conv_is_wrong", "channels_last", "conv_kxk", "eager_tensor", "kxk_part",
+           "reduced_precision", "rows", "subsample"]
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def reduced_precision(input: Tensor) -> torch.dtype | None:
+    """The reduced precision a CPU call on ``input`` computes in: bfloat16 or float16 inputs, or a
+    float32 input under CPU autocast to one of them; None otherwise (and on other devices)."""
+    if input.device.type != "cpu":
+        return None
+    if input.dtype in (torch.bfloat16, torch.float16):
+        return input.dtype
+    if input.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+def bf16_conv_is_wrong(input: Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether oneDNN may compute this k x k convolution (k > 1) wrongly in bfloat16 on the CPU.
+
+    Measured with torch 2.13 (stock ``F.conv2d`` / ``conv3d``, grouped or not, NCHW, channels-last
+    or mixed, kernels 3 and 5, finite inputs): in 2-D, where a spatial dimension of the input is
+    shorter than its stride, the weight gradient holds garbage (up to 1e37); in 3-D the output is
+    garbage at depth 1 (up to 1e36, and the kernel writes out of bounds: later calls crash) and
+    where a dimension is shorter than its stride, and weight gradients are off by up to 10x at
+    other small sizes, so every 3-D one is routed. Float32 is exact in all of these. 1 x 1 feature
+    maps at stride 2 are ordinary at the end of a CIFAR network.
+    """
+    if reduced_precision(input) != torch.bfloat16:
+        return False
+    sizes = tuple(input.shape[2:])
+    if len(sizes) == 3:
+        return True
+    if not all(isinstance(n, int) for n in sizes):
+        return False  # symbolic sizes (dynamic shapes under graph capture): no branch on them
+    return any(n < s for n, s in zip(sizes, stride))
+
+
+def conv_kxk(input: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...], padding: tuple[int, ...],
+             groups: int) -> Tensor:
+    """A (grouped) k x k convolution, in float32 where oneDNN gets it wrong in bfloat16
+    (:func:`bf16_conv_is_wrong`). The output is then rounded to bfloat16, as a bfloat16 convolution
+    (which accumulates in float32) rounds it; gradients reach the parameters in their own dtype."""
+    conv = CONV[input.dim() - 2]
+    if not bf16_conv_is_wrong(input, stride):
+        return conv(input, weight, bias, stride, padding, 1, groups)
+    with torch.autocast("cpu", enabled=False):
+        out = conv(input.float(), weight.float(), None if bias is None else bias.float(), stride, padding, 1, groups)
+    return out.to(torch.bfloat16)
 
 
 def kxk_part(input: Tensor, weight_kxk: Tensor, bias: Tensor | None, stride: tuple[int, ...],
              pattern: HetConvPattern) -> Tensor:
     """The grouped k x k convolution (``groups = P``, padding ``k // 2``) with the bias."""
-    return CONV[pattern.dims](input, weight_kxk, bias, stride, pattern.padding, 1, pattern.part)
+    return conv_kxk(input, weight_kxk, bias, stride, pattern.padding, pattern.part)
 
 
 def eager_tensor(t: Tensor) -> bool:
