@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from ..pattern import HetConvPattern
 
-__all__ = ["CONV", "bf16_conv_is_wrong", "channels_last", "conv_kxk", "eager_tensor", "kxk_part",
-           "reduced_precision", "rows", "subsample"]
+__all__ = ["CONV", "bf16_conv_is_wrong", "channels_last", "conv_kxk", "eager_tensor", "has_nonfinite",
+           "kxk_part", "reduced_precision", "rows", "subsample"]
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -84,6 +84,25 @@ def eager_tensor(t: Tensor) -> bool:
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
     return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+
+
+def has_nonfinite(input: Tensor) -> bool:
+    """Whether an eager CPU ``input`` holds an ``inf`` or ``NaN`` (docs/design.md §9).
+
+    One sum, read on the host: a non-finite element makes it non-finite (``inf - inf`` is NaN too);
+    finite values whose sum overflows also answer True, which only costs the caller its exact path.
+    Always False where the answer would cost a device synchronisation (CUDA) or a graph break
+    (graph capture), and for the tensors :func:`eager_tensor` rejects.
+    """
+    if input.device.type != "cpu" or not eager_tensor(input):
+        return False
+    if input.dtype == torch.float32 or input.dtype == torch.float64:
+        total = input.detach().sum()
+    elif input.dtype == torch.bfloat16 or input.dtype == torch.float16:
+        total = input.detach().sum(dtype=torch.float32)  # a float16 sum would overflow at 65504
+    else:
+        return False
+    return not math.isfinite(total.item())
 
 
 def subsample(input: Tensor, stride: tuple[int, ...]) -> Tensor:

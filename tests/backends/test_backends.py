@@ -7,14 +7,15 @@ the small-product route) and the index layouts the backends use. No timing is as
 
 import itertools
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
 
 from helpers import assert_agrees, assert_close, one_by_one_channels, oracle, oracle_of
-from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
-from sparse_hetconv.backends import BACKENDS, CONCRETE
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d, autotune
+from sparse_hetconv.backends import BACKENDS, CONCRETE, dense
 from sparse_hetconv.functional import het_conv2d
 from sparse_hetconv.pattern import HetConvPattern
 
@@ -274,3 +275,87 @@ def test_torch_sparse_backward_inside_an_autocast_region():
     scale = float(expected_x.abs().max())
     assert_close(x.grad / scale, expected_x / scale, "input gradient", rtol=5e-2, atol=5e-2)
     assert layer.weight_1x1.grad is not None and layer.weight_1x1.grad.dtype == torch.float32
+
+
+# -- non-finite inputs: every path gives the definition's answer (docs/design.md §9) ---------------
+def _poisoned(shape, values, dtype=torch.float64, seed=0):
+    """A random input with ``values`` (inf, -inf, NaN) at fixed positions: channel 0 (inside group
+    0's block), the last channel (inside the last group's block) and a middle pixel."""
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    spots = [(0, 0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] // 2, shape[3] - 1), (0, shape[1] // 2, 1, 1)]
+    for spot, value in zip(spots, values):
+        x[spot] = value
+    return x
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["grad", "no_grad", "no_grad_convolution", "inference_channels_last"])
+@pytest.mark.parametrize("values", [(INF,), (-INF,), (NAN,), (INF, -INF, NAN)], ids=["inf", "-inf", "nan", "mixed"])
+def test_nonfinite_inputs_give_the_definitions_answer(backend, path, values):
+    """Before the fix ``dense`` (and ``auto``) gave NaN where the definition has +-inf: its 1 x 1
+    product multiplied the stored zeros of the block diagonal (``0 * inf``)."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(8, 12, 4, bias=True, backend=backend, dtype=torch.float64)
+    x = _poisoned((2, 8, 5, 5), values)
+    if path == "inference_channels_last":
+        layer, x = layer.to(memory_format=CL), x.contiguous(memory_format=CL)
+    x.requires_grad_(path == "grad")
+    expected = oracle_of(layer, x)
+    threshold = 0 if path == "no_grad_convolution" else dense.SMALL_PRODUCT  # the convolution route of no-grad calls
+    with mock.patch.object(dense, "SMALL_PRODUCT", threshold), torch.set_grad_enabled(path == "grad"), \
+            torch.inference_mode(path.startswith("inference")):
+        got = layer(x)
+    assert_agrees(got, expected, f"{backend} {path} {values}: output")
+    if path == "grad":
+        weight = torch.randn(expected.shape, dtype=torch.float64)
+        params = [x, layer.weight_kxk, layer.weight_1x1, layer.bias]
+        for g, e, name in zip(torch.autograd.grad((got * weight).sum(), params),
+                              torch.autograd.grad((expected * weight).sum(), params), ["x", "kxk", "1x1", "bias"]):
+            assert_agrees(g, e, f"{backend} {values}: gradient of {name}")
+
+
+def test_nonfinite_check_stays_out_of_compiled_graphs():
+    """Under graph capture the dense backend cannot branch on its input's values without a graph
+    break; it multiplies the stored zeros there (docs/design.md §9): the outputs that are finite, and
+    their values, are still the definition's, and only +-inf may read NaN."""
+    torch._dynamo.reset()
+    layer = SparseHetConv2d(8, 12, 4, backend="dense", dtype=torch.float64).eval()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # fullgraph: a break would raise
+    x = _poisoned((2, 8, 5, 5), (INF, -INF))
+    expected = oracle_of(layer, x)
+    with torch.no_grad():
+        got = compiled(x)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite), "the compiled layer must be non-finite exactly where the oracle is"
+    assert_close(got[finite], expected[finite], "compiled dense layer, finite outputs")
+    assert torch.equal(torch.isnan(expected), torch.isnan(got) & torch.isnan(expected)), "NaN of the oracle kept"
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", ["dense", "auto"])
+def test_jit_trace_records_no_value_check(backend):
+    """The non-finite check reads a value on the host: a trace would record it as a constant."""
+    layer = SparseHetConv2d(8, 8, 2, backend=backend).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; traced sizes warn in the input checks
+        traced = torch.jit.trace(layer, (torch.randn(2, 8, 5, 5),), check_trace=False)
+    assert "aten::sum" not in str(traced.graph), "the traced graph holds the eager-only non-finite check"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["dense", "auto", "masked"])
+def test_no_device_synchronisation_on_cuda(form):
+    layer = MaskedHetConv2d(16, 16, 4) if form == "masked" else SparseHetConv2d(16, 16, 4, backend=form)
+    layer, x = layer.cuda(), torch.randn(2, 16, 8, 8, device="cuda")
+    layer(x).sum().backward()  # warm-up: index caches, autotune's choice
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+        with torch.no_grad():
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
