@@ -116,6 +116,8 @@ def choices() -> dict[tuple, tuple[str, str]]:
 
 
 def _memory_format(input: Tensor) -> str:
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(input):
+        return "contiguous"  # torch.func.vmap cannot tell (it raises); the backends treat it so too
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return "channels_last"
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():

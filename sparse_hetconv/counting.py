@@ -6,10 +6,17 @@ multiply-accumulates (MACs, no factor 2) of the kernels that exist: a HetConv la
 published masked form count its zeroed 1 x 1 weights as work; this module reports both numbers:
 
 * **useful** MACs — the paper's convention: the existing kernels of a HetConv layer, so a model
-  counts the same in masked and in sparse form;
+  counts the same in every form that computes the same function;
 * **executed** MACs — what the layer really computes: the masked form's full 1 x 1 convolution,
   the sparse form's ``dense`` backend likewise, its other backends (``blocked``, ``grouped``,
   ``torch_sparse``) only the existing kernels.
+
+A module is counted as a HetConv by what it computes, not by its class: besides
+:class:`MaskedHetConv2d` and :class:`SparseHetConv2d`, any module that :func:`to_sparse` would convert
+exactly (children ``gwc`` and ``pwc`` with output ``gwc(x) + pwc(x)``, as in the published code;
+recognised by :func:`~sparse_hetconv.masked.read_hetconv_weights`) counts its pattern's useful MACs
+and parameters, and executes what its two convolutions run. Its parameters are those of the layer
+``to_sparse`` makes of it (both biases one).
 
 One handler per layer type: convolutions (``in/groups * prod(kernel)`` per output element),
 ``nn.Linear`` (``in_features`` per output element), HetConv layers as above, and BatchNorm at one
@@ -30,8 +37,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ._checks import check_int
-from .masked import _MaskedHetConvNd
+from .convert import _looks_published
+from .masked import _MaskedHetConvNd, read_hetconv_weights
+from .pattern import HetConvPattern
 from .sparse import _SparseHetConvNd
 
 __all__ = ["LayerCount", "ModelCounts", "PAPER_VGG16_CIFAR10_MMACS", "count_model", "count_macs", "count_params"]
@@ -142,6 +150,34 @@ def _masked_macs(module: _MaskedHetConvNd, input: torch.Tensor, output: torch.Te
     return pixels * p.useful_macs_per_pixel(), pixels * p.masked_macs_per_pixel()
 
 
+def _published_handler(pattern: HetConvPattern, pwc: nn.Module):
+    """The handler of a module that computes ``gwc(x) + pwc(x)``: useful MACs of its pattern,
+    executed MACs of its two convolutions (``pwc`` possibly grouped)."""
+    executed_per_pixel = pattern.out_channels * (pattern.kernel_numel * pattern.block_in
+                                                 + pattern.in_channels // pwc.groups)
+
+    def macs(module: nn.Module, input: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
+        pixels = output.numel() // pattern.out_channels
+        return pixels * pattern.useful_macs_per_pixel(), pixels * executed_per_pixel
+    return macs
+
+
+def _hetconv_pattern(module: nn.Module, name: str) -> tuple[HetConvPattern, bool] | None:
+    """``(pattern, has a bias)`` of a module that computes a HetConv exactly, whatever its class;
+    None for any other module."""
+    if isinstance(module, _SparseHetConvNd):
+        return module.pattern, module.bias is not None
+    if isinstance(module, _MaskedHetConvNd):
+        return module.pattern, module.gwc.bias is not None
+    if not _looks_published(module):
+        return None
+    try:
+        read = read_hetconv_weights(module, name)  # the recognition to_sparse uses (one test forward)
+    except ValueError:
+        return None  # gwc and pwc children, but not an exact HetConv: its convolutions count as they are
+    return read.pattern, read.bias is not None
+
+
 def _sparse_macs(module: _SparseHetConvNd, input: torch.Tensor, output: torch.Tensor) -> tuple[int, int, str]:
     pixels = output.numel() // module.out_channels
     p = module.pattern
@@ -161,11 +197,13 @@ def _prod(values) -> int:
     return out
 
 
-def _handler(module: nn.Module, norm: bool):
+def _handler(module: nn.Module, norm: bool, hetconv: tuple[HetConvPattern, bool] | None = None):
     if isinstance(module, _MaskedHetConvNd):
         return _masked_macs
     if isinstance(module, _SparseHetConvNd):
         return _sparse_macs
+    if hetconv is not None:
+        return _published_handler(hetconv[0], module.pwc)
     if isinstance(module, _CONVS):
         return _conv_macs
     if isinstance(module, nn.Linear):
@@ -175,17 +213,33 @@ def _handler(module: nn.Module, norm: bool):
     return None
 
 
-def _own_params(module: nn.Module, seen: set[int]) -> tuple[int, int]:
-    """(useful, stored) parameters of ``module`` and its descendants not counted yet."""
+def _own_params(module: nn.Module, seen: set[int], hetconv: tuple[HetConvPattern, bool] | None = None
+                ) -> tuple[int, int]:
+    """(useful, stored) parameters of ``module`` and its descendants not counted yet; a HetConv's
+    useful parameters are its pattern's (the masked form's zeroed diagonal is no kernel, and the
+    published form's two biases are one)."""
     stored = 0
     for param in module.parameters():
         if id(param) not in seen:
             seen.add(id(param))
             stored += param.numel()
-    useful = stored
-    if isinstance(module, _MaskedHetConvNd):  # the zeroed block diagonal of pwc is no kernel
-        useful -= module.out_channels * module.pattern.block_in
-    return useful, stored
+    if hetconv is None or stored == 0:  # (stored 0: parameters shared with a module counted before)
+        return stored, stored
+    pattern, bias = hetconv
+    return pattern.num_params(bias), stored
+
+
+def _hetconv_units(model: nn.Module) -> list[tuple[str, nn.Module, tuple[HetConvPattern, bool]]]:
+    """Every module of ``model`` that computes a HetConv (outermost first; none inside another)."""
+    units, skip = [], []
+    for name, module in model.named_modules():
+        if any(prefix == "" or name.startswith(prefix + ".") for prefix in skip):
+            continue
+        hetconv = _hetconv_pattern(module, name)
+        if hetconv is not None:
+            units.append((name, module, hetconv))
+            skip.append(name)
+    return units
 
 
 def _check_model(model: object) -> None:
@@ -194,10 +248,49 @@ def _check_model(model: object) -> None:
 
 
 def _check_input_size(input_size: object) -> tuple[int, ...]:
+    example = "(batch, channels, *spatial), e.g. (1, 3, 32, 32)"
+    if isinstance(input_size, torch.Tensor):
+        raise TypeError(f"input_size must be a sequence of ints {example}, got a torch.Tensor of shape "
+                        f"{tuple(input_size.shape)}; pass its .shape")
     if not isinstance(input_size, Sequence) or isinstance(input_size, str) or len(input_size) < 2:
-        raise ValueError(f"input_size ({input_size!r}) must be a sequence of at least 2 ints: "
-                         "(batch, channels, *spatial), e.g. (1, 3, 32, 32)")
-    return tuple(check_int("input_size", size) for size in input_size)
+        raise ValueError(f"input_size ({input_size!r}) must be a sequence of at least 2 ints: {example}")
+    for i, size in enumerate(input_size):
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"input_size ({input_size!r}) must hold ints: element {i} is {size!r} "
+                            f"({type(size).__name__})")
+        if size < 1:
+            raise ValueError(f"input_size ({input_size!r}) must hold ints >= 1: element {i} is {size}")
+    return tuple(input_size)
+
+
+def _run_located(model: nn.Module, x: torch.Tensor, size: tuple[int, ...]) -> None:
+    """``model(x)``; if it fails, a ``ValueError`` naming the input size and the innermost module
+    that was running (pre-hooks keep the stack of modules entered and not yet left)."""
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module, args):
+        stack.append(names.get(module, "?"))
+
+    def leave(module, args, output):
+        if stack:
+            stack.pop()
+
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        model(x)
+    except Exception as error:  # any failure of the forward: the input size does not fit the model
+        where = stack[-1] if stack else ""
+        kind = type(model.get_submodule(where)).__name__ if stack else type(model).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"the model cannot take an input of size {size}: module '{where or '<model>'}' "
+                         f"({kind}) failed: {first}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) -> ModelCounts:
@@ -206,10 +299,11 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
     The model runs once in eval mode under ``torch.no_grad()`` on a zero input of ``input_size``
     (with the device and dtype of its first parameter); its train/eval flags are restored and no
     state changes (BatchNorm running statistics are not updated in eval mode). HetConv layers are
-    counted as units (the masked form's ``gwc``/``pwc`` children are not counted again).
+    counted as units (the ``gwc``/``pwc`` children of a masked or published one are not counted again).
 
     Args:
-        model (nn.Module): any model; HetConv layers of both forms are recognised.
+        model (nn.Module): any model; HetConv layers are recognised in every form: sparse, masked and
+            any module computing ``gwc(x) + pwc(x)`` as the published code does.
         input_size (sequence of int): ``(batch, channels, *spatial)``; counts are for the whole
             batch, so use a batch of 1 for per-image numbers.
         norm (bool): count BatchNorm as one MAC per output element (default, the paper's
@@ -220,8 +314,10 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
         ``str()`` gives the per-layer table.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a malformed ``input_size``.
+        TypeError: ``model`` is not an ``nn.Module``, ``input_size`` holds a non-int (or is a
+            tensor), ``norm`` is not a bool.
+        ValueError: a malformed ``input_size``, or one the model cannot take (the message names
+            the size and the module whose forward failed).
 
     Warns:
         UserWarning: modules holding parameters without a MAC handler (e.g. ``nn.LayerNorm``);
@@ -242,9 +338,10 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
     for name, module in model.named_modules():
         if any(prefix == "" or name.startswith(prefix + ".") for prefix in skip):
             continue
-        handler = _handler(module, norm)
+        hetconv = _hetconv_pattern(module, name)
+        handler = _handler(module, norm, hetconv)
         if handler is not None:
-            useful, stored = _own_params(module, seen)
+            useful, stored = _own_params(module, seen, hetconv)
             rows[name] = LayerCount(name, type(module).__name__, params=useful, stored_params=stored)
             handled[name] = handler
             skip.append(name)
@@ -279,7 +376,7 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
                 hooks.append(module.register_forward_hook(hook(name)))
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(size, device=device, dtype=dtype))
+            _run_located(model, torch.zeros(size, device=device, dtype=dtype), size)
     finally:
         for handle in hooks:
             handle.remove()
@@ -295,7 +392,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int], executed: bool = Fal
         model (nn.Module): the model.
         input_size (sequence of int): ``(batch, channels, *spatial)``, e.g. ``(1, 3, 32, 32)``.
         executed (bool): False (default): useful MACs — HetConv layers count their existing
-            kernels only, so the masked and the sparse form count the same. True: what the
+            kernels only, so the sparse, masked and published forms count the same. True: what the
             model's present form really computes (the masked zeros included).
         norm (bool): count BatchNorm as one MAC per output element (default, as the paper's
             totals do); False: convolutions and linear layers only.
@@ -317,17 +414,21 @@ def count_macs(model: nn.Module, input_size: Sequence[int], executed: bool = Fal
 
 
 def count_params(model: nn.Module, stored: bool = False) -> int:
-    """Parameters of a model, the paper's way: the masked form's zeroed 1 x 1 weights left out.
+    """Parameters of a model, the paper's way: each HetConv layer counts its pattern's kernels.
+
+    The masked form's zeroed 1 x 1 weights are left out, and a module in the published layout
+    (``gwc`` + ``pwc``, recognised by what it computes, see the module notes) counts what
+    :func:`to_sparse` makes of it.
 
     Args:
         model (nn.Module): the model; shared parameters count once.
         stored (bool): True counts every stored element instead (``sum(p.numel())``).
 
     Returns:
-        int: the count; a model gives the same number in masked and in sparse form.
+        int: the count; a model gives the same number in every form that computes the same function.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module`` or ``stored`` not a bool.
     """
     _check_model(model)
     if not isinstance(stored, bool):
@@ -335,5 +436,8 @@ def count_params(model: nn.Module, stored: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())
     if stored:
         return total
-    zeros = sum(m.out_channels * m.pattern.block_in for m in model.modules() if isinstance(m, _MaskedHetConvNd))
-    return total - zeros
+    seen: set[int] = set()
+    for _, unit, hetconv in _hetconv_units(model):
+        useful, unit_stored = _own_params(unit, seen, hetconv)
+        total += useful - unit_stored
+    return total

@@ -19,7 +19,7 @@ from torch import Tensor
 from . import autotune
 from ._checks import check_input, check_tuple
 from .backends import BACKENDS, check_backend, get
-from .backends._common import kxk_part
+from .backends._common import has_nonfinite, kxk_part, reduced_precision
 from .pattern import HetConvPattern
 
 __all__ = ["BACKENDS", "het_conv", "het_conv2d", "het_conv3d", "needs_grad", "resolve_backend"]
@@ -47,7 +47,20 @@ def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None,
 def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
               stride: tuple[int, ...], pattern: HetConvPattern, backend: str, grad: bool,
               cache=None) -> Tensor:
-    """:func:`het_conv` without argument checks; ``backend`` is concrete."""
+    """:func:`het_conv` without argument checks; ``backend`` is concrete.
+
+    A reduced-precision CPU call whose input holds ``inf`` or NaN is computed in float32 and rounded
+    to its precision: oneDNN's bfloat16 kernels put NaN where the definition has none there (they
+    multiply padding and partial tiles with the input; measured with torch 2.13 for inputs of up to
+    five pixels along a dimension, forward and weight gradient), and float32 is exact
+    (docs/design.md §9).
+    """
+    low = reduced_precision(input)
+    if low is not None and has_nonfinite(input):
+        single = [None if t is None else t.float() for t in (weight_kxk, weight_1x1, bias)]
+        with torch.autocast("cpu", enabled=False):
+            out = _het_conv(input.float(), *single, stride, pattern, backend, grad)
+        return out.to(low)
     if pattern.part == 1:
         return kxk_part(input, weight_kxk, bias, stride, pattern)
     if torch.compiler.is_compiling():

@@ -19,6 +19,8 @@ from torch import Tensor, nn
 
 from ._base import _HetConvBase
 from ._probe import no_global_hooks, probe_input, quiet_copy
+from .backends._common import bf16_conv_is_wrong, conv_kxk, has_nonfinite
+from .functional import _het_conv, needs_grad
 from .pattern import HetConvPattern
 
 __all__ = ["MaskedHetConv2d", "MaskedHetConv3d", "HetConvWeights", "NotAHetConvError", "dense_conv_weight",
@@ -62,15 +64,58 @@ class _MaskedHetConvNd(_HetConvBase):
                 self.gwc.bias.uniform_(-bound, bound)
 
     def masked_1x1(self) -> Tensor:
-        """``pwc``'s weight with the block diagonal zeroed, as used by ``forward``."""
+        """``pwc``'s weight with the block diagonal replaced by zeros, as used by ``forward``.
+
+        Selected (``torch.where``), not multiplied by the mask: whatever the diagonal holds, NaN and
+        ``inf`` included, never reaches the output (``nan * 0`` is NaN), and its gradient there is
+        exactly zero (docs/design.md §9).
+
+        Returns:
+            Tensor[out_channels, in_channels, 1, ...]: ``pwc.weight``'s shape.
+        """
         weight = self.pwc.weight
         mask = self.pattern.mask_1x1(weight.device).view(weight.shape)
-        return weight * mask
+        return torch.where(mask, weight, 0)
 
     def forward(self, input: Tensor) -> Tensor:
+        """Args:
+            input (Tensor[batch, in_channels, *spatial]): NC(D)HW or channels-last.
+
+        Returns:
+            Tensor[batch, out_channels, *out_spatial]: ``gwc(input) + pwc(input)`` with ``pwc``'s
+            block diagonal left out (:meth:`masked_1x1`).
+
+        Like the published code this multiplies the zeros of the block diagonal, and ``0 * inf``
+        is NaN where the definition adds nothing. An eager call on the CPU whose input holds a
+        non-finite value therefore computes the 1 x 1 part from ``pwc``'s existing kernels only (the
+        sparse form's ``blocked`` backend), which gives the definition's answer and the same
+        gradients; under graph capture and on CUDA, where that check would cost a graph break or a
+        device synchronisation, an ``inf`` on a channel of filter ``j``'s own block makes filter
+        ``j``'s output NaN at that pixel where the definition has ``+-inf`` (docs/design.md §9).
+        """
         self._check_input(input)
+        if has_nonfinite(input):
+            return self._definition_forward(input)
         pwc = self.pwc._conv_forward(input, self.masked_1x1(), self.pwc.bias)
-        return self.gwc(input) + pwc
+        return self._gwc(input) + pwc
+
+    def _gwc(self, input: Tensor) -> Tensor:
+        """``gwc(input)``, in float32 where oneDNN gets it wrong in bfloat16
+        (:func:`~sparse_hetconv.backends._common.bf16_conv_is_wrong`)."""
+        gwc = self.gwc
+        if not bf16_conv_is_wrong(input, self.stride):
+            return gwc(input)  # through the module, so that its hooks (FLOP counters) see it
+        return conv_kxk(input, gwc.weight, gwc.bias, self.stride, self.padding, self.part)
+
+    def _definition_forward(self, input: Tensor) -> Tensor:
+        """The layer from its existing kernels only: ``pwc``'s block diagonal is never read."""
+        weight = self.pwc.weight
+        values = self.pattern.gather_1x1(weight.reshape(self.out_channels, self.in_channels))
+        bias = self.gwc.bias
+        if self.pwc.bias is not None:
+            bias = self.pwc.bias if bias is None else bias + self.pwc.bias
+        grad = needs_grad(input, self.gwc.weight, weight, bias)
+        return _het_conv(input, self.gwc.weight, values, bias, self.stride, self.pattern, "blocked", grad)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint whose pwc diagonal is not zero (an "approximate HetConv" trained without

@@ -35,12 +35,13 @@ _INDEX_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def cached_index(key: tuple, build):
-    """``build()``'s tensor, built once per ``key`` (rebuilt inside graph capture, which must see it).
+    """``build()``'s tensor, built once per ``key`` (rebuilt inside graph capture, which must see it,
+    and under ``FakeTensorMode``, whose fake tensors must never reach a real call).
 
     Built outside inference mode: an index tensor first needed under ``torch.inference_mode()``
     would otherwise be an inference tensor, which a later call with autograd cannot save.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return build()
     tensor = _INDEX_CACHE.get(key)
     if tensor is None:

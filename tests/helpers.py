@@ -78,3 +78,32 @@ def assert_close(actual, expected, what: str, rtol=1e-7, atol=1e-9):
     """``torch.testing.assert_close`` with a message that says what was compared."""
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol,
                                msg=lambda m: f"{what}: {m}")
+
+
+def assert_agrees(actual, expected, what: str, tol: float = 1e-9, scale=None):
+    """``actual`` against the oracle's ``expected``, non-finite values included (docs/design.md §9).
+
+    NaN, ``+inf`` and ``-inf`` must sit exactly where ``expected`` has them; finite values must be
+    within ``tol * scale``, ``scale`` being the magnitude of the terms each value sums (a tensor of
+    ``expected``'s shape: the oracle of the absolute values), or by default ``expected``'s largest
+    finite magnitude.
+    """
+    assert actual is not None, f"{what}: no tensor (no gradient reached it)"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    actual, expected = actual.detach().double(), expected.detach().double()
+    for name, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        got, wanted = test(actual), test(expected)
+        assert torch.equal(got, wanted), (f"{what}: {name} at {int(got.sum())} positions, the oracle at "
+                                          f"{int(wanted.sum())} ({int((got != wanted).sum())} differ)")
+    finite = torch.isfinite(expected)
+    if not finite.any():
+        return
+    if scale is None:
+        bound = tol * float(expected[finite].abs().max().clamp(min=1e-3))
+    else:
+        bound = tol * (scale.detach().double()[finite] + 1e-3)
+    error = (actual[finite] - expected[finite]).abs()
+    worst = int(torch.argmax(error - bound))
+    assert bool((error <= bound).all()), (
+        f"{what}: {int((error > bound).sum())} of {error.numel()} finite values off by more than {tol:g} of "
+        f"their scale; worst {float(actual[finite][worst]):.6g} vs the oracle's {float(expected[finite][worst]):.6g}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_hetconv import (MaskedHetConv2d, SparseHetConv2d, autotune, count_macs, count_model, count_params,
                             to_sparse)
+from published import PublishedHetConv, PublishedVGG
 from sparse_hetconv.counting import PAPER_VGG16_CIFAR10_MMACS
 from sparse_hetconv.models import create_model, vgg16_cifar
 
@@ -174,3 +177,97 @@ def test_bad_arguments():
         count_macs(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), executed="yes")
     with pytest.raises(TypeError, match="stored must be a bool"):
         count_params(nn.Conv2d(3, 3, 1), stored=1)
+
+
+# -- counting by computation: the published gwc + pwc layout -------------------------------------------
+def test_published_layer_by_hand():
+    # M=8, N=4, P=4 on a 5x5 input: each filter 2 k x k kernels (9 taps) and 6 1x1 kernels, and the
+    # published pwc runs all 8 1x1 weights; both biases become one in the exact conversion.
+    layer = PublishedHetConv(8, 4, 4, bias=True)
+    counts = count_model(layer, (1, 8, 5, 5))
+    assert [row.kind for row in counts.layers] == ["PublishedHetConv"], \
+        f"one row for the layer, its gwc / pwc children not counted again: {counts.table()}"
+    assert counts.useful_macs == 25 * 4 * (2 * 9 + 6), f"useful MACs by the pattern: {counts.table()}"
+    assert counts.executed_macs == 25 * 4 * (2 * 9 + 8), f"executed: gwc and the full pwc: {counts.table()}"
+    assert counts.params == 4 * (2 * 9 + 6) + 4, f"the pattern's kernels and one bias: {counts.table()}"
+    assert counts.stored_params == 4 * 2 * 9 + 4 * 8 + 2 * 4, counts.table()
+    assert count_params(layer) == counts.params and count_params(layer, stored=True) == counts.stored_params
+
+
+@pytest.mark.parametrize("part", [2, 4, 16])
+def test_published_vgg16_counts_what_its_exact_conversion_counts(part):
+    """Before the fix the published layout counted its zeroed 1 x 1 weights as useful (P = 4:
+    114.77 M MACs and 5,590,538 parameters, where the conversion has 106.12 M and 5,181,962)."""
+    torch.manual_seed(0)
+    published = PublishedVGG(part).eval()  # eval: FlopCounterMode runs it on a batch of 1
+    converted = to_sparse(published, backend="blocked")
+    size = (1, 3, 32, 32)
+    assert count_macs(published, size) == count_macs(converted, size), "useful MACs: published vs to_sparse"
+    assert count_params(published) == count_params(converted), "parameters: published vs to_sparse"
+    assert count_macs(published, size) == count_macs(vgg16_cifar(part=part, form="masked"), size), \
+        "useful MACs: published vs the library's masked VGG-16"
+    x = torch.randn(size)
+    assert count_macs(published, size, executed=True, norm=False) == flop_counter_macs(published, x), \
+        "executed MACs must be what the published layers really run (FlopCounterMode: no BatchNorm)"
+    assert count_params(published, stored=True) == sum(p.numel() for p in published.parameters())
+
+
+def test_published_layer_with_a_grouped_pwc():
+    """A grouped 1 x 1 convolution lives on the block diagonal: it folds into the centre taps
+    (docs/design.md §4); the layer is a HetConv with zero 1 x 1 kernels, and executes its grouped pwc."""
+    layer = PublishedHetConv(8, 4, 4, pwc_groups=4)
+    x = torch.randn(2, 8, 5, 5)
+    counts = count_model(layer, x.shape)
+    assert counts.useful_macs == count_macs(to_sparse(layer), x.shape), "useful MACs: the conversion's"
+    assert counts.executed_macs == flop_counter_macs(layer, x), "executed MACs: what the two convolutions run"
+
+
+def test_module_with_gwc_and_pwc_that_is_no_hetconv_counts_its_convolutions():
+    class Product(nn.Module):  # gwc and pwc children, but not gwc(x) + pwc(x)
+        def __init__(self):
+            super().__init__()
+            self.gwc = nn.Conv2d(8, 4, 3, padding=1, groups=4, bias=False)
+            self.pwc = nn.Conv2d(8, 4, 1, bias=False)
+
+        def forward(self, x):
+            return self.gwc(x) * self.pwc(x)
+
+    model = Product()
+    counts = count_model(model, (1, 8, 5, 5))
+    assert sorted(row.name for row in counts.layers) == ["gwc", "pwc"], counts.table()
+    assert counts.useful_macs == counts.executed_macs == 25 * 4 * (2 * 9 + 8), counts.table()
+    assert count_params(model) == count_params(model, stored=True) == 4 * 2 * 9 + 4 * 8
+
+
+@pytest.mark.parametrize("model, size, where", [
+    (lambda: PublishedVGG(4), (1, 3, 16, 16), r"module 'features\.43' \(MaxPool2d\)"),
+    (lambda: PublishedVGG(4), (1, 4, 32, 32), r"module 'features\.0' \(Conv2d\)"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), SparseHetConv2d(16, 8, 4)), (1, 3, 8, 8),
+     r"module '1' \(SparseHetConv2d\) failed: SparseHetConv2d expects input with 16 channels"),
+    (lambda: SparseHetConv2d(8, 8, 4), (2, 8, 5), r"module '<model>' \(SparseHetConv2d\)"),
+], ids=["too-small", "channels", "inner-layer", "rank"])
+def test_an_input_the_model_cannot_take(model, size, where):
+    model = model()
+    model.train()
+    with pytest.raises(ValueError, match=rf"cannot take an input of size {re.escape(str(size))}: {where}"):
+        count_macs(model, size)
+    assert all(m.training for m in model.modules()), "train/eval flags restored after the failure"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks removed after the failure"
+
+
+@pytest.mark.parametrize("size, error, match", [
+    (torch.zeros(1, 3, 8, 8), TypeError, r"got a torch\.Tensor of shape \(1, 3, 8, 8\); pass its \.shape"),
+    ((1, 3, -4, 8), ValueError, r"input_size \(\(1, 3, -4, 8\)\) must hold ints >= 1: element 2 is -4"),
+    ((1, True, 8, 8), TypeError, r"input_size \(\(1, True, 8, 8\)\) must hold ints: element 1 is True \(bool\)"),
+    ((1, 3, 8.0, 8), TypeError, r"element 2 is 8\.0 \(float\)"),
+])
+def test_input_size_errors_name_the_value(size, error, match):
+    with pytest.raises(error, match=match):
+        count_macs(nn.Conv2d(3, 3, 1), size)
+
+
+def test_norm_must_be_a_bool():
+    with pytest.raises(TypeError, match="norm must be a bool, got str"):
+        count_macs(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), norm="no")
+    with pytest.raises(TypeError, match="norm must be a bool, got int"):
+        count_model(nn.Conv2d(3, 3, 1), (1, 3, 4, 4), norm=0)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import BACKENDS, assert_close, masked_reference_weights, oracle, oracle_of
+from helpers import BACKENDS, assert_agrees, assert_close, masked_reference_weights, oracle, oracle_of
 from sparse_hetconv import MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d
 from sparse_hetconv.functional import het_conv, het_conv2d, het_conv3d
 
@@ -196,3 +196,35 @@ def test_functional_rejects_bad_arguments():
         het_conv3d(x, kxk, one, part=2)
     with pytest.raises(ValueError, match=r"in_channels \(8\) must be divisible by part \(3\)"):
         het_conv2d(x, torch.randn(3, 2, 3, 3), torch.randn(3, 6), part=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("part", [1, 4])
+@pytest.mark.parametrize("precision", ["bfloat16", "autocast"])
+def test_reduced_precision_nonfinite_inputs_follow_the_definition(precision, part, backend):
+    """oneDNN's bfloat16 convolutions multiply padding and partial tiles with the input, so an inf
+    gave NaN where the definition has +-inf (forward on inputs one pixel high, weight gradients on
+    inputs up to two pixels wide; even at part 1, a plain convolution): such calls run in float32."""
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    for shape in [(1, 3), (1, 5), (2, 1), (1, 1), (3, 2)]:
+        torch.manual_seed(0)
+        x = torch.randn((2, 8) + shape, dtype=dtype)
+        x[0, 1, 0, shape[1] // 2] = float("inf")
+        x[1, 6, shape[0] - 1, 0] = -float("inf")
+        kxk = torch.randn(8, 8 // part, 3, 3, dtype=dtype, requires_grad=True)
+        one = torch.randn(8, 8 - 8 // part, dtype=dtype, requires_grad=True) if part > 1 else None
+        bias = torch.randn(8, dtype=dtype, requires_grad=True)
+        params = [p for p in (kxk, one, bias) if p is not None]
+        x_ = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            got = het_conv2d(x_, kxk, one, bias, part=part, backend=backend)
+        assert got.dtype == torch.bfloat16, f"{precision}: output dtype {got.dtype}"
+        x64 = x.double().requires_grad_(True)
+        params64 = [p.detach().double().requires_grad_(True) for p in params]
+        expected = oracle(x64, params64[0], params64[1] if part > 1 else None, params64[-1], 1, part)
+        what = f"het_conv2d[{backend}] {precision} part {part} input {shape}"
+        assert_agrees(got, expected, f"{what}: output", tol=2e-2)
+        have = _loss_grads(got.double(), [x_] + params)
+        names = ["input", "weight_kxk"] + (["weight_1x1"] if part > 1 else []) + ["bias"]
+        for name, g, e in zip(names, have, _loss_grads(expected, [x64] + params64)):
+            assert_agrees(g, e, f"{what}: gradient of {name}", tol=5e-2)

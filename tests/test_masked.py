@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close, masked_reference_weights, oracle
-from sparse_hetconv import HetConvPattern, MaskedHetConv2d
+from helpers import assert_agrees, assert_close, masked_reference_weights, one_by_one_channels, oracle
+from sparse_hetconv import HetConvPattern, MaskedHetConv2d, MaskedHetConv3d, to_sparse
 
 
 def _diagonal(layer):
@@ -126,3 +126,117 @@ def test_constructor_errors(kwargs, error, message):
 
 def test_pattern_attribute():
     assert MaskedHetConv2d(8, 4, part=2).pattern == HetConvPattern(8, 4, 2)
+
+
+# -- one numerical semantics (docs/design.md §9) -----------------------------------------------------
+INF, NAN = float("inf"), float("nan")
+
+
+def _garbage_on_the_diagonal(layer, values=(NAN, INF, -INF, 1e30)):
+    """Write NaN, +-inf and a huge value over pwc's masked-out block diagonal (in place)."""
+    with torch.no_grad():
+        dense = layer.pwc.weight.view(layer.out_channels, layer.in_channels)
+        diagonal = ~layer.pattern.mask_1x1()
+        fill = torch.tensor(values, dtype=dense.dtype).repeat(int(diagonal.sum()))[:int(diagonal.sum())]
+        dense.masked_scatter_(diagonal, fill)
+
+
+def _poisoned_input(shape, values, seed=0):
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    spots = [(0, 0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] // 2, shape[3] - 1), (0, shape[1] // 2, 1, 1)]
+    for spot, value in zip(spots, values):
+        x[spot] = value
+    return x
+
+
+def _grads(out, inputs, seed=1):
+    weight = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.autograd.grad((out * weight).sum(), inputs, allow_unused=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_nonfinite_diagonal_never_reaches_the_output_or_the_gradients(channels_last):
+    """Before the fix ``pwc.weight * mask`` made NaN of a NaN or inf on the diagonal (``nan * 0``)."""
+    torch.manual_seed(0)
+    clean = MaskedHetConv2d(8, 12, part=4, stride=2, bias=True, dtype=torch.float64)
+    dirty = MaskedHetConv2d(8, 12, part=4, stride=2, bias=True, dtype=torch.float64)
+    dirty.load_state_dict(clean.state_dict())
+    _garbage_on_the_diagonal(dirty)
+    x = torch.randn(2, 8, 7, 6, dtype=torch.float64)
+    if channels_last:
+        x, clean, dirty = (t.to(memory_format=torch.channels_last) for t in (x, clean, dirty))
+    x_clean, x_dirty = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    expected, got = clean(x_clean), dirty(x_dirty)
+    assert torch.isfinite(got).all(), "a non-finite value on the masked-out diagonal reached the output"
+    assert_close(got, expected, "output with garbage on the diagonal")
+    names = ["input"] + [name for name, _ in dirty.named_parameters()]
+    want = _grads(expected, [x_clean] + list(clean.parameters()))
+    have = _grads(got, [x_dirty] + list(dirty.parameters()))
+    for name, g, e in zip(names, have, want):
+        assert_close(g, e, f"gradient of {name} with garbage on the diagonal")
+    assert torch.count_nonzero(_diagonal_of(dirty, have[names.index("pwc.weight")])) == 0, \
+        "the diagonal must get exactly zero gradient"
+
+
+def _diagonal_of(layer, weight):
+    return layer.pattern.block_diagonal(weight.reshape(layer.out_channels, layer.in_channels))
+
+
+@pytest.mark.parametrize("values", [(INF,), (-INF,), (NAN,), (INF, -INF, NAN)], ids=["inf", "-inf", "nan", "mixed"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_nonfinite_inputs_follow_the_definition(values, grad):
+    """An inf on a channel of a filter's own block met a stored zero of pwc (``0 * inf = NaN``) where
+    the definition adds nothing; eager CPU calls now compute the 1 x 1 part from the existing kernels."""
+    torch.manual_seed(0)
+    layer = MaskedHetConv2d(8, 12, part=4, bias=True, dtype=torch.float64)
+    _garbage_on_the_diagonal(layer)
+    x = _poisoned_input((2, 8, 5, 5), values).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    params = list(layer.parameters())
+    expected = oracle(x, *masked_reference_weights(layer), layer.stride, layer.part)
+    assert_agrees(got, expected, f"masked {values}: output")
+    if grad:
+        names = ["input"] + [name for name, _ in layer.named_parameters()]
+        have = _grads(got, [x] + params)
+        for name, g, e in zip(names, have, _grads(expected, [x] + params)):
+            assert_agrees(g, e, f"masked {values}: gradient of {name}")
+        assert torch.count_nonzero(_diagonal_of(layer, have[names.index("pwc.weight")])) == 0, \
+            "the diagonal must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("values", [(INF,), (INF, -INF, NAN)], ids=["inf", "mixed"])
+def test_to_sparse_gives_the_definitions_answer(values):
+    torch.manual_seed(0)
+    model = nn.Sequential(MaskedHetConv2d(8, 16, part=4, bias=True), nn.ReLU(), MaskedHetConv2d(16, 8, part=2))
+    model = model.double()
+    for layer in (model[0], model[2]):
+        _garbage_on_the_diagonal(layer)
+    sparse = to_sparse(model)
+    x = _poisoned_input((2, 8, 6, 6), values)
+    hidden = oracle(x, *masked_reference_weights(model[0]), 1, 4).relu()
+    expected = oracle(hidden, *masked_reference_weights(model[2]), 1, 2)
+    with torch.no_grad():
+        assert_agrees(sparse(x), expected, f"to_sparse of the masked model, input with {values}")
+        assert_agrees(model(x), expected, f"the masked model, input with {values}")
+
+
+@pytest.mark.parametrize("dims, shape, stride", [(2, (1, 1), 2), (2, (2, 1), 3), (3, (1, 3, 3), 1), (3, (2, 1, 1), 1)])
+def test_bfloat16_gwc_where_onednn_is_wrong(dims, shape, stride):
+    """gwc runs in float32 where oneDNN's bfloat16 convolution is wrong (garbage gradients, and in
+    3-D outputs); many seeds, since the garbage is whatever memory held."""
+    cls = MaskedHetConv2d if dims == 2 else MaskedHetConv3d
+    for seed in range(8):
+        torch.manual_seed(seed)
+        layer = cls(16, 16, part=2, stride=stride, bias=True, dtype=torch.bfloat16)
+        x = torch.randn((2, 16) + shape, dtype=torch.bfloat16, requires_grad=True)
+        out = layer(x)
+        names = ["input", "gwc.weight", "pwc.weight", "gwc.bias"]
+        params = [x, layer.gwc.weight, layer.pwc.weight, layer.gwc.bias]
+        params64 = [p.detach().double().requires_grad_() for p in params]
+        x64, kxk, pwc, bias = params64  # the weights read by definition from float64 copies
+        values = torch.stack([pwc.reshape(16, 16)[j, one_by_one_channels(j, 16, 16, 2)] for j in range(16)])
+        expected = oracle(x64, kxk, values, bias, layer.stride, 2)
+        assert_agrees(out, expected, f"bfloat16 {shape} stride {stride} seed {seed}: output", tol=2e-2)
+        for name, g, e in zip(names, _grads(out.double(), params), _grads(expected, params64)):
+            assert_agrees(g, e, f"bfloat16 {shape} stride {stride} seed {seed}: gradient of {name}", tol=5e-2)

@@ -39,13 +39,16 @@ class _CsrMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         values, cols, crow, col = ctx.saved_tensors
         grad_values = grad_cols = None
-        if ctx.needs_input_grad[1]:
-            grad_cols = (grad.t() @ csr_tensor(crow, col, values, ctx.shape)).t()
-        if ctx.needs_input_grad[0]:
-            # zeros, not empty: sampled_addmm reads the template even with beta=0 (NaN otherwise)
-            template = csr_tensor(crow, col, torch.zeros_like(values), ctx.shape)
-            sampled = torch.sparse.sampled_addmm(template, grad.contiguous(), cols.t().contiguous(), beta=0.0)
-            grad_values = sampled.values().view_as(values)
+        # A backward run inside an autocast region (``loss.backward()`` in the ``with`` block) would
+        # cast these products down too, and MKL's CSR kernels have no half-precision path.
+        with torch.autocast(grad.device.type, enabled=False):
+            if ctx.needs_input_grad[1]:
+                grad_cols = (grad.t() @ csr_tensor(crow, col, values, ctx.shape)).t()
+            if ctx.needs_input_grad[0]:
+                # zeros, not empty: sampled_addmm reads the template even with beta=0 (NaN otherwise)
+                template = csr_tensor(crow, col, torch.zeros_like(values), ctx.shape)
+                sampled = torch.sparse.sampled_addmm(template, grad.contiguous(), cols.t().contiguous(), beta=0.0)
+                grad_values = sampled.values().view_as(values)
         return grad_values, grad_cols, None, None, None
 
 

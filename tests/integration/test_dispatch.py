@@ -1,0 +1,300 @@
+"""Every dispatch path of a HetConv layer against the definition oracle, forward and backward.
+
+A call's path depends on more than its shapes: the backend (every name in
+``sparse_hetconv.backends.BACKENDS``, ``"auto"`` included, in both of autotune's modes), whether
+autograd records it (``torch.no_grad``, ``torch.inference_mode``, frozen weights, and switching
+between them on one layer), the memory formats of the input and of the weights, the precision
+(float64, float32, bfloat16 weights, CPU autocast to bfloat16), stride, kernel, batch (0 and 1
+included), the spatial size (1 x 1, sizes under and over ``backends/dense.py: SMALL_PRODUCT``), bias,
+what happened before (a first call, a repeated one, one after an in-place weight update or a
+``.to()`` of dtype or memory format: the prepared-weight cache) and whether the input holds ``inf``
+or NaN (docs/design.md §9). The property sweeps all of it for the sparse layer, for
+:func:`het_conv2d` / :func:`het_conv3d` and for the masked layer (with whatever NaN or ``inf`` its
+masked-out ``pwc`` diagonal holds), in 2-D and, smaller, in 3-D, and compares each call with the
+float64 oracle of ``tests/helpers.py``: the output and, where autograd records the call, the
+gradients of the input and of every parameter. Non-finite values must sit exactly where the
+oracle's are (NaN, ``+inf`` and ``-inf`` alike); finite ones agree within the precision's tolerance.
+
+Tolerances, relative to the magnitude of the terms each value sums (the oracle applied to
+absolute values, and its gradients): float64 1e-12, float32 1e-5, bfloat16 weights and autocast
+2e-2 (8 significant bits: every input, product and output is rounded), three times that for
+gradients. Measured over 900 examples: 4e-16, 1.5e-7 and 8.4e-3.
+
+``SMALL_PRODUCT`` is the work under which the dense backend's no-grad calls take one matrix
+product instead of a convolution; every layer here is far under it, so each example also draws
+whether to lower it to 0 (the convolution route at a small size), and
+:func:`test_a_product_over_the_threshold_takes_the_convolution_route` runs one layer genuinely over
+it. Default run: about 20 s on two cores; ``HYPOTHESIS_PROFILE=thorough`` runs ten times as many
+examples of each sweep (8 to 20 minutes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass, field
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from helpers import assert_agrees, one_by_one_channels, oracle
+from sparse_hetconv import MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d, autotune
+from sparse_hetconv.backends import BACKENDS, dense
+from sparse_hetconv.backends import available as backend_available
+from sparse_hetconv.functional import het_conv2d, het_conv3d
+
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+EXAMPLES = {2: 3000 if THOROUGH else 300, 3: 1500 if THOROUGH else 150}
+MODES = ("grad", "no_grad", "inference", "frozen")
+PRECISIONS = {"float64": (torch.float64, False), "float32": (torch.float32, False),
+              "bfloat16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
+EVENTS = ("none", "none", "update", "to_format", "to_dtype", "diagonal")
+NEXT_DTYPE = {torch.float32: torch.float64, torch.float64: torch.float32, torch.bfloat16: torch.float32}
+
+
+def available(name: str) -> bool:
+    """Whether backend ``name`` is swept here: ``"auto"`` always; a backend where the registry says
+    it runs on the CPU, except ``triton`` under Triton's interpreter (exact but far too slow for a
+    sweep: tests/backends/test_triton.py covers it there; on CUDA, gpu_check runs it)."""
+    if name == "auto":
+        return True
+    if name == "triton" and not torch.cuda.is_available():
+        return False
+    return backend_available(name, "cpu")
+
+
+BACKENDS_HERE = [name for name in BACKENDS if available(name)]
+FORMS = BACKENDS_HERE + ["functional", "masked"]
+
+
+def test_every_backend_is_swept():
+    """Every registered backend is swept here, but triton without CUDA (covered by its own file)."""
+    missing = {name for name in BACKENDS if name not in BACKENDS_HERE}
+    expected = set() if torch.cuda.is_available() else {"triton"}
+    assert missing == expected, f"backends not swept: {sorted(missing)} (expected only {sorted(expected)})"
+
+
+class Functional(nn.Module):
+    """The parameters of a sparse layer, applied through :func:`het_conv2d` / ``3d`` (no cache)."""
+
+    def __init__(self, layer: SparseHetConv2d | SparseHetConv3d, backend: str) -> None:
+        super().__init__()
+        self.weight_kxk, self.weight_1x1, self.bias = layer.weight_kxk, layer.weight_1x1, layer.bias
+        self.stride, self.part, self.backend, self.dims = layer.stride, layer.part, backend, layer._dims
+
+    def forward(self, x):
+        call = het_conv2d if self.dims == 2 else het_conv3d
+        return call(x, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.part, self.backend)
+
+
+@dataclass
+class Case:
+    form: str
+    dims: int
+    M: int
+    N: int
+    P: int
+    k: int
+    stride: int
+    bias: bool
+    batch: int
+    spatial: tuple
+    precision: str
+    weights_cl: bool
+    input_cl: bool
+    calls: list = field(default_factory=list)  # (mode, event after the call)
+    small_product: bool = True
+    measure: bool = False
+    nonfinite: list = field(default_factory=list)  # (position in [0, 1), value)
+    seed: int = 0
+
+
+@st.composite
+def cases(draw, dims: int):
+    part = draw(st.sampled_from([1, 2, 3, 4]))
+    m, n = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sizes = [1, 2, 3, 5, 7] if dims == 2 else [1, 2, 3]
+    form = draw(st.sampled_from(FORMS))
+    calls = draw(st.lists(st.tuples(st.sampled_from(MODES), st.sampled_from(EVENTS)), min_size=1, max_size=4))
+    nonfinite = draw(st.one_of(st.just([]), st.lists(
+        st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.inf, -math.inf, math.nan])),
+        min_size=1, max_size=3)))
+    return Case(
+        form=form, dims=dims, M=part * m, N=part * n, P=part,
+        k=draw(st.sampled_from([3, 5] if dims == 2 else [3])), stride=draw(st.sampled_from([1, 2])),
+        bias=draw(st.booleans()), batch=draw(st.sampled_from([0, 1, 1, 2])),
+        spatial=tuple(draw(st.sampled_from(sizes)) for _ in range(dims)),
+        precision=draw(st.sampled_from(list(PRECISIONS))),
+        weights_cl=draw(st.booleans()), input_cl=draw(st.booleans()), calls=calls,
+        small_product=draw(st.booleans()), measure=form == "auto" and draw(st.booleans()),
+        nonfinite=nonfinite, seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def fmt(dims: int, cl: bool):
+    return (torch.channels_last if dims == 2 else torch.channels_last_3d) if cl else torch.contiguous_format
+
+
+def build(case: Case) -> nn.Module:
+    torch.manual_seed(case.seed)
+    args = (case.M, case.N, case.P, case.k, case.stride, case.bias)
+    if case.form == "masked":
+        module = (MaskedHetConv2d if case.dims == 2 else MaskedHetConv3d)(*args, dtype=torch.float64)
+    else:
+        layer = (SparseHetConv2d if case.dims == 2 else SparseHetConv3d)(
+            *args, backend="auto" if case.form == "functional" else case.form, dtype=torch.float64)
+        module = Functional(layer, "auto") if case.form == "functional" else layer
+    dtype, _ = PRECISIONS[case.precision]
+    return module.to(dtype).to(memory_format=fmt(case.dims, case.weights_cl))
+
+
+def reference(case: Case, params64: dict):
+    """(weight_kxk, compact 1x1 values, bias) for the oracle, from float64 copies of the parameters;
+    the masked form's values are read off ``pwc`` by definition (its diagonal never read)."""
+    if case.form != "masked":
+        return params64["weight_kxk"], params64.get("weight_1x1"), params64.get("bias")
+    dense_1x1 = params64["pwc.weight"].reshape(case.N, case.M)
+    values = torch.stack([dense_1x1[j, one_by_one_channels(j, case.M, case.N, case.P)] for j in range(case.N)])
+    return params64["gwc.weight"], values, params64.get("gwc.bias")
+
+
+def tolerance(dtype: torch.dtype, autocast: bool) -> float:
+    if autocast or dtype == torch.bfloat16:
+        return 2e-2
+    return 1e-5 if dtype == torch.float32 else 1e-12
+
+
+def agree(got: torch.Tensor | None, expected: torch.Tensor | None, scale: torch.Tensor | None, tol: float,
+          what: str) -> None:
+    """:func:`helpers.assert_agrees`, where a parameter neither reaches counts as a zero gradient."""
+    if expected is None and got is None:
+        return  # (the 1 x 1 part of a part-1 layer)
+    if expected is None:
+        expected = scale = torch.zeros(got.shape, dtype=torch.float64)
+    assert_agrees(got, expected, what, tol, scale)
+
+
+def mode_context(mode: str):
+    if mode == "no_grad":
+        return torch.no_grad()
+    if mode == "inference":
+        return torch.inference_mode()
+    return torch.enable_grad()
+
+
+def master_input(case: Case) -> torch.Tensor:
+    x = torch.randn((case.batch, case.M) + case.spatial, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(case.seed + 1))
+    flat = x.view(-1)
+    for position, value in case.nonfinite:
+        if flat.numel():
+            flat[int(position * flat.numel())] = value
+    return x
+
+
+def check_call(case: Case, module: nn.Module, x64: torch.Tensor, mode: str, autocast: bool, what: str) -> None:
+    dtype = next(module.parameters()).dtype
+    x = x64.to(dtype, copy=True).contiguous(memory_format=fmt(case.dims, case.input_cl))
+    params = dict(module.named_parameters())
+    grad = mode == "grad"
+    if mode == "frozen":
+        for p in params.values():
+            p.requires_grad_(False)
+    x.requires_grad_(grad)
+    try:
+        with mode_context(mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x)
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+    x_ref = x.detach().double().contiguous().requires_grad_(grad)  # (NCHW: the oracle's slices are faster)
+    params64 = {name: p.detach().double().requires_grad_(grad) for name, p in params.items()}
+    expected = oracle(x_ref, *reference(case, params64), case.stride, case.P)
+    # The magnitude of the terms each value sums: the oracle on absolute values (its gradients too).
+    x_abs = x_ref.detach().abs().requires_grad_(grad)
+    params_abs = {name: p.detach().abs().requires_grad_(grad) for name, p in params64.items()}
+    scale = oracle(x_abs, *reference(case, params_abs), case.stride, case.P)
+    tol = tolerance(dtype, autocast)
+    if not autocast:
+        assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
+    elif dtype == torch.float32:
+        assert out.dtype == torch.bfloat16, f"{what}: autocast output dtype {out.dtype}, expected bfloat16"
+    agree(out, expected, scale, tol, f"{what}: output")
+    assert out.requires_grad == grad, f"{what}: output requires_grad is {out.requires_grad}"
+    if not grad:
+        return
+    weight = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case.seed + 2))
+    names = list(params)
+    got = torch.autograd.grad((out.double() * weight).sum(), [x] + [params[n] for n in names], allow_unused=True)
+    wanted = torch.autograd.grad((expected * weight).sum(), [x_ref] + [params64[n] for n in names],
+                                 allow_unused=True)
+    scales = torch.autograd.grad((scale * weight.abs()).sum(), [x_abs] + [params_abs[n] for n in names],
+                                 allow_unused=True)
+    for name, g, e, magnitude in zip(["input"] + names, got, wanted, scales):
+        if g is None and case.batch == 0:
+            continue  # an empty batch reaches no parameter through a size-0 product
+        agree(g, e, magnitude, 3 * tol, f"{what}: gradient of {name}")
+
+
+def apply_event(case: Case, module: nn.Module, event: str) -> nn.Module:
+    if event == "update":  # what an optimizer step does: in place, under no_grad
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(-0.5).add_(0.125)
+    elif event == "to_format":  # flip the weights' memory format
+        cl = next(p for p in module.parameters() if p.dim() == case.dims + 2).is_contiguous(
+            memory_format=fmt(case.dims, True))
+        module = module.to(memory_format=fmt(case.dims, not cl))
+    elif event == "to_dtype":
+        module = module.to(NEXT_DTYPE[next(module.parameters()).dtype])
+    elif event == "diagonal" and case.form == "masked" and case.P > 1:
+        with torch.no_grad():  # what the masked-out diagonal holds is no part of the layer
+            pattern = module.pattern
+            dense_1x1 = module.pwc.weight.view(case.N, case.M)
+            garbage = torch.tensor([math.nan, math.inf, -math.inf, 1e30], dtype=dense_1x1.dtype)
+            count = case.N * (case.M // case.P)
+            dense_1x1.masked_scatter_(~pattern.mask_1x1(), garbage.repeat(count)[:count])
+    return module
+
+
+def run_case(case: Case) -> None:
+    autotune.clear()
+    module = build(case)
+    x64 = master_input(case)
+    _, autocast = PRECISIONS[case.precision]
+    threshold = contextlib.nullcontext() if case.small_product else mock.patch.object(dense, "SMALL_PRODUCT", 0)
+    measure = autotune.mode("measure") if case.measure else contextlib.nullcontext()
+    with threshold, measure:
+        for i, (mode, event) in enumerate(case.calls):
+            check_call(case, module, x64, mode, autocast, f"call {i} ({mode}) of {case}")
+            module = apply_event(case, module, event)
+    autotune.clear()
+
+
+@settings(max_examples=EXAMPLES[2])
+@given(cases(dims=2))
+def test_every_dispatch_path_matches_the_oracle_2d(case):
+    run_case(case)
+
+
+@settings(max_examples=EXAMPLES[3])
+@given(cases(dims=3))
+def test_every_dispatch_path_matches_the_oracle_3d(case):
+    run_case(case)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_a_product_over_the_threshold_takes_the_convolution_route(channels_last):
+    """The one layer here whose 1 x 1 product is over ``SMALL_PRODUCT`` without patching it."""
+    M = N = 32
+    batch, spatial = 4, (96, 96)
+    assert batch * math.prod(spatial) * M * N > dense.SMALL_PRODUCT, "the case must be over the threshold"
+    case = Case(form="dense", dims=2, M=M, N=N, P=4, k=3, stride=1, bias=True, batch=batch, spatial=spatial,
+                precision="float32", weights_cl=channels_last, input_cl=channels_last,
+                calls=[("no_grad", "update"), ("inference", "none")])  # (the threshold is for no-grad calls)
+    run_case(case)
