@@ -130,9 +130,18 @@ class _MaskedHetConvNd(_HetConvBase):
             and pwc.shape == self.pwc.weight.shape
         ):
             dense = pwc.reshape(self.out_channels, self.in_channels)
-            if bool((self.pattern.block_diagonal(dense) != 0).any()):
+            diagonal = self.pattern.block_diagonal(dense)
+            where = f"{type(self).__name__} at '{prefix.rstrip('.') or '<root>'}'"
+            if not bool(torch.isfinite(diagonal).all()):
+                # Not a weight of any kernel (docs/design.md §9): folding inf/NaN into the centre
+                # taps would poison the filter; the diagonal is dropped instead.
+                warnings.warn(f"{where}: the checkpoint's pwc weight holds inf or NaN on the block diagonal, "
+                              "where the pattern has no 1x1 kernel; set it to zero (not folded)", stacklevel=2)
+                dense = dense.masked_fill(~self.pattern.mask_1x1(dense.device), 0)
+                state_dict[pwc_key] = dense.view(pwc.shape)
+            elif bool((diagonal != 0).any()):
                 warnings.warn(
-                    f"{type(self).__name__} at '{prefix.rstrip('.') or '<root>'}': the checkpoint's "
+                    f"{where}: the checkpoint's "
                     "pwc weight is non-zero on the block diagonal; folded it into gwc's centre "
                     "taps (exact: the layer computes what gwc(x) + pwc(x) computed)",
                     stacklevel=2,
@@ -160,7 +169,8 @@ class MaskedHetConv2d(_MaskedHetConvNd):
     weights; :class:`SparseHetConv2d` is the same layer without them (``to_sparse``).
 
     Loading a ``state_dict`` whose ``pwc`` diagonal is non-zero folds it into ``gwc``'s centre
-    taps with a warning (exact, docs/design.md §4).
+    taps with a warning (exact, docs/design.md §4); an inf or NaN there, which no kernel holds,
+    is set to zero with a warning instead (§9).
 
     Args:
         in_channels (int): ``M``.

@@ -240,3 +240,19 @@ def test_bfloat16_gwc_where_onednn_is_wrong(dims, shape, stride):
         assert_agrees(out, expected, f"bfloat16 {shape} stride {stride} seed {seed}: output", tol=2e-2)
         for name, g, e in zip(names, _grads(out.double(), params), _grads(expected, params64)):
             assert_agrees(g, e, f"bfloat16 {shape} stride {stride} seed {seed}: gradient of {name}", tol=5e-2)
+
+
+def test_loading_a_non_finite_diagonal_zeroes_it_instead_of_folding():
+    """A NaN on the checkpoint's diagonal is no kernel's weight (docs/design.md §9): loading must not
+    fold it into the centre taps (which would make the whole filter NaN)."""
+    torch.manual_seed(0)
+    source = MaskedHetConv2d(8, 8, part=4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["pwc.weight"][0, 0] = float("nan")  # filter 0, channel 0: inside its own block
+    layer = MaskedHetConv2d(8, 8, part=4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="inf or NaN on the block diagonal"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.gwc.weight, source.gwc.weight), "the centre taps must not change"
+    assert torch.isfinite(layer.pwc.weight).all() and layer.pwc.weight[0, 0] == 0
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    assert_close(layer(x), source(x), "the layer computes what the finite checkpoint computes")
