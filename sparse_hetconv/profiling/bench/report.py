@@ -216,7 +216,8 @@ def profiles_markdown(result) -> str:
 
 def machine_line(result) -> str:
     m = result["machine"]
-    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
+    isa = f" ({m['isa']})" if m.get("isa") else ""
+    return (f"{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
             f"Python {m['python']}, {m['platform']}; glibc mmap threshold pinned: {m['mmap_threshold_pinned']} "
             f"(MALLOC_MMAP_THRESHOLD_={m['mmap_threshold_env']})")
 
