@@ -81,8 +81,10 @@ class _SparseHetConvNd(_CompactHetConv):
         return self._resolved_backend
 
     def train(self, mode: bool = True):
-        # Prepared inference weights are rebuilt on the next no-grad call after training.
-        self._weight_cache.clear()
+        # A change of mode drops the prepared inference weights (rebuilt on the next no-grad
+        # call); a repeated ``eval()`` -- evaluation loops often call it per batch -- keeps them.
+        if isinstance(mode, bool) and mode != self.training:
+            self._weight_cache.clear()
         return super().train(mode)
 
     def forward(self, input: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ class WeightCache:
     would otherwise record a prepared weight as a constant). Copies and pickles start empty.
 
     Writes through ``.data`` (``weight.data.mul_(2)``) bypass the version counter, as they bypass
-    autograd; after one, call :meth:`clear` (``module.train()`` and ``eval()`` do).
+    autograd; after one, call :meth:`clear` (a change of mode, ``module.train()`` after
+    ``eval()`` or the reverse, does; a repeated ``eval()`` keeps the entries).
     """
 
     def __init__(self) -> None:

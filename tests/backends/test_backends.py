@@ -25,12 +25,7 @@ STOCK = tuple(b for b in CONCRETE if b != "triton")
 BACKENDS = ("auto",) + STOCK
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices():
-    autotune.clear()
-    yield
-    autotune.clear()
-    autotune.set_mode("confirm")
+pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,6 +94,28 @@ def test_prepared_weight_cache_follows_every_change_of_the_weights():
     layer.train()
     assert layer._weight_cache.nbytes() == 0, "train() should drop the prepared inference weights"
     assert "_weight_cache" not in str(layer.state_dict().keys()), "the cache must not be saved"
+
+
+def test_a_repeated_eval_keeps_the_prepared_weight(monkeypatch):
+    """Evaluation loops often call ``model.eval()`` per batch: that must not rebuild the dense 1x1
+    matrix every call (it did: the shipped model lost its inference advantage in such loops)."""
+    torch.manual_seed(0)
+    layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
+    x = torch.randn(1, 8, 4, 4)
+    builds = []
+    scatter = HetConvPattern.scatter_1x1
+    monkeypatch.setattr(HetConvPattern, "scatter_1x1", lambda self, *a, **k: builds.append(1) or scatter(self, *a, **k))
+    with torch.no_grad():
+        first = layer(x)
+        for _ in range(3):
+            layer.eval()
+            assert torch.equal(layer(x), first)
+    assert len(builds) == 1, f"the dense 1x1 weight was built {len(builds)} times in four no-grad calls"
+    layer.weight_1x1.data.mul_(2)  # bypasses the version counter: the cache cannot see it
+    layer.train().eval()  # a change of mode drops the cache (the documented way after such a write)
+    with torch.no_grad():
+        assert not torch.equal(layer(x), first), "a stale weight after a .data write and train().eval()"
+    assert len(builds) == 2
 
 
 def test_training_calls_never_use_the_cache_and_reach_the_values():
