@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without CUDA the triton backend's kernels run in Triton's interpreter, which triton reads when
@@ -18,3 +19,23 @@ settings.register_profile(
 )
 settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of many tiny convolutions (conversion probes), which a second thread only slows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_choices():
+    """``backend="auto"`` starts from no cached choice and the default mode, and leaves none behind."""
+    from sparse_hetconv import autotune
+
+    autotune.clear()
+    yield
+    autotune.clear()
+    autotune.set_mode("confirm")

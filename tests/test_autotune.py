@@ -13,12 +13,7 @@ from sparse_hetconv.pattern import HetConvPattern
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices():
-    autotune.clear()
-    yield
-    autotune.clear()
-    autotune.set_mode("confirm")
+pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 
 def test_choose_is_deterministic_cached_and_explained():

@@ -191,14 +191,10 @@ def test_state_dict_of_unwraps():
 
 # -- any architecture: the user's model factory ------------------------------------------------------
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Conversions probe tiny layers, which a second thread only slows down; the command line puts
-    the current folder on sys.path, which must not outlive the test."""
+def isolated(monkeypatch, one_thread):
+    """One thread for the tiny conversion probes; the command line puts the current folder on
+    sys.path, which must not outlive the test."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def zhang_checkpoint(path: Path, cfg: str = "A", dtype=torch.float32, seed: int = 0) -> nn.Module:
@@ -217,7 +213,7 @@ def assert_same_function(source: nn.Module, converted: nn.Module, shape, rtol: f
 
 
 @pytest.mark.parametrize("cfg", ["A", "D", "E"])  # VGG-11, VGG-16, VGG-19
-def test_zhang943_checkpoints_convert_with_one_command(cfg, tmp_path, capsys, one_thread):
+def test_zhang943_checkpoints_convert_with_one_command(cfg, tmp_path, capsys):
     source, target = tmp_path / f"vgg_{cfg}.pth", tmp_path / "sparse.pt"
     model = zhang_checkpoint(source, cfg)
     kwargs = {"cfg": cfg, "p": 4, "width": 8}
@@ -233,7 +229,7 @@ def test_zhang943_checkpoints_convert_with_one_command(cfg, tmp_path, capsys, on
     assert_same_function(model.eval(), loaded, (2, 3, 32, 32), rtol=1e-5)
 
 
-def test_sxpro_shifted_layers_convert_from_the_command_line(tmp_path, capsys, one_thread):
+def test_sxpro_shifted_layers_convert_from_the_command_line(tmp_path, capsys):
     torch.manual_seed(0)
     model = train_briefly(sxpro_vgg("HetConv2d"), (4, 3, 8, 8), steps=2)
     source, target = tmp_path / "sxpro.pt", tmp_path / "sparse.pt"
@@ -247,7 +243,7 @@ def test_sxpro_shifted_layers_convert_from_the_command_line(tmp_path, capsys, on
     assert_same_function(model, loaded, (2, 3, 8, 8), rtol=1e-5)
 
 
-def test_a_float16_checkpoint_stays_float16(tmp_path, one_thread):
+def test_a_float16_checkpoint_stays_float16(tmp_path):
     source, target = tmp_path / "half.pt", tmp_path / "out.pt"
     model = zhang_checkpoint(source, dtype=torch.float16)
     report = convert_checkpoint(source, target, model="published:zhang_vgg", model_kwargs={"width": 8, "cfg": "A"})
@@ -259,7 +255,7 @@ def test_a_float16_checkpoint_stays_float16(tmp_path, one_thread):
     assert_same_function(model, loaded, (2, 3, 32, 32), rtol=2e-3)  # folded centre taps rounded once to float16
 
 
-def test_common_wrappers_and_prefixes_are_read(tmp_path, one_thread):
+def test_common_wrappers_and_prefixes_are_read(tmp_path):
     torch.manual_seed(0)
     model = zhang_vgg("A", p=4, width=8).eval()
     source = tmp_path / "lightning.ckpt"
@@ -269,7 +265,7 @@ def test_common_wrappers_and_prefixes_are_read(tmp_path, one_thread):
     assert report.relative_diff < 1e-9 and len(report.converted) == 7, report
 
 
-def test_non_finite_weights_are_refused_unless_allowed(tmp_path, capsys, one_thread):
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, capsys):
     source, target = tmp_path / "nan.pt", tmp_path / "out.pt"
     zhang_checkpoint(source)
     state = torch.load(source, weights_only=True)
@@ -317,7 +313,7 @@ def test_output_checks_come_before_any_work(tmp_path, monkeypatch):
     (["--model", "published:zhang_vgg"], r"does not fit published:zhang_vgg: .*wrong shapes: features.0.weight"),
     (["--model", "published:zhang_vgg", "--model-arg", "width=8", "--input-size", "3,x"], r"--input-size"),
 ])
-def test_model_mistakes_are_one_line_errors(extra, message, tmp_path, capsys, one_thread):
+def test_model_mistakes_are_one_line_errors(extra, message, tmp_path, capsys):
     source, target = tmp_path / "in.pt", tmp_path / "out.pt"
     zhang_checkpoint(source)
     if "p=1" in extra:  # a checkpoint of the standard VGG that p=1 builds: nothing to convert

@@ -20,13 +20,7 @@ from sparse_hetconv import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Conversions probe tiny layers, which a second thread only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ProductNotSum(PublishedHetConv):

@@ -22,13 +22,7 @@ from sparse_hetconv import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run many tiny convolutions, which a second thread only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise_batchnorm(model, seed=1):
