@@ -21,6 +21,12 @@ Steps (about 8 minutes on one H200):
    ``nn.Conv2d(M, N, 3)`` of that shape times useful / standard MACs (useful MACs per pixel
    ``N (k^2 m + M - m)``).
 
+4. The backward's choice, measured: for each layer shape, a forward + backward of the triton op
+   with every pair of ``grad_input`` (``"triton"`` / ``"stock"``) and ``grad_weight_1x1``
+   (``"stock"`` / ``"triton"``), interleaved, after checking each pair's gradients against the
+   stock pair's; the fastest pair per layer is reported beside the shipped default
+   (``grad_input="triton"``, ``grad_weight_1x1="stock"``), so the defaults can be set from data.
+
 Writes ``gpu_check.json`` and ``gpu_check.md``. Needs torch, triton, pytest, hypothesis and the
 package on ``PYTHONPATH``; ``--dry-run`` (or no CUDA) builds the models and variants on the CPU
 and writes the report with "not run" entries.
@@ -153,8 +159,8 @@ def run_tests(timeout: float) -> dict[str, dict]:
 
 
 # -- step 2: the network --------------------------------------------------------------------------
-def _autocast(mode: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bfloat16")
+def _autocast(mode: str, device: str = "cuda"):
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "bfloat16")
 
 
 def _closures(variant: dict, x: torch.Tensor, target: torch.Tensor, mode: str):
@@ -284,6 +290,63 @@ def layers(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int)
     return rows
 
 
+# -- step 4: the backward's choice -----------------------------------------------------------------
+BACKWARD_PAIRS = tuple((gi, gw) for gi in ("triton", "stock") for gw in ("stock", "triton"))
+SHIPPED_PAIR = ("triton", "stock")
+
+
+def backward_choices(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int,
+                     device: str = "cuda") -> list[dict]:
+    """Forward + backward of the triton op per layer shape, for every (grad_input, grad_weight_1x1).
+
+    Each pair's gradients (input, k x k and 1 x 1 weights) are checked against the stock pair's
+    before anything is timed; a pair that differs is reported and not timed.
+    """
+    rows = []
+    for s in shapes:
+        row = dict(s)
+        try:
+            torch.manual_seed(0)
+            layer = SparseHetConv2d(s["in_channels"], s["out_channels"], s["part"], 3, s["stride"]).to(device)
+            x = torch.randn(batch, s["in_channels"], s["size"], s["size"], device=device)
+            x = x.contiguous(memory_format=CL).requires_grad_(True)
+            grad = None
+
+            def step(pair):
+                def run():
+                    nonlocal grad
+                    with _autocast(mode, device):
+                        y = het_conv2d_triton(x, layer.weight_kxk, layer.weight_1x1, None, tuple(layer.stride),
+                                              layer.part, grad_input=pair[0], grad_weight_1x1=pair[1])
+                    if grad is None:
+                        grad = torch.randn_like(y)
+                    return torch.autograd.grad(y, (x, layer.weight_kxk, layer.weight_1x1), grad)
+                return run
+
+            fns = {f"{gi}/{gw}": step((gi, gw)) for gi, gw in BACKWARD_PAIRS}
+            reference = fns["stock/stock"]()
+            errors = {}
+            for name, fn in fns.items():
+                got = fn()
+                errors[name] = max(_rel_error(a.float(), b.float()) for a, b in zip(got, reference))
+            row["rel_error"] = errors
+            bad = [name for name, e in errors.items() if e > TOLERANCE[mode]]
+            for name in bad:
+                del fns[name]
+            if bad:
+                row["error"] = "not timed (gradients differ from stock/stock): " + ", ".join(bad)
+            times = interleaved_latency(fns, warmup=warmup, repeats=repeats, device=device)
+            row["ms"] = {name: t["median_ms"] for name, t in times.items()}
+            row["fastest"] = min(row["ms"], key=row["ms"].get)
+            shipped = "/".join(SHIPPED_PAIR)
+            if shipped in row["ms"]:
+                row["shipped_over_fastest"] = row["ms"][shipped] / row["ms"][row["fastest"]]
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {error}"[:500]
+        rows.append(row)
+    return rows
+
+
 # -- report ---------------------------------------------------------------------------------------
 def environment(argv: list[str]) -> dict:
     try:
@@ -345,6 +408,19 @@ def markdown(report: dict) -> str:
                        f"{_ms(r.get('standard_ms', '-'))} | {_ms(r.get('masked_ms', '-'))} | "
                        f"{_ms(r.get('sparse_auto_ms', '-'))} | {r.get('error', '')} |")
         out.append("")
+    pairs = ["/".join(p) for p in BACKWARD_PAIRS]
+    out += ["## Backward: which kernels compute the gradients", "",
+            "Forward + backward of the triton op per layer, ms, for each `grad_input`/`grad_weight_1x1` pair "
+            f"(shipped default: `{'/'.join(SHIPPED_PAIR)}`).", ""]
+    for mode, rows in report.get("backward", {}).items():
+        out += [f"### {mode}", "", "| M | N | size | stride | " + " | ".join(pairs) + " | fastest | shipped/fastest | note |",
+                "|---" * (7 + len(pairs)) + "|"]
+        for r in rows:
+            ms = r.get("ms", {})
+            out.append(f"| {r['in_channels']} | {r['out_channels']} | {r['size']} | {r['stride']} | "
+                       + " | ".join(_ms(ms.get(p, '-')) for p in pairs)
+                       + f" | {r.get('fastest', '-')} | {_ms(r.get('shipped_over_fastest', '-'))} | {r.get('error', '')} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -382,11 +458,14 @@ def main(argv: list[str] | None = None) -> int:
             report["network"][mode] = network(variants, args.batch, mode, args.warmup, args.repeats)
         del variants
         report["layers"] = {mode: layers(shapes, args.batch, mode, args.warmup, args.repeats) for mode in MODES}
+        report["backward"] = {mode: backward_choices(shapes, args.batch, mode, args.warmup, args.repeats)
+                              for mode in MODES}
     else:  # the closures are built (optimizers, layouts) but not called
         for v in variants.values():
             _closures(v, torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), "float32")
         report["network"] = {mode: reason for mode in MODES}
         report["layers"] = {mode: [dict(s, error=reason) for s in shapes] for mode in MODES}
+        report["backward"] = {mode: [dict(s, error=reason) for s in shapes] for mode in MODES}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "gpu_check.md").write_text(markdown(report) + "\n")

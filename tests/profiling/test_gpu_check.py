@@ -52,3 +52,28 @@ def test_cuda_test_files_collect_on_a_bare_gpu_machine():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, f"collection failed without the optional packages:\n{done.stdout[-3000:]}"
+
+
+def test_backward_choices_time_every_pair():
+    """Step 4 (the backward's choice) runs end to end on one tiny layer under Triton's interpreter:
+    every (grad_input, grad_weight_1x1) pair is checked against stock/stock and timed."""
+    import pytest
+
+    from sparse_hetconv.backends import available
+
+    if not available("triton", "cpu"):
+        pytest.skip("triton is not installed (or its interpreter is off)")
+    from benchmarks.gpu_check import BACKWARD_PAIRS, backward_choices, markdown
+
+    shape = {"in_channels": 8, "out_channels": 8, "part": 4, "size": 4, "stride": 1, "useful_over_standard": 0.5}
+    rows = backward_choices([shape], batch=1, mode="float32", warmup=0, repeats=1, device="cpu")
+    (row,) = rows
+    assert "error" not in row, row.get("error")
+    pairs = {"/".join(p) for p in BACKWARD_PAIRS}
+    assert set(row["ms"]) == pairs and row["fastest"] in pairs, row
+    assert all(e < 1e-5 for e in row["rel_error"].values()), row["rel_error"]
+    report = {"environment": {"device": "cpu", "torch": "", "triton": "", "cuda": "", "cudnn": "", "python": "",
+                              "command": "x"},
+              "triton_wiring": "", "variants": {}, "tests": {}, "network": {}, "part": 4, "batch": 1, "layers": {},
+              "backward": {"float32": rows}}
+    assert "| 8 | 8 | 4 | 1 |" in markdown(report)
