@@ -52,6 +52,25 @@ def _profile(result, part, mode, variant) -> str:
     return "(not profiled in this run)"
 
 
+GPU_REPORT = Path(__file__).resolve().parent / "results" / "gpu" / "gpu_check.md"
+
+
+def _gpu_section() -> list[str]:
+    """What was (or was not) measured on a GPU: the committed ``make gpu-check`` report, if any."""
+    out = ["## On a GPU", ""]
+    if GPU_REPORT.is_file():
+        card = next((line for line in GPU_REPORT.read_text().splitlines() if line.startswith("Card:")), "")
+        out += [f"`make gpu-check` results: `benchmarks/results/gpu/gpu_check.md` ({card.rstrip('.')}).", ""]
+    else:
+        out += ["Not measured. Every figure on this page is from the CPU named above; the `triton` backend "
+                "(one fused kernel that computes only the kernels that exist) has been checked for "
+                "correctness only, under Triton's CPU interpreter in the test suite. `make gpu-check` "
+                "(`python -m benchmarks.gpu_check`) runs the CUDA tests and times VGG-16 on a GPU, per layer "
+                "against the FLOP-ideal and per backward kernel choice, and writes its report to "
+                "`benchmarks/results/gpu/`; no GPU was available to run it yet.", ""]
+    return out
+
+
 def page(result, image_name: str | None) -> str:
     batch = result["config"]["batch"]
     fwd, train = f"forward_b{batch}", f"train_b{batch}"
@@ -89,6 +108,7 @@ def page(result, image_name: str | None) -> str:
                 R.efficiency_table(result, *NET, mode), ""]
     out += [
         "## Targets", "", R.targets_table(result), "",
+        *_gpu_section(),
         "## Memory: training step, whole network", "",
         "MiB, each variant in a fresh process: the peak of live tensor bytes during a training step "
         "(exact: every operator's outputs tracked until freed; model, gradients and optimizer state "
@@ -99,15 +119,19 @@ def page(result, image_name: str | None) -> str:
         "with a gradient and a momentum buffer.", "",
         R.memory_table(result), "",
         "## What `backend=\"auto\"` picks", "",
-        "A cost model of oneDNN's kernels (`sparse_hetconv/autotune.py`), decided once per call signature "
-        "(shape, P, batch, device, dtype, memory format, training). In inference on the CPU it picks "
-        "`grouped` (P - 1 grouped 1 x 1 convolutions over only the existing kernels) where it predicts a "
-        "10 % gain — P = 2 with wide groups — and otherwise `dense`, whose 1 x 1 convolution is the masked "
-        "form's own kernel with the sum fused into the k x k output and the scattered weight cached "
-        "between calls. In training it keeps `dense`: the grouped backward measured slower. "
+        "A cost model of oneDNN's kernels (`sparse_hetconv/autotune.py`) proposes a backend once per call "
+        "signature (shape, P, batch, device, dtype, memory format, training); in the default mode "
+        "(`autotune.set_mode(\"confirm\")`) any proposal other than `dense` is kept only if a one-off "
+        "timing on this machine confirms it, so a model calibrated on one CPU cannot pick a slower "
+        "backend on another (`python -m benchmarks.auto_isa` compares both modes with oneDNN capped to "
+        "AVX2). In inference on the CPU it proposes `grouped` (P - 1 grouped 1 x 1 convolutions over only "
+        "the existing kernels) where it predicts a 10 % gain — P = 2 with wide groups — and otherwise "
+        "`dense`, whose 1 x 1 convolution is the masked form's own kernel with the sum fused into the "
+        "k x k output and the scattered weight cached between calls. In training it keeps `dense`: the "
+        "grouped backward measured slower. On CUDA every available backend, `triton` included, is timed. "
         "`layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` lists "
-        "them (and `pin=True` fixes them); `autotune.set_mode(\"measure\")` times the candidates once per "
-        "signature instead, like `cudnn.benchmark`. Per layer, against the fastest backend measured in "
+        "them (and `pin=True` fixes them); `autotune.set_mode(\"measure\")` times every candidate, "
+        "`\"model\"` trusts the cost model alone. Per layer, against the fastest backend measured in "
         "this run (an entry in brackets names a faster backend and auto's loss):", "",
         R.auto_table(result), "",
         "## Where the time goes (misses explained)", "",
@@ -115,9 +139,9 @@ def page(result, image_name: str | None) -> str:
         "the same oneDNN convolutions forward and backward (`aten::mkldnn_convolution` and "
         "`aten::convolution_backward` are most of the step in the profiles below); the sparse form "
         "differs only in O(N M) weight-side work — building the dense 1 x 1 matrix from the compact "
-        "values and gathering its gradient back (measured ~0.15 ms per 512 x 512 layer at P = 2, "
-        "~0.34 ms at P = 64) against the masked form's mask multiply (~0.17 ms) — and a smaller optimizer "
-        "step. The ratios therefore sit at 1.00 +- 0.03, the run-to-run noise of this machine, and a "
+        "values and gathering its gradient back (measured on the AMD EPYC of the first release: "
+        "~0.15 ms per 512 x 512 layer at P = 2, ~0.34 ms at P = 64, against ~0.17 ms for the masked "
+        "form's mask multiply) — and a smaller optimizer step. The ratios therefore sit at 1.00 +- 0.03, the run-to-run noise of this machine, and a "
         "'<= 1.00' verdict flips from run to run. Computing only the existing 1 x 1 kernels (`grouped`, "
         "`blocked`, `torch_sparse` rows) was measured and is slower in training on this CPU: oneDNN's "
         "grouped backward and MKL's matrix products run far below the dense 1 x 1 convolution's speed. "
