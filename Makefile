@@ -29,7 +29,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Latency and memory of every HetConv form (about 10 min on 2 cores; BENCH_ARGS=--quick: 2 min).
+# Latency and memory of every HetConv form (about 18 min on 2 cores; BENCH_ARGS=--quick: a few min).
 # Writes benchmarks/results/ (JSON, markdown, plot) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
