@@ -6,8 +6,9 @@ autograd records it (``torch.no_grad``, ``torch.inference_mode``, frozen weights
 between them on one layer), the memory formats of the input and of the weights, the precision
 (float64, float32, bfloat16 weights, CPU autocast to bfloat16), stride, kernel, batch (0 and 1
 included), the spatial size (1 x 1, sizes under and over ``backends/dense.py: SMALL_PRODUCT``), bias,
-what happened before (a first call, a repeated one, one after an in-place weight update or a
-``.to()`` of dtype or memory format: the prepared-weight cache) and whether the input holds ``inf``
+what happened before (a first call, a repeated one, one after an in-place weight update, a
+``.to()`` of dtype or memory format, a repeated ``eval()``, a change of mode, a write through
+``.data`` followed by a change of mode: the prepared-weight cache) and whether the input holds ``inf``
 or NaN (docs/design.md §9). The property sweeps all of it for the sparse layer, for
 :func:`het_conv2d` / :func:`het_conv3d` and for the masked layer (with whatever NaN or ``inf`` its
 masked-out ``pwc`` diagonal holds), in 2-D and, smaller, in 3-D, and compares each call with the
@@ -53,7 +54,7 @@ EXAMPLES = {2: 3000 if THOROUGH else 300, 3: 1500 if THOROUGH else 150}
 MODES = ("grad", "no_grad", "inference", "frozen")
 PRECISIONS = {"float64": (torch.float64, False), "float32": (torch.float32, False),
               "bfloat16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
-EVENTS = ("none", "none", "update", "to_format", "to_dtype", "diagonal")
+EVENTS = ("none", "none", "update", "to_format", "to_dtype", "diagonal", "eval", "toggle", "data_write")
 NEXT_DTYPE = {torch.float32: torch.float64, torch.float64: torch.float32, torch.bfloat16: torch.float32}
 
 
@@ -252,6 +253,14 @@ def apply_event(case: Case, module: nn.Module, event: str) -> nn.Module:
         module = module.to(memory_format=fmt(case.dims, not cl))
     elif event == "to_dtype":
         module = module.to(NEXT_DTYPE[next(module.parameters()).dtype])
+    elif event == "eval":  # evaluation loops call eval() per batch: the prepared weight may stay
+        module.eval()
+    elif event == "toggle":
+        module.train(not module.training)
+    elif event == "data_write":  # bypasses the version counter; a change of mode is the documented reset
+        for p in module.parameters():
+            p.data.mul_(-0.5).add_(0.125)
+        module.train(not module.training)
     elif event == "diagonal" and case.form == "masked" and case.P > 1:
         with torch.no_grad():  # what the masked-out diagonal holds is no part of the layer
             pattern = module.pattern
