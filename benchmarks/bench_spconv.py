@@ -171,7 +171,7 @@ def markdown(result: dict) -> str:
         "# SubMHetConv3d vs spconv SubMConv3d (3x3x3, CPU)",
         "",
         f"Scene: sphere + plane voxelised in a {s['size']}^3 grid, {s['sites']:,} active sites "
-        f"({s['occupancy']:.1%}), batch 1, float32. Machine: {m['cpu']} ({m['cpu_count']} cores, shared with "
+        f"({s['occupancy']:.1%}), batch 1, float32. Machine: {m['cpu']} ({m.get('isa', 'ISA unknown')}, {m['cpu_count']} cores, shared with "
         f"other jobs), {m['threads']} thread(s), torch {m['versions'].get('torch')}, "
         f"spconv {m['versions'].get('spconv-cu120') or m['versions'].get('spconv-cu126')} (ConvAlgo.Native). "
         f"Load average before / after: {result['load_before']} / {result['load_after']}.",
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     indices = voxel_scene(64)
     runs = [run_channels(c, indices, args.rounds, args.warmup) for c in args.channels]
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "-m", "benchmarks.bench_spconv", *(sys.argv[1:] if argv is None else argv)]),
         "rounds": args.rounds, "warmup": args.warmup,
         "scene": {"size": 64, "sites": indices.shape[0], "occupancy": indices.shape[0] / 64**3},
         "machine": machine(args.threads), "load_before": load_before,
