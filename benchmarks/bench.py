@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from sparse_hetconv.profiling.bench.run import add_arguments, run
+from sparse_hetconv.profiling.bench.run import add_arguments, execute, summary
 
 from . import RESULTS, docs_page
 
@@ -23,10 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=Path, default=docs_page.DOCS, help="the page to regenerate")
     parser.set_defaults(out=RESULTS)
     args = parser.parse_args(argv)
-    status = run(args)
-    if status:
-        return status
-    result = json.loads((args.out / "bench.json").read_text())
+    result, written = execute(args)
+    print(summary(result, written))
     for path in docs_page.write(result, args.docs, args.out / "latency_vs_p.png"):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
 """docs/performance.md, regenerated from a benchmark run (``make bench``).
 
 ``python -m benchmarks.docs_page benchmarks/results/bench.json [--docs docs/performance.md]``
-re-renders it without timing anything again.
+re-renders it, and the markdown reports and plot beside the JSON, without timing anything again.
 """
 
 from __future__ import annotations
@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=Path, default=DOCS, help="the page to write (default docs/performance.md)")
     args = parser.parse_args(argv)
     result = json.loads(args.json.read_text())
+    for path in R.write_all(result, args.json.parent):  # bench.md, layers.md, profiles.md, the plot
+        print(f"wrote {path}")
     for path in write(result, args.docs, args.json.parent / "latency_vs_p.png"):
         print(f"wrote {path}")
     return 0

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from helpers import assert_agrees, assert_close, one_by_one_channels, oracle, oracle_of
-from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d, autotune
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, SparseHetConv3d
 from sparse_hetconv.backends import CONCRETE, dense
 from sparse_hetconv.functional import het_conv2d
 from sparse_hetconv.pattern import HetConvPattern

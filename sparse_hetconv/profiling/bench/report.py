@@ -1,13 +1,11 @@
 """Markdown tables, target verdicts and the plot from a ``bench.json`` written by :mod:`.run`.
 
-``python -m sparse_hetconv.profiling.bench.report RESULTS/bench.json`` re-renders them without
-timing anything again.
+:func:`write_all` re-renders them without timing anything again (the repository's
+``python -m benchmarks.docs_page RESULTS/bench.json`` does, and docs/performance.md with them).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 MIB = 2 ** 20
@@ -293,16 +291,3 @@ def write_all(result, out: Path) -> list[Path]:
         written.append(image)
     return written
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", type=Path)
-    args = parser.parse_args(argv)
-    result = json.loads(args.json.read_text())
-    for p in write_all(result, args.json.parent):
-        print(f"wrote {p}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -40,12 +40,6 @@ SLOW_FACTOR = 25.0  # a variant whose warm-up call is this much slower than the 
 SLOW_FLOOR_MS = 50.0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sparse-hetconv bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="short run: P in {2, 4, 64}, 3 layer shapes, "
                         "fewer repeats, memory at P=4 only (a few minutes)")
@@ -230,12 +224,9 @@ def _command() -> str:
     return " ".join(["sparse-hetconv bench"] + argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
-    return run(args)
-
-
-def run(args: argparse.Namespace) -> int:
+def execute(args: argparse.Namespace) -> tuple[dict, list[Path]]:
+    """Run the benchmark the parsed ``args`` describe; write ``bench.json`` and the reports into
+    ``args.out``. Returns the result and the paths written (``bench.json`` first)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -284,11 +275,11 @@ def run(args: argparse.Namespace) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    written = report.write_all(result, args.out)
-    print(f"wrote {args.out / 'bench.json'} and {', '.join(str(p) for p in written)} in {result['seconds']:.0f} s "
-          f"({args.threads} threads, mmap threshold pinned: {info['mmap_threshold_pinned']})")
-    return 0
+    return result, [args.out / "bench.json", *report.write_all(result, args.out)]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def summary(result: dict, written: list[Path]) -> str:
+    """One line for the command line: what was written, how long it took, on how many threads."""
+    return (f"wrote {', '.join(str(p) for p in written)} in {result['seconds']:.0f} s "
+            f"({result['config']['threads']} threads, mmap threshold pinned: "
+            f"{result['machine']['mmap_threshold_pinned']})")
