@@ -134,12 +134,14 @@ class _MaskedHetConvNd(_HetConvBase):
             where = f"{type(self).__name__} at '{prefix.rstrip('.') or '<root>'}'"
             if not bool(torch.isfinite(diagonal).all()):
                 # Not a weight of any kernel (docs/design.md §9): folding inf/NaN into the centre
-                # taps would poison the filter; the diagonal is dropped instead.
+                # taps would poison the filter; those entries are dropped, the finite rest folded.
                 warnings.warn(f"{where}: the checkpoint's pwc weight holds inf or NaN on the block diagonal, "
-                              "where the pattern has no 1x1 kernel; set it to zero (not folded)", stacklevel=2)
-                dense = dense.masked_fill(~self.pattern.mask_1x1(dense.device), 0)
+                              "where the pattern has no 1x1 kernel; set those entries to zero (not folded)",
+                              stacklevel=2)
+                dense = dense.masked_fill(~self.pattern.mask_1x1(dense.device) & ~torch.isfinite(dense), 0)
+                diagonal = self.pattern.block_diagonal(dense)
                 state_dict[pwc_key] = dense.view(pwc.shape)
-            elif bool((diagonal != 0).any()):
+            if bool((diagonal != 0).any()):
                 warnings.warn(
                     f"{where}: the checkpoint's "
                     "pwc weight is non-zero on the block diagonal; folded it into gwc's centre "
@@ -170,7 +172,7 @@ class MaskedHetConv2d(_MaskedHetConvNd):
 
     Loading a ``state_dict`` whose ``pwc`` diagonal is non-zero folds it into ``gwc``'s centre
     taps with a warning (exact, docs/design.md §4); an inf or NaN there, which no kernel holds,
-    is set to zero with a warning instead (§9).
+    is set to zero with a warning instead (§9), and the finite rest of the diagonal is folded.
 
     Args:
         in_channels (int): ``M``.

@@ -256,3 +256,24 @@ def test_loading_a_non_finite_diagonal_zeroes_it_instead_of_folding():
     assert torch.isfinite(layer.pwc.weight).all() and layer.pwc.weight[0, 0] == 0
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     assert_close(layer(x), source(x), "the layer computes what the finite checkpoint computes")
+
+
+def test_a_non_finite_diagonal_entry_drops_only_itself():
+    """One NaN on the diagonal must not discard the finite diagonal entries of other filters: those
+    are folded into the centre taps as for any checkpoint with a non-zero diagonal."""
+    torch.manual_seed(0)
+    source = MaskedHetConv2d(8, 8, part=4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["pwc.weight"][0, 0] = float("inf")  # filter 0 (group 0), channel 0: its own block
+    state["pwc.weight"][3, 3] = 0.5  # filter 3 (group 1), channel 3: its own block, finite
+    finite = {k: v.clone() for k, v in state.items()}
+    finite["pwc.weight"][0, 0] = 0
+    layer = MaskedHetConv2d(8, 8, part=4, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="inf or NaN on the block diagonal"):
+        layer.load_state_dict(state)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    expected = (nn.functional.conv2d(x, finite["gwc.weight"], None, 1, 1, 1, 4)
+                + nn.functional.conv2d(x, finite["pwc.weight"]))
+    assert_close(layer(x), expected, "the layer computes the checkpoint's finite gwc(x) + pwc(x)")
+    assert torch.isfinite(layer.pwc.weight).all() and not layer.pattern.block_diagonal(
+        layer.pwc.weight.view(8, 8)).any(), "the diagonal must be zero after loading"
