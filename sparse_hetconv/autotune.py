@@ -56,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import CONCRETE, available, get
+from .backends._common import channels_last, reduced_precision
 from .pattern import HetConvPattern
 
 __all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "get_mode", "mode", "resolve_backends",
@@ -116,13 +117,7 @@ def choices() -> dict[tuple, tuple[str, str]]:
 
 
 def _memory_format(input: Tensor) -> str:
-    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(input):
-        return "contiguous"  # torch.func.vmap cannot tell (it raises); the backends treat it so too
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        return "channels_last"
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous():
-        return "channels_last"
-    return "contiguous"
+    return "channels_last" if channels_last(input) else "contiguous"
 
 
 def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...] | None = None
@@ -131,7 +126,7 @@ def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, str
     if input is None:
         return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, None, bool(training))
     return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, stride, tuple(input.shape),
-            input.device.type, input.dtype, _memory_format(input), bool(training))
+            input.device.type, input.dtype, reduced_precision(input), _memory_format(input), bool(training))
 
 
 def candidates(device: torch.device | str, dims: int = 2) -> tuple[str, ...]:
@@ -180,16 +175,18 @@ def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, 
     return {"dense": dense, "grouped": grouped, "blocked": blocked, "torch_sparse": torch_sparse}
 
 
-def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool) -> str:
+def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...]) -> str:
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
     if not torch._C._has_mkldnn:  # what mkldnn.is_available() returns; dynamo cannot call that one
         return "dense"
-    pixels = input.shape[0] * math.prod(input.shape[2:])  # input pixels: the stride is not part of the key
-    costs = estimate(pattern, max(pixels, 1), training)
     if _memory_format(input) != "channels_last":
         # In NCHW oneDNN reorders grouped convolutions' data; only dense was measured to hold up.
         return "dense"
+    pixels = input.shape[0]  # output pixels, as estimate counts them
+    for size, s in zip(input.shape[2:], stride):
+        pixels *= (size - 1) // s + 1
+    costs = estimate(pattern, max(pixels, 1), training)
     return "grouped" if costs["grouped"] < MARGIN * costs["dense"] else "dense"
 
 
@@ -221,7 +218,7 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     if torch.compiler.is_compiling():
         # Traced: a pure function of the signature. Reading the cache would make the compiled graph
         # guard on a global dict that eager calls keep extending (a recompilation every time).
-        return _model_choice(pattern, input, training)
+        return _model_choice(pattern, input, training, tuple(stride))
     key = signature(pattern, input, training, tuple(stride))
     hit = _CHOICES.get(key)
     if hit is not None:
@@ -232,7 +229,7 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     elif mode == "measure" or (mode == "confirm" and input.device.type != "cpu"):
         backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device, pattern.dims)), "measure"
     else:
-        backend, how = _model_choice(pattern, input, training), "model"
+        backend, how = _model_choice(pattern, input, training, tuple(stride)), "model"
         if mode == "confirm" and backend != "dense":
             timed = _measured_choice(pattern, input, training, stride, ("dense", backend))
             backend, how = timed, "confirmed" if timed == backend else "refuted"

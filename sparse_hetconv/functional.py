@@ -56,15 +56,21 @@ def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias
     (docs/design.md §9).
     """
     low = reduced_precision(input)
-    if low is not None and has_nonfinite(input):
+    # One sum of the input per call, read by the precision route and by ``dense`` (which must not
+    # multiply its stored zeros by an inf); the other backends never multiply a missing kernel.
+    dense_1x1 = backend == "dense" and pattern.part > 1
+    nonfinite = (low is not None or dense_1x1) and has_nonfinite(input)
+    if low is not None and nonfinite:
         single = [None if t is None else t.float() for t in (weight_kxk, weight_1x1, bias)]
         with torch.autocast("cpu", enabled=False):
-            out = _het_conv(input.float(), *single, stride, pattern, backend, grad)
+            out = _het_conv(input.float(), *single, stride, pattern, "blocked" if dense_1x1 else backend, grad)
         return out.to(low)
     if pattern.part == 1:
         return kxk_part(input, weight_kxk, bias, stride, pattern)
     if torch.compiler.is_compiling():
         cache = None  # keyed by data pointers, which a compiled graph cannot compare or keep
+    if dense_1x1:
+        return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache, nonfinite=nonfinite)
     return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)
 
 

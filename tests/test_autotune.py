@@ -124,3 +124,25 @@ def test_resolve_backends_lists_pins_and_leaves_the_model_untouched():
     assert all(model.get_submodule(name).backend == b for name, b in pinned.items())
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         autotune.resolve_backends("vgg", x)
+
+
+def test_the_model_prices_a_strided_layer_by_its_output_pixels(monkeypatch):
+    """estimate() counts output pixels: a stride-2 layer on 8x8 inputs computes 4x4 outputs."""
+    seen = []
+    estimate = autotune.estimate
+    monkeypatch.setattr(autotune, "estimate", lambda p, pixels, t: seen.append(pixels) or estimate(p, pixels, t))
+    x = torch.randn(8, 128, 8, 8).contiguous(memory_format=CL)
+    with autotune.mode("model"):
+        autotune.choose(HetConvPattern(128, 128, 2), x, training=False, stride=(2, 2))
+    assert seen == [8 * 4 * 4], f"priced {seen} pixels, expected the {8 * 4 * 4} output pixels"
+
+
+def test_a_choice_under_autocast_is_not_served_without_it():
+    """The signature holds the precision the call computes in: under CPU autocast to bfloat16 a
+    float32 input is another signature than the same input without autocast."""
+    pattern = HetConvPattern(64, 64, 2)
+    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=CL)
+    plain = autotune.signature(pattern, x, False, (1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = autotune.signature(pattern, x, False, (1, 1))
+    assert plain != mixed

@@ -69,17 +69,21 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetCo
         return None
     shape = (pattern.out_channels, pattern.in_channels)
     if cache is not None:
-        matrix = cache.get("dense_t", values, lambda v: pattern.scatter_1x1(v).t().contiguous())
+        # In the output's dtype (under autocast the k x k output may be lower precision than the
+        # values), cached as such: no N x M conversion per call.
+        matrix = cache.get(f"dense_t_{out.dtype}", values,
+                           lambda v: pattern.scatter_1x1(v).t().contiguous().to(out.dtype))
     else:
-        matrix = pattern.scatter_1x1(values).view(shape).t()
-    # In the output's dtype: under autocast the k x k output may be lower precision than the input.
-    rows_out.addmm_(rows_in.to(out.dtype), matrix.to(out.dtype))
+        matrix = pattern.scatter_1x1(values).view(shape).t().to(out.dtype)
+    rows_out.addmm_(rows_in.to(out.dtype), matrix)
     return out
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
-    if has_nonfinite(input):  # 0 * inf: the stored zeros must not be multiplied (module notes)
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None, *,
+             nonfinite: bool | None = None) -> Tensor:
+    # ``nonfinite``: the caller has already summed the input (functional does, once per call).
+    if has_nonfinite(input) if nonfinite is None else nonfinite:  # 0 * inf: the zeros must not be multiplied
         return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
     # The in-place fast paths are for ordinary eager calls: graph capture records stock operations

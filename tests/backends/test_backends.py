@@ -379,3 +379,24 @@ def test_no_device_synchronisation_on_cuda(form):
             layer(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_the_input_is_summed_once_per_call(monkeypatch, dtype, autocast):
+    """One read of the input for the non-finite check, whichever route reads it (the reduced-precision
+    route and the dense backend both need the answer; bfloat16 calls summed twice)."""
+    import sparse_hetconv.functional as functional
+    from sparse_hetconv.backends import _common
+
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        return _common.has_nonfinite(x)
+
+    monkeypatch.setattr(functional, "has_nonfinite", counted)
+    monkeypatch.setattr(dense, "has_nonfinite", counted)
+    layer = SparseHetConv2d(8, 8, 4, backend="dense").to(dtype).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(torch.randn(1, 8, 5, 5, dtype=dtype))
+    assert len(calls) == 1, f"the input was summed {len(calls)} times"
