@@ -20,6 +20,7 @@ NumPy) and bfloat16 tiles are widened to float32 before ``tl.dot``: the interpre
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -96,7 +97,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.autotune(configs=_FORWARD_CONFIGS, key=["NPIX", "H", "W", "CIN", "COUT", "MB", "NB", "KH", "KW",
-                                                "STRIDE_H", "STRIDE_W"],
+                                                "STRIDE_H", "STRIDE_W", "HAS_1X1", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _forward_kernel(
@@ -117,9 +118,9 @@ def _forward_kernel(
     g = pid_n // tiles_n
     offs_p = pid_pix * BLOCK_PIX + tl.arange(0, BLOCK_PIX)
     p_mask = offs_p < NPIX
-    wo = offs_p % WO
+    wo = (offs_p % WO).to(tl.int64)  # int64 offsets: one image may exceed 2**31 elements
     rest = offs_p // WO
-    ho = rest % HO
+    ho = (rest % HO).to(tl.int64)
     b = (rest // HO).to(tl.int64)
     offs_j = (pid_n % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = offs_j < NB
@@ -177,7 +178,8 @@ def _forward_kernel(
     tl.store(out[:, None] + j[None, :] * syc, acc.to(y.dtype.element_ty), mask=p_mask[:, None] & j_mask[None, :])
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["NPIX", "CIN", "COUT", "MB", "NB", "SPLIT", "STRIDE_H", "STRIDE_W"],
+@triton.autotune(configs=_WGRAD_CONFIGS, key=["NPIX", "CIN", "COUT", "MB", "NB", "SPLIT", "STRIDE_H", "STRIDE_W",
+                                              "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_wgrad})
 @triton.jit
 def _wgrad_kernel(
@@ -211,9 +213,9 @@ def _wgrad_kernel(
     for p0 in range(start, stop, BLOCK_PIX):
         p = p0 + tl.arange(0, BLOCK_PIX)
         p_mask = p < stop
-        wo = p % WO
+        wo = (p % WO).to(tl.int64)
         rest = p // WO
-        ho = rest % HO
+        ho = (rest % HO).to(tl.int64)
         b = (rest // HO).to(tl.int64)
         d = tl.load((dy + b * sdb + ho * sdh + wo * sdw)[:, None] + j[None, :] * sdc,
                     mask=p_mask[:, None] & j_mask[None, :], other=0.0)
@@ -261,15 +263,21 @@ def hetconv_forward(x: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bi
     def grid(meta):
         return (triton.cdiv(npix, meta["BLOCK_PIX"]), part * triton.cdiv(nb, meta["BLOCK_N"]))
 
-    _forward_kernel[grid](
-        x, weight_kxk, w1, bias if bias is not None else weight_kxk, y,
-        npix, height, width, ho, wo, cin, cout, mb, nb,
-        x.stride(0), x.stride(2), x.stride(3), x.stride(1), *weight_kxk.stride(), *s1,
-        y.stride(0), y.stride(2), y.stride(3), y.stride(1),
-        KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], HAS_1X1=has_1x1, HAS_BIAS=bias is not None,
-        **_flags(x.dtype, allow_tf32),
-    )
+    with _on(x.device):
+        _forward_kernel[grid](
+            x, weight_kxk, w1, bias if bias is not None else weight_kxk, y,
+            npix, height, width, ho, wo, cin, cout, mb, nb,
+            x.stride(0), x.stride(2), x.stride(3), x.stride(1), *weight_kxk.stride(), *s1,
+            y.stride(0), y.stride(2), y.stride(3), y.stride(1),
+            KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], HAS_1X1=has_1x1, HAS_BIAS=bias is not None,
+            **_flags(x.dtype, allow_tf32),
+        )
     return y
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device), or nothing on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _split(npix: int, tiles: int, device: torch.device) -> int:
@@ -304,10 +312,11 @@ def grad_weight_1x1(grad: Tensor, x: Tensor, stride: tuple[int, int], part: int,
     def grid(meta):
         return (part * triton.cdiv(nb, meta["BLOCK_N"]), triton.cdiv(width, meta["BLOCK_K"]), split)
 
-    _wgrad_kernel[grid](
-        grad, x, ws, npix, ho, wo, cin, cout, mb, nb, split,
-        grad.stride(0), grad.stride(2), grad.stride(3), grad.stride(1),
-        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
-        STRIDE_H=stride[0], STRIDE_W=stride[1], **_flags(x.dtype, allow_tf32),
-    )
+    with _on(x.device):
+        _wgrad_kernel[grid](
+            grad, x, ws, npix, ho, wo, cin, cout, mb, nb, split,
+            grad.stride(0), grad.stride(2), grad.stride(3), grad.stride(1),
+            x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+            STRIDE_H=stride[0], STRIDE_W=stride[1], **_flags(x.dtype, allow_tf32),
+        )
     return (ws[0] if split == 1 else ws.sum(0)).to(x.dtype)

@@ -202,7 +202,17 @@ def het_conv2d_triton(input: Tensor, weight_kxk: Tensor, weight_1x1: Optional[Te
 
 # -- the custom op --------------------------------------------------------------------------------
 def _allow_tf32() -> bool:
-    return torch.backends.cudnn.allow_tf32
+    """Whether float32 convolutions may use TF32: ``torch.backends.cudnn.allow_tf32``, or, where
+    the newer ``fp32_precision`` settings are in use (reading the legacy flag then raises), the
+    first of ``cudnn.conv``, ``cudnn`` and ``torch.backends`` that is set."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = torch.backends.cudnn
+        for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+            if precision != "none":
+                return precision == "tf32"
+        return False
 
 
 @torch.library.custom_op("sparse_hetconv::het_conv2d_triton", mutates_args=())
@@ -212,6 +222,7 @@ def _het_conv2d_op(input: Tensor, weight_kxk: Tensor, weight_1x1: Optional[Tenso
     # parameters, one small copy of the weights otherwise) so that the kernel's loads coalesce.
     x = input.contiguous(memory_format=torch.channels_last)
     weight = weight_kxk.contiguous(memory_format=torch.channels_last)
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[j] at unit stride
     return _kernels().hetconv_forward(x, weight, weight_1x1, bias, tuple(stride), part, _allow_tf32())
 
 

@@ -276,6 +276,15 @@ def test_float32_precision_follows_cudnn_allow_tf32(monkeypatch):
         flags = _triton_kernels._flags(torch.float32, allow)
         assert flags["PRECISION"] == expected, f"allow_tf32={allow} gave {flags['PRECISION']}, expected {expected}"
     assert _triton_kernels._flags(torch.bfloat16, True)["PRECISION"] == "ieee", "TF32 applies to float32 only"
+    # PyTorch's newer switch (fp32_precision) makes reading the legacy flag raise: both must be read.
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        for value, expected in (("ieee", False), ("tf32", True)):
+            conv.fp32_precision = value
+            assert triton_conv._allow_tf32() is expected, f"cudnn.conv.fp32_precision={value!r}"
+    finally:
+        conv.fp32_precision = before
     if CUDA:
         case = Case(2, 64, 64, 4, 3, 1, 8, 8, False, torch.float32)
         tensors = case.tensors()
@@ -372,6 +381,7 @@ print("compiled")
 """
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels really compile (every test here does it)")
 def test_kernels_compile_for_hopper():
     """The interpreter runs kernels in NumPy and misses compiler errors: compile them for sm_90
     (the H200) through triton's bundled ptxas, which needs no GPU, in a process without the
@@ -392,6 +402,8 @@ def test_kernels_compile_for_hopper():
     assert done.returncode == 0 and "compiled" in done.stdout, f"compiling for sm_90 failed:\n{done.stderr[-3000:]}"
 
 
+@pytest.mark.skipif(CUDA, reason="a float64 CPU layer runs only under the interpreter; on CUDA gpu_check's "
+                    "VGG-16 pins every layer to triton through the registry")
 def test_layer_backend_triton_through_the_registry():
     """``SparseHetConv2d(backend="triton")`` goes through the registry to the fused op, forward and
     backward; "auto" never times it on the CPU (the interpreter is exact but slow); 3-D refuses."""
@@ -415,3 +427,16 @@ def test_layer_backend_triton_through_the_registry():
     assert "triton" not in autotune.candidates("cpu"), "the interpreter must not be a candidate of auto"
     with pytest.raises(ValueError, match="2-D HetConv only"):
         SparseHetConv3d(4, 4, 2, backend="triton", dtype=torch.float64)(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
+
+
+def test_a_strided_bias_is_read_by_its_strides():
+    """The kernel reads bias[j] at unit stride: a strided (or expanded) bias is made contiguous
+    first (it read every second value, and an expanded one past its storage)."""
+    case = Case(1, 8, 8, 4, 3, 1, 4, 4, True, torch.float32)
+    x, weight_kxk, weight_1x1, bias = case.tensors()
+    strided = torch.randn(16, device=DEVICE)[::2]
+    got = het_conv2d_triton(x, weight_kxk, weight_1x1, strided, (1, 1), 4)
+    check_close(got, _expected(case, (x, weight_kxk, weight_1x1, strided.contiguous())), "strided bias", torch.float32)
+    expanded = torch.randn(1, device=DEVICE).expand(8)
+    got = het_conv2d_triton(x, weight_kxk, weight_1x1, expanded, (1, 1), 4)
+    check_close(got, _expected(case, (x, weight_kxk, weight_1x1, expanded.contiguous())), "expanded bias", torch.float32)
