@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .convert import _looks_published
-from .masked import _MaskedHetConvNd, read_hetconv_weights
+from .masked import _MaskedHetConvNd, hetconv_kind, read_hetconv_weights
 from .pattern import HetConvPattern
 from .sparse import _SparseHetConvNd
 
@@ -150,11 +149,13 @@ def _masked_macs(module: _MaskedHetConvNd, input: torch.Tensor, output: torch.Te
     return pixels * p.useful_macs_per_pixel(), pixels * p.masked_macs_per_pixel()
 
 
-def _published_handler(pattern: HetConvPattern, pwc: nn.Module):
-    """The handler of a module that computes ``gwc(x) + pwc(x)``: useful MACs of its pattern,
-    executed MACs of its two convolutions (``pwc`` possibly grouped)."""
-    executed_per_pixel = pattern.out_channels * (pattern.kernel_numel * pattern.block_in
-                                                 + pattern.in_channels // pwc.groups)
+def _published_handler(pattern: HetConvPattern, convs: Sequence[nn.Module]):
+    """The handler of a module that computes a signed sum of convolutions (the published
+    ``gwc(x) + pwc(x)``, sxpro's ``conv3x3(x) + conv1x1(x) - conv1x1_(x)``): useful MACs of its
+    pattern, executed MACs the sum of what its convolutions run (each with its own ``groups`` and
+    kernel; they share the output size: same channels and stride, padding ``k // 2``)."""
+    executed_per_pixel = sum(pattern.out_channels * (conv.in_channels // conv.groups) * _prod(conv.kernel_size)
+                             for conv in convs)
 
     def macs(module: nn.Module, input: torch.Tensor, output: torch.Tensor) -> tuple[int, int]:
         pixels = output.numel() // pattern.out_channels
@@ -169,12 +170,12 @@ def _hetconv_pattern(module: nn.Module, name: str) -> tuple[HetConvPattern, bool
         return module.pattern, module.bias is not None
     if isinstance(module, _MaskedHetConvNd):
         return module.pattern, module.gwc.bias is not None
-    if not _looks_published(module):
+    if hetconv_kind(module) is None:
         return None
-    try:
-        read = read_hetconv_weights(module, name)  # the recognition to_sparse uses (one test forward)
-    except ValueError:
-        return None  # gwc and pwc children, but not an exact HetConv: its convolutions count as they are
+    try:  # the recognition to_sparse uses (one probe: a "sum" module is not read twice)
+        read = read_hetconv_weights(module, name)
+    except ValueError:  # (NotAHetConvError included) convolutions, but not an exact HetConv:
+        return None     # they count as they are
     return read.pattern, read.bias is not None
 
 
@@ -203,7 +204,8 @@ def _handler(module: nn.Module, norm: bool, hetconv: tuple[HetConvPattern, bool]
     if isinstance(module, _SparseHetConvNd):
         return _sparse_macs
     if hetconv is not None:
-        return _published_handler(hetconv[0], module.pwc)
+        convs = [child for child in module.children() if isinstance(child, _CONVS)]
+        return _published_handler(hetconv[0], convs)
     if isinstance(module, _CONVS):
         return _conv_macs
     if isinstance(module, nn.Linear):

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_hetconv import (MaskedHetConv2d, SparseHetConv2d, autotune, count_macs, count_model, count_params,
                             to_sparse)
-from published import PublishedHetConv, PublishedVGG
+from published import Efficient_HetConv2d, PublishedHetConv, PublishedVGG
 from sparse_hetconv.counting import PAPER_VGG16_CIFAR10_MMACS
 from sparse_hetconv.models import create_model, vgg16_cifar
 
@@ -220,6 +220,34 @@ def test_published_layer_with_a_grouped_pwc():
     counts = count_model(layer, x.shape)
     assert counts.useful_macs == count_macs(to_sparse(layer), x.shape), "useful MACs: the conversion's"
     assert counts.executed_macs == flop_counter_macs(layer, x), "executed MACs: what the two convolutions run"
+
+
+def test_sxpro_sum_layer_counts_its_pattern_and_executes_its_three_convolutions():
+    """sxpro's conv3x3(x) + conv1x1(x) - conv1x1_(x) has no pwc: count_model raised AttributeError
+    ('Efficient_HetConv2d' object has no attribute 'pwc') before the fix."""
+    torch.manual_seed(0)
+    layer = Efficient_HetConv2d(8, 8, 4).eval()
+    x = torch.randn(1, 8, 6, 6)
+    counts = count_model(nn.Sequential(layer), x.shape)
+    assert [row.kind for row in counts.layers] == ["Efficient_HetConv2d"], counts.table()
+    assert counts.useful_macs == 36 * 8 * (2 * 9 + 6) == count_macs(to_sparse(layer), x.shape), counts.table()
+    # executed: grouped 3x3 (2 channels x 9 taps) + full 1x1 (8) + grouped 1x1 (2), per filter and pixel
+    assert counts.executed_macs == 36 * 8 * (2 * 9 + 8 + 2) == flop_counter_macs(layer, x), counts.table()
+    assert counts.params == 8 * (2 * 9 + 6) + 8 == count_params(to_sparse(layer)), "the pattern, one bias"
+    assert counts.stored_params == sum(p.numel() for p in layer.parameters())
+
+
+def test_sum_layer_is_probed_once(monkeypatch):
+    import sparse_hetconv.counting as counting
+    calls = []
+    real = counting.read_hetconv_weights
+
+    def counted(module, path=""):
+        calls.append(path)
+        return real(module, path)
+    monkeypatch.setattr(counting, "read_hetconv_weights", counted)
+    count_model(nn.Sequential(Efficient_HetConv2d(8, 8, 4)), (1, 8, 6, 6))
+    assert calls == ["0"], f"one probe of the sum module, got {calls}"
 
 
 def test_module_with_gwc_and_pwc_that_is_no_hetconv_counts_its_convolutions():
