@@ -18,6 +18,7 @@ where a module cannot be traced, in its module tree (neighbours in an ``nn.Seque
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import _HetConvBase
 from ._checks import check_bool
+from ._probe import hook_names, no_global_hooks, silenced
 from .convert import ConversionReport
 from .masked import _MaskedHetConvNd
 from .sparse import _SparseHetConvNd
@@ -144,13 +146,16 @@ def fuse_bn(model: nn.Module, inplace: bool = False, return_report: bool = False
     (both parts scaled, the bias created if needed), ``nn.Conv1d`` / ``2d`` / ``3d`` (any groups)
     with the BatchNorm of their dimension, and ``nn.Linear`` with ``BatchNorm1d`` (over a
     ``(batch, features)`` output). A pair is folded when the BatchNorm's only input is the
-    layer's output and nothing else reads that output, each called once. Pairs are found in the
+    layer's output and nothing else reads that output, each called once, and the layer has no
+    forward or backward hook and no parameter read elsewhere (tied to another module, or read
+    directly in a forward, e.g. ``F.conv2d(y, self.conv.weight)``). Pairs are found in the
     data flow of ``torch.fx``'s trace of the model (HetConv layers, convolutions and BatchNorms
-    are leaves); a module fx cannot trace (data-dependent control flow, say) is searched in its
-    module tree instead: neighbours in an ``nn.Sequential``, and the pairs of children it
-    declares in a ``conv_bn_pairs`` attribute (``(("conv1", "bn1"), ...)``; the registered
-    ResNet blocks do), then each child the same way. So every BatchNorm of
-    :func:`sparse_hetconv.models.resnet18` (20) and of ``vgg16_cifar`` (14) is folded.
+    are leaves; user hooks are silenced while tracing); a module fx cannot trace (data-dependent
+    control flow, say) is searched in its module tree instead: neighbours in an
+    ``nn.Sequential``, and the pairs of children it declares in a ``conv_bn_pairs`` attribute
+    (``(("conv1", "bn1"), ...)``; the registered ResNet blocks do), then each child the same
+    way. So every BatchNorm of :func:`sparse_hetconv.models.resnet18` (20) and of
+    ``vgg16_cifar`` (14) is folded.
 
     Each folded BatchNorm is replaced by ``nn.Identity`` in eval mode (module names and indices
     are kept; hooks on it are dropped). The result computes what the model computed in eval mode,
@@ -219,8 +224,15 @@ class _Tracer(fx.Tracer):
     backend choice) is not traced, only where their outputs go."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return (isinstance(module, (_BatchNorm, _HetConvBase)) or _conv_dims(module) is not None
+        # (by type: _conv_dims reads module.weight, which fx would record as a get_attr node)
+        return (isinstance(module, (_BatchNorm, _HetConvBase)) or type(module) in _STANDARD + (nn.Linear,)
                 or super().is_leaf_module(module, qualified_name))
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """``t.dim()``, ``t.size(...)``, ``t.shape``: a use that folding does not change."""
+    return ((node.op == "call_method" and node.target in ("dim", "size"))
+            or (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -242,6 +254,7 @@ class _Search:
             self.names[id(module)].append(path or "<root>")
             for param in module.parameters(recurse=False):
                 self.owners[id(param)].add(id(module))
+        self.read: set[int] = set()  # ids of the tensors a traced forward reads itself (get_attr)
         self.candidates: dict[str, str] = {}  # BatchNorm path -> layer path
         self.reasons: dict[str, str] = {}  # BatchNorm path -> why it is left
         self.untraced: dict[str, str] = {}
@@ -253,7 +266,8 @@ class _Search:
         if not any(isinstance(m, _BatchNorm) for m in module.modules()):
             return
         try:
-            graph = _Tracer().trace(module)
+            with no_global_hooks(), silenced(module):  # no user hook may run on fx's proxies
+                graph = _Tracer().trace(module)
         except Exception as error:  # tracing runs the model's own forward: any failure means "not traceable"
             lines = str(error).strip().splitlines()
             self.untraced[prefix] = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
@@ -264,6 +278,13 @@ class _Search:
         self._from_graph(module, graph, prefix)
 
     def _from_graph(self, module: nn.Module, graph: fx.Graph, prefix: str) -> None:
+        for node in graph.nodes:
+            if node.op == "get_attr" and not all(_reads_shape(user) for user in node.users):
+                # e.g. F.conv2d(y, self.conv.weight): it sees the weight as stored (w.dim() would not change)
+                try:
+                    self.read.add(id(operator.attrgetter(node.target)(module)))
+                except AttributeError:
+                    pass
         nodes = [node for node in graph.nodes if node.op == "call_module"]
         calls = Counter(id(module.get_submodule(node.target)) for node in nodes)
         for node in nodes:
@@ -320,6 +341,10 @@ class _Search:
                 why = f"'{path}' is registered under several names ({', '.join(self.names[id(module)])})"
         if why is None and any(len(self.owners[id(p)]) > 1 for p in layer.parameters()):
             why = f"'{layer_path}' shares its parameters with another module, which would change too"
+        hooks = [kind for kind in hook_names(layer, state=False) if kind != "forward pre-hook"]
+        if why is None and hooks:
+            why = (f"'{layer_path}' has a {hooks[0]}, which would see (or be given the gradient of) the "
+                   "BatchNorm's output instead of its own")
         if why is None and layer_path in self.candidates.values():
             why = f"'{layer_path}' is already folded with another BatchNorm"
         if why is not None:
@@ -344,6 +369,16 @@ class _Search:
 
     def results(self) -> tuple[list[tuple[str, str]], dict[str, str], dict[str, str]]:
         """``(pairs, skipped, untraced)``: the pairs in module order, and every other BatchNorm's reason."""
+        for bn_path, layer_path in list(self.candidates.items()):
+            for path in (layer_path, bn_path):
+                module = self.model.get_submodule(path)
+                name = next((n for n, t in list(module.named_parameters()) + list(module.named_buffers())
+                             if id(t) in self.read), None)
+                if name is not None:
+                    del self.candidates[bn_path]
+                    self.reasons[bn_path] = (f"'{_join(path, name)}' is also read directly in a forward (a get_attr), "
+                                             "which must see it as it is")
+                    break
         pairs = [(path, self.candidates[path]) for path in self.batchnorms if path in self.candidates]
         skipped = {path: self.reasons.get(path, "it is neither called in a traced forward nor paired with a "
                                                 "layer in an nn.Sequential or a conv_bn_pairs declaration")

@@ -182,11 +182,37 @@ class _Untraceable(nn.Module):
         return self.other_bn(self.other_conv(self.block(x)))
 
 
+class _ReadsWeight(nn.Module):
+    """conv's weight is also read directly in forward (a get_attr node): folding would change that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.bn(self.conv(x)), self.conv.weight)
+
+
+class _Hooked(nn.Module):
+    """A forward hook on conv: after folding it would see the BatchNorm's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.seen = []
+        self.conv.register_forward_hook(lambda module, args, output: self.seen.append(output.detach().clone()))
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
 @pytest.mark.parametrize("make, folded, left", [
     (_Residual, [], {"bn": r"the output of 'conv' is also used by add\(\.\.\.\)"}),
     (_Twice, [], {"bn": r"called more than once in forward"}),
     (_Untraceable, ["bn", "block.1"], {"other_bn": r"neither called in a traced forward nor paired"}),
-], ids=["residual", "twice", "untraceable"])
+    (_ReadsWeight, [], {"bn": r"'conv\.weight' is also read directly in a forward \(a get_attr\)"}),
+    (_Hooked, [], {"bn": r"'conv' has a forward hook, which would see"}),
+], ids=["residual", "twice", "untraceable", "reads-weight", "hooked"])
 def test_pairs_that_cannot_be_folded_are_left_with_the_reason(make, folded, left):
     model = _random_model(make)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
@@ -199,6 +225,30 @@ def test_pairs_that_cannot_be_folded_are_left_with_the_reason(make, folded, left
         assert isinstance(fused.get_submodule(path), nn.BatchNorm2d), f"{path} must be left as it is"
     with torch.no_grad():
         assert_close(fused(x), model(x), f"{make.__name__} fused", rtol=1e-9, atol=1e-10)
+
+
+def test_a_hooked_layer_sees_what_it_saw_before():
+    """Before the fix the pair was folded and the hook on conv silently saw post-BatchNorm values."""
+    model = _random_model(_Hooked)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        with pytest.warns(UserWarning, match="forward hook"):
+            fused = fuse_bn(model)
+        fused(x)
+    assert_close(fused.seen[-1], model.seen[0], "what the hook on conv sees", rtol=0, atol=0)
+
+
+def test_a_hook_on_a_container_does_not_fire_while_tracing():
+    """Before the fix fx's trace ran the hook with a Proxy (the user's hook saw no tensor)."""
+    seen = []
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), nn.ReLU()).eval()
+    model[0].register_forward_hook(lambda module, args, output: seen.append(type(output).__name__))
+    fused, report = fuse_bn(model, return_report=True)
+    assert seen == [], f"the hook fired while fuse_bn traced the model: {seen}"
+    assert report.replaced == ["0.1"] and not report.skipped, str(report)
+    fused(torch.randn(1, 3, 5, 5))
+    assert seen == ["Tensor"], "the hook is kept and still fires on real calls"
 
 
 def test_inplace_changes_the_model_itself():
