@@ -110,6 +110,9 @@ _FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F
               F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
               F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
               operator.mul, operator.truediv, operator.add, operator.sub, operator.neg, torch.mul, torch.add}
+_POOLS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+          F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+          F.adaptive_max_pool3d}
 _ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.add}
 # max pools and the position of their ``return_indices`` argument
 _MAX_POOLS = {F.max_pool1d: 6, F.max_pool2d: 6, F.max_pool3d: 6, F.adaptive_max_pool1d: 2, F.adaptive_max_pool2d: 2,
@@ -140,8 +143,10 @@ def _classify_module(module: nn.Module, protected: set[int]) -> str:
         return "barrier"  # a hook would see the channels in another order
     if isinstance(module, _NORMS) or isinstance(module, nn.PReLU):
         return "channel"
-    if isinstance(module, _ELEMENTWISE) or (isinstance(module, _SPATIAL) and not _returns_indices(module)):
+    if isinstance(module, _ELEMENTWISE):
         return "fn"
+    if isinstance(module, _SPATIAL) and not _returns_indices(module):
+        return "spatial"  # per channel over dims 2...; after a flatten it would mix features
     if isinstance(module, nn.Flatten):
         return "flatten" if module.start_dim == 1 and module.end_dim == -1 else "barrier"
     if type(module) in _CONVS and module.groups == 1:
@@ -155,7 +160,7 @@ def _classify_module(module: nn.Module, protected: set[int]) -> str:
 
 @dataclass(eq=False)
 class _Node:
-    kind: str  # perm | channel | fn | flatten | free | barrier
+    kind: str  # perm | channel | fn | spatial | flatten | free | barrier
     path: str | None = None
     inputs: list["_Node"] = field(default_factory=list)
     users: list["_Node"] = field(default_factory=list)
@@ -228,7 +233,7 @@ def _classify_fx(node: fx.Node, model: nn.Module, calls: dict, protected: set[in
         if position is not None and (node.kwargs.get("return_indices") or
                                      (len(node.args) > position and node.args[position])):
             return "barrier", None  # it returns (values, indices)
-        return "fn", None
+        return ("spatial" if node.target in _POOLS else "fn"), None
     if node.op == "call_function" and node.target is torch.flatten and _only_tensor_arg(node):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -251,10 +256,35 @@ def _classify_fx(node: fx.Node, model: nn.Module, calls: dict, protected: set[in
     return "barrier", None
 
 
+def _shared_tensor_owners(model: nn.Module) -> set[int]:
+    """Ids of the modules holding a parameter or buffer that another module also holds (a tied
+    weight): permuting it in place for one of them would change the other (a barrier)."""
+    owners: dict[int, set[int]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            owners.setdefault(id(tensor), set()).add(id(module))
+    return {module for held in owners.values() if len(held) > 1 for module in held}
+
+
+def _read_directly(model: nn.Module, graph: fx.Graph) -> set[int]:
+    """Ids of the modules holding a tensor that the graph reads with a ``get_attr`` node (e.g.
+    ``F.conv2d(y, self.post.weight)`` in a forward): that read would see it permuted (a barrier)."""
+    read = set()
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            try:
+                read.add(id(operator.attrgetter(node.target)(model)))
+            except AttributeError:
+                continue
+    return {id(module) for _, module in model.named_modules(remove_duplicate=False)
+            if any(id(t) in read for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)))}
+
+
 def _fx_nodes(model: nn.Module, protected: set[int]) -> list[_Node] | None:
     graph = _trace(model)
     if graph is None:
         return None
+    protected = protected | _read_directly(model, graph)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -342,8 +372,8 @@ class _Absorber:
                 return None
             if user.kind == "perm" and not flat:
                 return actions + [("perm", start, torch.arange(channels)), ("perm", user, perm[self.perms[id(user)]])]
-            if user.kind == "fn":
-                node = user
+            if user.kind == "fn" or (user.kind == "spatial" and not flat):
+                node = user  # (a pool after a flatten pools across features: channels mix)
                 continue
             if user.kind == "flatten" and not flat:
                 node, flat = user, True
@@ -386,7 +416,7 @@ class _Absorber:
             if producer.kind == "perm":
                 return actions + [("perm", start, torch.arange(perm.numel())),
                                   ("perm", producer, self.perms[id(producer)][perm])]
-            if producer.kind == "fn":
+            if producer.kind in ("fn", "spatial"):
                 node = producer
                 continue
             if producer.kind not in ("channel", "free"):
@@ -442,7 +472,9 @@ def absorb_permutations(model: nn.Module, protected=()) -> tuple[list[str], list
     ``nn.Linear`` after a flatten absorbs it into its weights, or it meets another permutation
     and the two are composed (two inverse ones cancel). It stops, and stays where it was, at
     anything else: a HetConv or a protected module, a tensor used twice (a residual branch), a
-    module called at several places or carrying hooks, the model's input or output. The model
+    module called at several places or carrying hooks, a module whose parameters or buffers are
+    shared with another module or read directly in a forward (a ``get_attr``, e.g.
+    ``F.conv2d(y, self.post.weight)``), the model's input or output. The model
     computes exactly what it did before.
 
     Args:
@@ -455,7 +487,7 @@ def absorb_permutations(model: nn.Module, protected=()) -> tuple[list[str], list
         (list of str, list of str): the paths of the permutations removed (now identities, to be
         dropped by the caller) and of those left.
     """
-    protected = {id(m) for m in protected}
+    protected = {id(m) for m in protected} | _shared_tensor_owners(model)
     nodes = _fx_nodes(model, protected)
     if nodes is None:
         nodes = _sequential_nodes(model, protected)

@@ -189,6 +189,59 @@ def test_a_shared_layer_stays_shared_and_keeps_its_permutations():
     same_function(source, converted, (2, 3, 5, 5), "shared shifted layer")
 
 
+class ReadsWeightDirectly(nn.Module):
+    """``self.post.weight`` is read in forward (a get_attr node) besides ``self.post`` being called."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.het = HetConv2d_v2(8, 8, p=2)
+        self.post = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return nn.functional.conv2d(self.post(self.het(self.stem(x))), self.post.weight)
+
+
+class TiedWeight(nn.Module):
+    """``post`` and ``other`` share one weight tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.het = HetConv2d_v2(8, 8, p=2)
+        self.post = nn.Conv2d(8, 8, 1)
+        self.other = nn.Conv2d(8, 8, 1)
+        self.other.weight = self.post.weight
+
+    def forward(self, x):
+        return self.other(self.post(self.het(self.stem(x))))
+
+
+@pytest.mark.parametrize("model", [ReadsWeightDirectly, TiedWeight])
+def test_a_convolution_whose_weight_is_used_elsewhere_does_not_absorb_a_permutation(model):
+    """Before the fix the permutation was copied into ``post.weight`` in place: the other use of
+    that tensor saw it permuted (output change ~1), and the report said no permutation was left."""
+    torch.manual_seed(0)
+    source = model().double()
+    converted, report = from_shifted(source, return_report=True)
+    assert report.permutations == ["het.permute_out"], report.permutations
+    assert permutations_in(converted) == report.permutations
+    if model is TiedWeight:
+        assert converted.other.weight is converted.post.weight, "the tie must survive the conversion"
+    same_function(source, converted, (2, 3, 5, 5), model.__name__)
+
+
+def test_a_pool_after_a_flatten_stops_the_permutation():
+    """After a Flatten, AvgPool1d pools across features (it mixes channels): before the fix the
+    permutation was carried through it as per-channel (output change 9e-3, reported exact)."""
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), HetConv2d_v2(8, 8, p=2), nn.Flatten(),
+                           nn.AvgPool1d(3, 2, 1), nn.Linear(64, 4)).double()
+    converted, report = from_shifted(source, return_report=True)
+    assert report.permutations == ["1.permute_out"], report.permutations
+    same_function(source, converted, (2, 3, 4, 4), "pool after a flatten")
+
+
 # -- dense convolutions under a shifted mask (the naive implementation) ------------------------------
 def masked_dense_net(P=4, exact=True):
     torch.manual_seed(0)
