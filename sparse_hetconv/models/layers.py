@@ -37,11 +37,11 @@ def make_conv(in_channels: int, out_channels: int, part: int, form: str, stride:
     check_int("part", part)
     check_form(form)
     check_tuple("stride", stride, 2)
-    check_odd("kernel_size", check_tuple("kernel_size", kernel_size, 2))
+    sizes = check_odd("kernel_size", check_tuple("kernel_size", kernel_size, 2))
     check_bool("bias", bias)
     check_backend(backend)
     if part == 1:
-        return nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=bias)
+        return nn.Conv2d(in_channels, out_channels, sizes, stride, tuple(k // 2 for k in sizes), bias=bias)
     if form == "sparse":
         return SparseHetConv2d(in_channels, out_channels, part, kernel_size, stride, bias, backend=backend)
     return MaskedHetConv2d(in_channels, out_channels, part, kernel_size, stride, bias)

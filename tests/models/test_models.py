@@ -154,6 +154,15 @@ def test_model_arguments_are_checked(call, error, message):
         call()
 
 
+@pytest.mark.parametrize("part", [1, 2])
+@pytest.mark.parametrize("form", FORMS)
+def test_make_conv_takes_a_tuple_kernel_size_at_every_part(part, form):
+    """Before the fix part=1 raised TypeError: unsupported operand type(s) for //: 'tuple' and 'int'."""
+    conv = make_conv(4, 4, part, form, kernel_size=(3, 5))
+    assert tuple(conv.kernel_size) == (3, 5)
+    assert conv(torch.randn(1, 4, 7, 7)).shape == (1, 4, 7, 7), "'same' padding per dimension"
+
+
 def test_registry_refuses_a_second_model_of_the_same_name():
     with pytest.raises(ValueError, match=r"a model named 'resnet18' is already registered"):
         register_model(resnet18)
