@@ -77,3 +77,17 @@ def test_backward_choices_time_every_pair():
               "triton_wiring": "", "variants": {}, "tests": {}, "network": {}, "part": 4, "batch": 1, "layers": {},
               "backward": {"float32": rows}}
     assert "| 8 | 8 | 4 | 1 |" in markdown(report)
+
+
+def test_a_failed_step_is_reported_not_fatal():
+    """On the GPU each step is saved as it ends and a failing one is recorded as text: the report
+    must render such a partial run (the one-shot GPU session must not lose what it measured)."""
+    from benchmarks.gpu_check import markdown
+
+    report = {"environment": {"device": "NVIDIA X", "torch": "", "triton": "", "cuda": "", "cudnn": "", "python": "",
+                              "command": "python -m benchmarks.gpu_check"},
+              "triton_wiring": "", "variants": {}, "tests": {"suite": "not run: --skip-tests"}, "part": 4, "batch": 1,
+              "network": {"float32": "failed: RuntimeError: CUDA error"},
+              "layers": {"float32": "failed: RuntimeError: CUDA error"}}
+    text = markdown(report)
+    assert text.count("failed: RuntimeError: CUDA error") == 2 and "NVIDIA X" in text
