@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sparse_hetconv.profiling.bench.run import add_arguments, execute, summary
+from sparse_hetconv.cli.bench import add_arguments
+from sparse_hetconv.profiling.bench.run import execute, summary
 
 from . import RESULTS, docs_page
 

@@ -166,7 +166,7 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_tr
 
     Raises:
         ValueError: ``builder`` is not ``"module:function"`` or ``steps < 1``.
-        RuntimeError: the child process failed (its stderr is in the message).
+        RuntimeError: the child process failed (its stderr is in the message) or timed out.
     """
     if not isinstance(builder, str) or ":" not in builder:
         raise ValueError(f"builder ({builder!r}) must be a 'module:function' string")
@@ -178,8 +178,12 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_tr
     if pin:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         env["MALLOC_TRIM_THRESHOLD_"] = str(TRIM_THRESHOLD)
-    proc = subprocess.run([sys.executable, "-m", "sparse_hetconv.profiling._memory_worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sparse_hetconv.profiling._memory_worker", json.dumps(spec)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"peak_training_memory: the child process for {builder} did not finish in "
+                           f"{timeout} s") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"peak_training_memory: the child process for {builder} failed "

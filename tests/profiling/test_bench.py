@@ -98,3 +98,26 @@ def test_published_module_masks_gradients_and_matches_the_library():
     mask_gradients(published)
     diagonal = published.pwc.weight.grad.reshape(8, 8)[~masked.pattern.mask_1x1()]
     assert torch.equal(diagonal, torch.zeros_like(diagonal)), "masked gradients must be zero on the diagonal"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "-1"], "--threads: must be an integer >= 1, got -1"),
+    (["--batch", "0"], "--batch: must be an integer >= 1, got 0"),
+    (["--repeats", "0"], "--repeats: must be an integer >= 1, got 0"),
+    (["--parts", "2", "3"], "parts holds 3, expected divisors of VGG-16's 64 channels"),
+])
+def test_bad_options_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    from sparse_hetconv import cli
+
+    assert cli.main(["bench", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists(), "nothing may be written"
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    from sparse_hetconv import cli
+
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["bench", "--parts", "2", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, expected a folder" in capsys.readouterr().err

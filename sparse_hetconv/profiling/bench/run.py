@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ... import profiling
+from ..._files import check_output_folder
 from ...counting import count_macs, count_params
 from ...models import vgg16_cifar
 from ...pattern import HetConvPattern
@@ -38,25 +39,6 @@ MEMORY_VARIANTS = ("standard_nchw", "standard_cl", "published", "masked_nchw", "
 COMPILE_PARTS = (2, 4)  # torch.compile costs ~12 s per model and batch size: only where the ideal target is
 SLOW_FACTOR = 25.0  # a variant whose warm-up call is this much slower than the set's fastest is skipped
 SLOW_FLOOR_MS = 50.0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="short run: P in {2, 4, 64}, 3 layer shapes, "
-                        "fewer repeats, memory at P=4 only (a few minutes)")
-    parser.add_argument("--parts", type=int, nargs="+", help=f"parts to run (default {PARTS})")
-    parser.add_argument("--batch", type=int, default=32, help="batch of the large forward and training modes")
-    parser.add_argument("--repeats", type=int, help="timed rounds per set (default 11, quick 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant and set (default 2)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    parser.add_argument("--variants", nargs="+", help=f"subset of {', '.join(V.ALL)}")
-    parser.add_argument("--levels", nargs="+", choices=("network", "layer"), default=["network", "layer"])
-    parser.add_argument("--shapes", type=int, help="time only the first N layer shapes")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants "
-                        "(about 15 s of compilation per model and batch size; always skipped with --quick)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"),
-                        help="output folder (default %(default)s; the repository's `make bench` uses benchmarks/results)")
 
 
 def _useful_macs_network(part: int) -> int:
@@ -176,6 +158,7 @@ def add_ratios(rows: list) -> None:
 def run_memory(parts, variants, args, bar) -> list:
     results = []
     for part in parts:
+        expected = count_params(vgg16_cifar(part=part, memory_format=None)) * 4  # float32, existing kernels
         for name in variants:
             if part == 1 and not name.startswith("standard") and name != "published":
                 continue
@@ -184,7 +167,6 @@ def run_memory(parts, variants, args, bar) -> list:
                 got = profiling.peak_training_memory("sparse_hetconv.profiling.bench.variants:memory_case",
                                                      {"variant": name, "part": part, "batch": args.batch}, steps=2,
                                                      threads=args.threads)
-                expected = count_params(vgg16_cifar(part=part, memory_format=None)) * 4  # float32, existing kernels
                 results.append({"part": part, "variant": name, "expected_param_bytes": expected, **got})
             except RuntimeError as error:
                 results.append({"part": part, "variant": name, "error": str(error)[-500:]})
@@ -227,12 +209,16 @@ def _command() -> str:
 def execute(args: argparse.Namespace) -> tuple[dict, list[Path]]:
     """Run the benchmark the parsed ``args`` describe; write ``bench.json`` and the reports into
     ``args.out``. Returns the result and the paths written (``bench.json`` first)."""
+    parts = tuple(args.parts or (QUICK_PARTS if args.quick else PARTS))
+    for part in parts:  # before any work: every VGG-16 layer (64 to 512 channels) must take it
+        if part not in PARTS:
+            raise ValueError(f"parts holds {part}, expected divisors of VGG-16's 64 channels: {list(PARTS)}")
+    check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
     pinned = profiling.pin_mmap_threshold()
     torch.set_flush_denormal(True)
-    parts = tuple(args.parts or (QUICK_PARTS if args.quick else PARTS))
     args.repeats = args.repeats or (5 if args.quick else 11)
     names = tuple(args.variants or V.ALL)
     if args.no_compile or (args.quick and not args.variants):
