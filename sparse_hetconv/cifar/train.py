@@ -16,7 +16,8 @@ the weights of an uninterrupted one.
 Files are written atomically (:func:`sparse_hetconv.checkpoint.save_atomic`): an interrupted run
 leaves its previous checkpoints whole. Everything that can be checked before training is checked
 first: the settings, the resume checkpoint (its entries and that they fit the model), the data set,
-and that ``out_dir`` can be written and holds no other run (unless ``resume`` or ``force``).
+and that ``out_dir`` can be written and holds no other run (unless ``resume`` continues the run
+in it, or ``force``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class TrainConfig:
         device (str or None): ``"cuda"`` when available, else ``"cpu"``, by default.
         seed (int or None): 0 by default; None draws one (recorded in the checkpoints).
         out_dir (str): where ``last.pt``, ``best.pt`` and ``model_sparse.pt`` go. A folder that
-            holds them already is refused unless ``resume`` or ``force`` is given.
+            holds them already is refused unless ``resume`` is a checkpoint in that folder (the
+            run continues there) or ``force`` is given.
         checkpoint_every (int): save ``last.pt`` every this many epochs (and after the last one).
         resume (str or None): a ``last.pt``/``best.pt`` to continue from (same recipe required).
         eval_only (bool): only evaluate ``weights`` (or ``resume``) on the test set.
@@ -378,7 +380,10 @@ def _check_outputs(config: TrainConfig) -> None:
             raise IsADirectoryError(errno.EISDIR, "is a folder, but training writes a file of that name",
                                     str(out_dir / name))
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and config.resume is None and not config.force:
+    # Resuming continues the run in the resumed checkpoint's own folder; into another folder that
+    # holds a run it would mix two runs' checkpoints.
+    continues = config.resume is not None and Path(config.resume).resolve().parent == out_dir.resolve()
+    if existing and not continues and not config.force:
         raise FileExistsError(errno.EEXIST, f"holds a training run ({', '.join(existing)}); pass resume (--resume "
                               f"{out_dir / 'last.pt'}) to continue it or force=True (--force) to replace it",
                               str(out_dir))
@@ -413,7 +418,8 @@ def train_cifar(config: TrainConfig | None = None, **overrides) -> TrainResult:
             that do not fit the model; all before any training.
         FileNotFoundError: CIFAR-10 or a checkpoint is missing (the message says where the data
             set's files go; nothing is downloaded).
-        FileExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``force`` is given.
+        FileExistsError: ``out_dir`` holds a run, ``resume`` is not one of its checkpoints and
+            ``force`` is not given.
         PermissionError (or another OSError): ``out_dir`` cannot be written; checked before
             training, and a failure while writing leaves the previous files whole.
 

@@ -259,6 +259,17 @@ def test_out_holding_a_run_needs_resume_or_force(runs, capsys, no_data_read):
         train_cifar(data=str(runs["root"]), out_dir=str(a), epochs=1, progress=False)
 
 
+def test_resume_into_another_folder_holding_a_run_is_refused(runs, capsys, no_data_read):
+    """--resume continues a run in its own folder; into another folder that holds a run it would mix
+    the two runs' checkpoints (best.pt of one, last.pt of the other)."""
+    a, b = runs["out"] / "a", runs["out"] / "b"
+    before = {name: (b / name).read_bytes() for name in ("last.pt", "best.pt", "model_sparse.pt")}
+    assert cli.main(["train", "--data", str(runs["root"]), "--resume", str(a / "last.pt"), "--out", str(b),
+                     "--epochs", "3", "--no-progress"]) == 2
+    assert f"{b}: holds a training run" in _stderr_line(capsys)
+    assert {name: (b / name).read_bytes() for name in before} == before, "the other run was overwritten"
+
+
 def test_forced_run_replaces_the_old_run_whole(runs, tmp_path, monkeypatch, capsys):
     import shutil
 
