@@ -50,6 +50,13 @@ def _caller_stacklevel() -> int:
     return level
 
 
+def _fromlist_probe() -> bool:
+    """Whether the package's ``__getattr__`` was called by the import machinery's ``hasattr`` probe
+    of a ``from sparse_hetconv import name`` (the statement then looks the name up itself)."""
+    caller = sys._getframe(3)  # attribute <- the package's __getattr__ <- its caller
+    return caller.f_code.co_name == "_handle_fromlist" and "importlib" in caller.f_code.co_filename
+
+
 def _warn(old: str, new: str) -> None:
     warnings.warn(f"{old} is deprecated (moved in sparse_hetconv 0.2); use {new}", DeprecationWarning,
                   stacklevel=_caller_stacklevel() + 1)
@@ -63,12 +70,17 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return importlib.util.spec_from_loader(fullname, self)
         return None
 
+    def __init__(self) -> None:
+        self._specs: dict[int, object] = {}
+
     def create_module(self, spec):
         _warn(spec.name, MODULES[spec.name])
-        return importlib.import_module(MODULES[spec.name])
+        module = importlib.import_module(MODULES[spec.name])
+        self._specs[id(module)] = module.__spec__  # importlib stamps the old name's spec on it next
+        return module
 
     def exec_module(self, module) -> None:  # the new module is already executed
-        return None
+        module.__spec__ = self._specs.pop(id(module), module.__spec__)  # it keeps its own spec
 
 
 def install() -> None:
@@ -82,6 +94,7 @@ def attribute(name: str):
     if name not in ATTRIBUTES:
         raise AttributeError(f"module 'sparse_hetconv' has no attribute {name!r}")
     module, attr = ATTRIBUTES[name]
-    _warn(f"sparse_hetconv.{name}", module + (f".{attr}" if attr else ""))
+    if not _fromlist_probe():  # (the from-import's own lookup, which follows, warns)
+        _warn(f"sparse_hetconv.{name}", module + (f".{attr}" if attr else ""))
     target = importlib.import_module(module)
     return target if attr is None else getattr(target, attr)

@@ -24,6 +24,7 @@ def test_old_module_paths_import_the_new_module(old, new):
             f"    warnings.simplefilter('always')\n    import {old} as old\n"
             f"import {new} as new\nassert old is new, 'the old path must be the new module'\n"
             "print(caught[0].category.__name__, caught[0].filename, '|', caught[0].message)")
+    code += f"\nassert new.__spec__.name == {new!r}, f'the new module got the spec of {{new.__spec__.name}}'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     category, filename, *_ = proc.stdout.split()
@@ -67,3 +68,12 @@ def test_renamed_functions_in_modules():
         assert checkpoint.infer_layout is checkpoint.infer_form
     with pytest.warns(DeprecationWarning, match="ConversionReport"):
         assert convert.HetConvifyReport is convert.ConversionReport
+
+
+@pytest.mark.parametrize("name", sorted(ATTRIBUTES))
+def test_a_from_import_of_an_old_name_warns_once(name):
+    """``from sparse_hetconv import name``: the import machinery probes the name with hasattr before
+    the statement looks it up; only one warning may come of it."""
+    with pytest.warns(DeprecationWarning) as caught:
+        exec(f"from sparse_hetconv import {name}", {})
+    assert len([w for w in caught if name in str(w.message)]) == 1, [str(w.message) for w in caught]
