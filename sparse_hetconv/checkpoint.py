@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
-from ._files import atomic_write
+from ._files import atomic_write, check_output_file
 from .convert import to_sparse
 from .counting import count_params
 from .models import create_model, list_models
@@ -416,18 +415,6 @@ class ConvertReport:
         return "\n".join(lines)
 
 
-def _check_output(target: Path, force: bool) -> None:
-    """What can be checked about the output before any work."""
-    if target.is_dir():
-        raise ValueError(f"the output {target} is a folder, expected a file name")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"the folder of the output file {target} does not exist")
-    if not os.access(target.parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"the folder of the output file {target} is not writable")
-    if target.exists() and not force:
-        raise FileExistsError(f"{target} exists; pass force=True (--force) to overwrite it")
-
-
 def _input_size(net: nn.Module, input_size) -> tuple[int, ...]:
     if input_size is not None:
         if not isinstance(input_size, (tuple, list)) or not 2 <= len(input_size) <= 4 \
@@ -513,7 +500,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
     kwargs = _check_kwargs(model_kwargs)
     if not source.is_file():
         raise FileNotFoundError(f"checkpoint {source} does not exist")
-    _check_output(target, force)
+    check_output_file(target, force)  # before any work
     factory = resolve_model(model)
     state = state_dict_of(read_checkpoint(source), source)
     nonfinite = _check_finite(state, source, allow_nonfinite)

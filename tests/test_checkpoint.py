@@ -174,7 +174,7 @@ def test_missing_paths(masked, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_checkpoint(tmp_path / "nope.pt", tmp_path / "out.pt")
     torch.save(masked.state_dict(), tmp_path / "in.pt")
-    with pytest.raises(FileNotFoundError, match="folder of the output file"):
+    with pytest.raises(FileNotFoundError, match="folder of this output file does not exist"):
         convert_checkpoint(tmp_path / "in.pt", tmp_path / "no" / "out.pt")
     with pytest.raises(ValueError, match=r"model \('vgg19'\) is not registered"):
         convert_checkpoint(tmp_path / "in.pt", tmp_path / "out.pt", model="vgg19")
@@ -293,9 +293,13 @@ def test_output_checks_come_before_any_work(tmp_path, monkeypatch):
         convert_checkpoint(garbage, taken, model="published:zhang_vgg")
     with pytest.raises(ValueError, match=r"model \('nope:f'\): cannot import 'nope'"):
         convert_checkpoint(garbage, tmp_path / "new.pt", model="nope:f")  # before reading the file
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(PermissionError, match=r"the folder of the output file .*new.pt is not writable"):
+    def unwritable(path, *args, **kwargs):  # (as root os.access and file modes say nothing)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", unwritable)  # the write probe of the output's folder fails
+    with pytest.raises(PermissionError, match="cannot write into this folder"):
         convert_checkpoint(garbage, tmp_path / "new.pt")
+    monkeypatch.undo()
     assert taken.read_bytes() == b"keep me"
 
 
