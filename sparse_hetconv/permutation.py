@@ -188,7 +188,9 @@ class _Tracer(fx.Tracer):
 def _trace(model: nn.Module, attempts: int = 64) -> fx.Graph | None:
     """The model's graph, with every module that does not trace treated as opaque; None if the
     model's own forward does not trace."""
-    opaque: set[str] = set()
+    # A module with hooks is a leaf (a stop point, docs/design.md §8): a permutation moved through it
+    # would reorder what its hooks see. (Tracing silences the hooks, so they are read first.)
+    opaque = {name for name, module in model.named_modules() if name and hook_names(module, state=False)}
     for _ in range(attempts):
         tracer = _Tracer(opaque)
         try:
@@ -314,7 +316,7 @@ def _sequential_nodes(model: nn.Module, protected: set[int]) -> list[_Node]:
     def flatten(prefix: str, sequential: nn.Sequential):
         for name, child in sequential.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if type(child) is nn.Sequential and counts[id(child)] == 1:
+            if type(child) is nn.Sequential and counts[id(child)] == 1 and not hook_names(child, state=False):
                 inlined.add(id(child))
                 yield from flatten(path, child)
             else:

@@ -242,6 +242,27 @@ def test_a_pool_after_a_flatten_stops_the_permutation():
     same_function(source, converted, (2, 3, 4, 4), "pool after a flatten")
 
 
+@pytest.mark.parametrize("traceable", [True, False], ids=["fx", "sequential"])
+def test_a_hooked_container_stops_the_permutation(traceable, monkeypatch):
+    """A forward hook on a container the permutation would pass through must see what it saw
+    before the conversion (the model's output alone was the same)."""
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                           nn.Sequential(HetConv2d_v2(8, 8, p=2), nn.BatchNorm2d(8), nn.ReLU()),
+                           nn.Conv2d(8, 4, 1)).double()
+    randomise_batchnorm(source).eval()
+    seen = []
+    source[1].register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    if not traceable:  # the nn.Sequential route
+        monkeypatch.setattr("torch.fx.Tracer.trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no fx")))
+    converted = from_shifted(source)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        source(x), converted(x)
+    assert len(seen) == 2, f"the hook ran {len(seen)} times"
+    assert_close(seen[1], seen[0], "what the container's hook sees")
+
+
 # -- dense convolutions under a shifted mask (the naive implementation) ------------------------------
 def masked_dense_net(P=4, exact=True):
     torch.manual_seed(0)
