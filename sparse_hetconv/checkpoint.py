@@ -281,7 +281,7 @@ def _to_sparse_form(net: nn.Module):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(from_shifted|to_sparse): the model has no layer to convert")
         net, shifted = from_shifted(net, memory_format=None, return_report=True)
-        net, sparse = to_sparse(net, memory_format=None, return_report=True)
+        net, sparse = to_sparse(net, memory_format=None, inplace=True, return_report=True)  # (a copy already)
     return net, shifted.replaced + sparse.replaced, shifted.permutations, {**shifted.skipped, **sparse.skipped}
 
 
