@@ -55,12 +55,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .backends import CONCRETE, available, get
+from .backends import CONCRETE, available, fused, get
 from .backends._common import channels_last, reduced_precision
 from .pattern import HetConvPattern
 
-__all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "get_mode", "mode", "resolve_backends",
-           "set_mode", "signature"]
+__all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "fused_proposed", "get_mode", "mode",
+           "resolve_backends", "set_mode", "signature"]
 
 MODES = ("confirm", "model", "measure")
 MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
@@ -132,10 +132,17 @@ def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, str
 def candidates(device: torch.device | str, dims: int = 2) -> tuple[str, ...]:
     """The backends timed on ``device`` for a ``dims``-D layer: every concrete backend available
     there (``triton``: 2-D on CUDA only; under Triton's CPU interpreter it is exact but far too
-    slow to be a candidate)."""
+    slow to be a candidate; ``fused``: 2-D on the CPU, where its kernels built)."""
     device = torch.device(device)
-    return tuple(name for name in CONCRETE if name != "triton" and available(name, device)
-                 or name == "triton" and dims == 2 and device.type == "cuda" and available(name, device))
+
+    def timed(name: str) -> bool:
+        if name == "triton":
+            return dims == 2 and device.type == "cuda" and available(name, device)
+        if name == "fused":
+            return dims == 2 and device.type == "cpu" and fused.available()
+        return available(name, device)
+
+    return tuple(name for name in CONCRETE if timed(name))
 
 
 def _efficiency(channels: int) -> float:
@@ -175,9 +182,29 @@ def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, 
     return {"dense": dense, "grouped": grouped, "blocked": blocked, "torch_sparse": torch_sparse}
 
 
+def fused_proposed(pattern: HetConvPattern, input: Tensor, training: bool) -> bool:
+    """Whether the cost model proposes ``fused`` for this call (``confirm`` then times it).
+
+    The compiled kernel multiplies only the useful weights and reads every operand from cache-sized
+    tiles; measured (benchmarks/results/layers.md) it leads the stock kernels where a tile's lanes
+    are one group's filters (``n`` a multiple of the vector width) in inference, and trails them
+    where a group is narrower than a vector (its taps then run under a lane mask). Eager float32
+    (and bfloat16, computed in float32) 2-D CPU calls only: it is not an operator graph capture
+    can record, and the kernels must have built.
+    """
+    if pattern.dims != 2 or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
+        return False
+    if torch.compiler.is_compiling() or not fused.available():
+        return False
+    lanes = fused.lanes()
+    return pattern.block_out % lanes == 0 and not (training and input.dtype != torch.float32)
+
+
 def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...]) -> str:
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
+    if reduced_precision(input) is None and fused_proposed(pattern, input, training):
+        return "fused"
     if not torch._C._has_mkldnn:  # what mkldnn.is_available() returns; dynamo cannot call that one
         return "dense"
     if _memory_format(input) != "channels_last":

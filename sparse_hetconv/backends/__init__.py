@@ -9,6 +9,8 @@ part, device, dtype and memory format:
 * ``grouped`` (:mod:`.grouped`): ``P - 1`` grouped 1 x 1 convolutions, one per block offset.
 * ``blocked`` (:mod:`.blocked`): two matrix products per group over contiguous channel slices.
 * ``torch_sparse`` (:mod:`.torch_sparse`): the literal torch.sparse CSR matrix times the input.
+* ``fused`` (:mod:`.fused`): the whole 2-D layer as one compiled CPU kernel (C++, built on first
+  use) over only the kernels that exist, forward and backward; other calls it hands to ``blocked``.
 * ``triton`` (:mod:`.triton_conv`): the whole 2-D layer as one fused Triton kernel that multiplies
   only the kernels that exist (CUDA; on the CPU under Triton's interpreter only). Imported on
   first use: ``import sparse_hetconv`` does not load it or triton.
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import blocked, dense, grouped, torch_sparse
+from . import blocked, dense, fused, grouped, torch_sparse
 from .cache import WeightCache
 
 __all__ = ["BACKENDS", "CONCRETE", "WeightCache", "available", "check_backend", "get"]
@@ -44,6 +46,7 @@ _REGISTRY: dict[str, Callable] = {
     "grouped": grouped.het_conv,
     "blocked": blocked.het_conv,
     "torch_sparse": torch_sparse.het_conv,
+    "fused": fused.het_conv,
     "triton": _triton,
 }
 #: The backends, in the order the cost model and the tests list them.
@@ -65,7 +68,8 @@ def get(name: str) -> Callable:
 
 
 def available(name: str, device: torch.device | str = "cpu") -> bool:
-    """Whether backend ``name`` can run on ``device`` here: the stock-kernel ones run anywhere;
+    """Whether backend ``name`` can run on ``device`` here: the stock-kernel ones run anywhere, and so
+    does ``fused`` (its compiled kernel where :func:`.fused.runs` says, ``blocked`` elsewhere);
     ``triton`` needs the triton package and a CUDA device, or Triton's interpreter on the CPU."""
     check_backend(name)
     if name != "triton":

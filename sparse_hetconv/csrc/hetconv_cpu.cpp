@@ -1,0 +1,951 @@
+// The `fused` CPU backend of sparse_hetconv: a HetConv layer computed over only the kernels that
+// exist, as implicit GEMMs that read the activations where they lie.
+//
+// HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. See docs/design.md §11.
+//
+// Layer (block pattern): Cin input channels in P blocks of m, Cout filters in P groups of n.
+// Filter j (group g = j / n) has k x k kernels K[j][c'][t] on channels g*m + c' and 1 x 1 kernels
+// on every other channel. Folding (design §4) puts the centre taps of K into the dense
+// Cin x Cout matrix of the 1 x 1 part:
+//
+//     Wf[c][j] = K[j][c - g*m][centre]       for c in block g
+//              = w1[j][c < g*m ? c : c - m]  otherwise (the compact 1 x 1 values)
+//
+// so every entry of Wf is a weight that exists, and
+//
+//     y[p][j] = bias[j] + sum_c x[p][c] Wf[c][j]                                  ("centre")
+//                       + sum_{t != centre} sum_c' x[p + t][g*m + c'] K[j][c'][t]   ("side taps")
+//
+// multiplies exactly the N (k^2 m + M - m) useful weights per output pixel: no zero, no mask.
+//
+// Two ways to tile it, both over NHWC float32 activations:
+//
+// * Lanes = filters ("OV"). The weights are packed per call into panels of NR = NV * VL output
+//   lanes ("chunks"): for chunk q, the Cin centre rows of Wf, then, for each group the chunk
+//   touches, (T - 1) * m rows of its side taps. The microkernel keeps an MR pixels x NR lanes tile
+//   of accumulators in registers and runs down the panel rows; each row broadcasts one input
+//   value per pixel (read straight from the activation, or from a zero row outside the image) and
+//   multiplies it with the row's NR weights. A chunk spanning several groups (n < NR) applies each
+//   group's side taps under a lane mask, so a lane never sees another group's kernel (not even
+//   0 * inf): efficient when a group fills the chunk.
+// * Lanes = groups ("GV", for the side taps of narrow groups, n < VL): one vector holds VL groups'
+//   values of one (channel, filter) position. The input is first transposed within each pixel to
+//   [c'][g] order (one pass), so a vector load reads VL groups' channel c'; a tile of MR pixels x n
+//   filters accumulates over the (T - 1) m side-tap rows, then is transposed back into the
+//   filters' order and added to the output. The centre part then runs as OV panels without side
+//   rows (a dense GEMM, chunks spanning groups freely).
+//
+// The weight gradient of the side taps is the same sum read the other way (a reduction over
+// pixels, in either tiling); the centre rows' gradient is one dense product X^T dY (the caller's
+// BLAS), split here into the compact 1 x 1 gradient and the centre taps' (shc_unpack_centre). The
+// input gradient at stride 1 is the forward of the transposed layer, again a HetConv (Cout inputs,
+// Cin filters, the same P, taps flipped): `transposed` packing.
+//
+// The file is compiled twice, with SHC_AVX512 (16-lane vectors) and with SHC_AVX2 (8 lanes);
+// each build exports its functions with the ISA's suffix. Pure C ABI, no PyTorch headers:
+// the package loads it with ctypes. Threads: OpenMP (the runtime PyTorch has already loaded).
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(SHC_AVX512)
+#define SHC_SUFFIX(name) name##_avx512
+#elif defined(SHC_AVX2)
+#define SHC_SUFFIX(name) name##_avx2
+#else
+#error "define SHC_AVX512 or SHC_AVX2"
+#endif
+
+namespace {
+
+#if defined(SHC_AVX512)
+struct V {
+  typedef __m512 t;
+  typedef __mmask16 m;
+  typedef __m512i idx;
+  static constexpr int L = 16;
+  static inline t zero() { return _mm512_setzero_ps(); }
+  static inline t load(const float* p) { return _mm512_loadu_ps(p); }
+  static inline t loadm(const float* p, m k) { return _mm512_maskz_loadu_ps(k, p); }
+  static inline void store(float* p, t v) { _mm512_storeu_ps(p, v); }
+  static inline void storem(float* p, t v, m k) { _mm512_mask_storeu_ps(p, k, v); }
+  static inline t set1(float x) { return _mm512_set1_ps(x); }
+  static inline t fma(t a, t b, t c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline t fmam(t a, t b, t c, m k) { return _mm512_mask3_fmadd_ps(a, b, c, k); }
+  static inline t add(t a, t b) { return _mm512_add_ps(a, b); }
+  static inline idx index(const int32_t* v) { return _mm512_loadu_si512(v); }
+  static inline t gather(const float* base, idx i) { return _mm512_i32gather_ps(i, base, 4); }
+  static inline m lanes(int lo, int hi) {  // lanes [lo, hi) of [0, L)
+    lo = std::max(lo, 0);
+    hi = std::min(hi, L);
+    if (hi <= lo) return (m)0;
+    const unsigned below_hi = hi >= 16 ? 0xFFFFu : ((1u << hi) - 1u);
+    const unsigned below_lo = (1u << lo) - 1u;
+    return (m)(below_hi & ~below_lo);
+  }
+};
+#else
+struct V {
+  typedef __m256 t;
+  typedef __m256i m;
+  typedef __m256i idx;
+  static constexpr int L = 8;
+  static inline t zero() { return _mm256_setzero_ps(); }
+  static inline t load(const float* p) { return _mm256_loadu_ps(p); }
+  static inline t loadm(const float* p, m k) { return _mm256_maskload_ps(p, k); }
+  static inline void store(float* p, t v) { _mm256_storeu_ps(p, v); }
+  static inline void storem(float* p, t v, m k) { _mm256_maskstore_ps(p, k, v); }
+  static inline t set1(float x) { return _mm256_set1_ps(x); }
+  static inline t fma(t a, t b, t c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline t fmam(t a, t b, t c, m k) {
+    return _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c), _mm256_castsi256_ps(k));
+  }
+  static inline t add(t a, t b) { return _mm256_add_ps(a, b); }
+  static inline idx index(const int32_t* v) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)); }
+  static inline t gather(const float* base, idx i) { return _mm256_i32gather_ps(base, i, 4); }
+  static inline m lanes(int lo, int hi) {
+    alignas(32) int32_t v[8];
+    for (int i = 0; i < 8; ++i) v[i] = (i >= lo && i < hi) ? -1 : 0;
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(v));
+  }
+};
+#endif
+
+typedef V::t vec;
+typedef V::m vmask;
+
+int threads_for(int64_t items, int nthreads) {
+  return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, items));
+}
+
+// ---- geometry ------------------------------------------------------------------------------
+
+// The layer as the kernels see it. For the input gradient, the transposed layer (Cin = N,
+// Cout = M, stride 1) is described the same way. `centre` and `side`: whether OV panels hold
+// the centre rows and the side-tap rows.
+struct Geo {
+  int64_t B, H, W, Cin, Cout, P, kh, kw, sh, sw, Ho, Wo;
+  bool centre, side;
+  int64_t m() const { return Cin / P; }
+  int64_t n() const { return Cout / P; }
+  int64_t T() const { return kh * kw; }
+  int64_t centre_tap() const { return (kh / 2) * kw + kw / 2; }
+  int64_t pixels() const { return B * Ho * Wo; }
+};
+
+Geo read_geo(const int64_t* g) {
+  Geo o;
+  o.B = g[0]; o.H = g[1]; o.W = g[2]; o.Cin = g[3]; o.Cout = g[4]; o.P = g[5];
+  o.kh = g[6]; o.kw = g[7]; o.sh = g[8]; o.sw = g[9];
+  o.centre = g[10] != 0;
+  o.side = g[11] != 0;
+  o.Ho = (o.H - 1) / o.sh + 1;
+  o.Wo = (o.W - 1) / o.sw + 1;
+  return o;
+}
+
+// The side taps (all but the centre) in row-major order.
+std::vector<int64_t> side_taps(const Geo& geo) {
+  std::vector<int64_t> taps;
+  for (int64_t t = 0; t < geo.T(); ++t)
+    if (t != geo.centre_tap()) taps.push_back(t);
+  return taps;
+}
+
+// One OV chunk: output lanes [j0, j1) of width <= NR, touching groups g0 .. g0 + G - 1.
+struct Chunk {
+  int64_t j0, j1, g0, G, offset, rows;  // offset: float index of its panel; rows: panel rows
+};
+
+std::vector<Chunk> plan(const Geo& geo, int NR) {
+  std::vector<Chunk> chunks;
+  const int64_t n = geo.n(), m = geo.m(), ntaps = geo.T() - 1;
+  int64_t offset = 0;
+  for (int64_t j0 = 0; j0 < geo.Cout; j0 += NR) {
+    Chunk c;
+    c.j0 = j0;
+    c.j1 = std::min<int64_t>(j0 + NR, geo.Cout);
+    c.g0 = j0 / n;
+    c.G = (c.j1 - 1) / n - c.g0 + 1;
+    c.rows = (geo.centre ? geo.Cin : 0) + (geo.side ? c.G * ntaps * m : 0);
+    c.offset = offset;
+    offset += c.rows * NR;
+    chunks.push_back(c);
+  }
+  return chunks;
+}
+
+int64_t panel_floats(const Geo& geo, int NR) {
+  const auto chunks = plan(geo, NR);
+  return chunks.empty() ? 0 : chunks.back().offset + chunks.back().rows * NR;
+}
+
+// ---- weight packing --------------------------------------------------------------------------
+
+// Strided views of the FORWARD layer's parameters: wk[j][c'][dy][dx] (N x m x kh x kw) and
+// w1[j][i] (N x (M - m)).
+struct Weights {
+  const float* wk;
+  int64_t sk[4];
+  const float* w1;
+  int64_t s1[2];
+  int64_t M, N, P, kw, centre;
+  int64_t toff(int64_t t) const { return (t / kw) * sk[2] + (t % kw) * sk[3]; }
+};
+
+Weights read_weights(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const Geo& geo,
+                     bool transposed) {
+  Weights w;
+  w.wk = wk;
+  w.w1 = w1;
+  for (int i = 0; i < 4; ++i) w.sk[i] = sk[i];
+  for (int i = 0; i < 2; ++i) w.s1[i] = s1[i];
+  w.M = transposed ? geo.Cout : geo.Cin;
+  w.N = transposed ? geo.Cin : geo.Cout;
+  w.P = geo.P;
+  w.kw = geo.kw;
+  w.centre = geo.centre_tap();
+  return w;
+}
+
+// OV panels of `geo` (the forward layer, or with `transposed` the layer of the input gradient,
+// whose filter c reads the forward layer's outputs j with flipped taps). Written row by row
+// (each row is NR contiguous lanes); the rows of consecutive lanes are read side by side.
+void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out, int nthreads) {
+  const auto chunks = plan(geo, NR);
+  const auto taps = side_taps(geo);
+  const int64_t T = geo.T(), ntaps = (int64_t)taps.size();
+  const int64_t M = w.M, N = w.N, m = M / w.P, n = N / w.P;  // the forward layer's sizes
+  const int64_t centre = w.toff(w.centre);
+#pragma omp parallel for num_threads(threads_for((int64_t)chunks.size(), nthreads)) schedule(dynamic, 1)
+  for (int64_t q = 0; q < (int64_t)chunks.size(); ++q) {
+    const Chunk& ch = chunks[q];
+    float* dst = out + ch.offset;
+    std::memset(dst, 0, sizeof(float) * ch.rows * NR);
+    const int64_t width = ch.j1 - ch.j0, gm = geo.m(), gn = geo.n();
+    float* side = dst + (geo.centre ? geo.Cin * NR : 0);
+    if (geo.centre && !transposed) {
+      // Lane l is forward filter j = j0 + l: Wf[c][j] down the Cin rows.
+      std::vector<int64_t> lo(width);
+      std::vector<const float*> k1(width), r1(width);
+      for (int64_t l = 0; l < width; ++l) {
+        const int64_t j = ch.j0 + l;
+        lo[l] = (j / n) * m;
+        k1[l] = w.wk + j * w.sk[0] + centre - lo[l] * w.sk[1];
+        r1[l] = w.w1 + j * w.s1[0];
+      }
+      const int64_t s1 = w.s1[1], sk1 = w.sk[1];
+      for (int64_t c = 0; c < M; ++c) {
+        float* row = dst + c * NR;
+        for (int64_t l = 0; l < width; ++l) {
+          const int64_t b = lo[l];
+          row[l] = c < b ? r1[l][c * s1] : c < b + m ? k1[l][c * sk1] : r1[l][(c - m) * s1];
+        }
+      }
+    } else if (geo.centre) {
+      // Lane l is channel c = j0 + l of the forward input; row jf (a forward filter) holds Wf[c][jf].
+      for (int64_t jf = 0; jf < N; ++jf) {
+        float* row = dst + jf * NR;
+        const int64_t lo = (jf / n) * m;
+        const float* k1 = w.wk + jf * w.sk[0] + centre;
+        const float* r1 = w.w1 + jf * w.s1[0];
+        for (int64_t l = 0; l < width; ++l) {
+          const int64_t c = ch.j0 + l;
+          row[l] = c < lo ? r1[c * w.s1[1]] : c < lo + m ? k1[(c - lo) * w.sk[1]] : r1[(c - m) * w.s1[1]];
+        }
+      }
+    }
+    if (!geo.side) continue;
+    for (int64_t gi = 0; gi < ch.G; ++gi) {
+      const int64_t g = ch.g0 + gi, l0 = std::max<int64_t>(0, g * gn - ch.j0), l1 = std::min(width, (g + 1) * gn - ch.j0);
+      for (int64_t s = 0; s < ntaps; ++s) {
+        if (!transposed) {
+          const int64_t tk = w.toff(taps[s]);
+          for (int64_t c = 0; c < m; ++c) {
+            float* row = side + ((gi * ntaps + s) * m + c) * NR;
+            for (int64_t l = l0; l < l1; ++l) row[l] = w.wk[(ch.j0 + l) * w.sk[0] + c * w.sk[1] + tk];
+          }
+        } else {
+          // Rows: forward filters g*n + jj of block g's readers; lanes: channels of block g; taps flipped.
+          const int64_t tk = w.toff(T - 1 - taps[s]);
+          for (int64_t jj = 0; jj < gm; ++jj) {
+            float* row = side + ((gi * ntaps + s) * gm + jj) * NR;
+            const float* k = w.wk + (g * n + jj) * w.sk[0] + tk;
+            for (int64_t l = l0; l < l1; ++l) row[l] = k[(ch.j0 + l - g * m) * w.sk[1]];
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- pixel tables ----------------------------------------------------------------------------
+
+// For a run of output pixels [p0, p0 + np): per tap row r (row 0 the centre, then the side taps
+// in order) the address of the pixel's input channel 0, or of a zero row outside the image.
+void fill_table(const Geo& geo, const float* x, const float* zeros, int64_t p0, int64_t np,
+                const std::vector<int64_t>& taps, const float** tab, int64_t ld) {
+  const int64_t HoWo = geo.Ho * geo.Wo, ph = geo.kh / 2, pw = geo.kw / 2;
+  const int64_t nrows = (int64_t)taps.size() + 1;
+  int64_t dy[64], dx[64];  // kernels of up to 64 taps (the package checks)
+  for (int64_t row = 0; row < nrows; ++row) {
+    const int64_t t = row == 0 ? geo.centre_tap() : taps[row - 1];
+    dy[row] = t / geo.kw - ph;
+    dx[row] = t % geo.kw - pw;
+  }
+  int64_t b = p0 / HoWo, ho = (p0 % HoWo) / geo.Wo, wo = p0 % geo.Wo;
+  for (int64_t i = 0; i < np; ++i) {
+    const int64_t h0 = ho * geo.sh, w0 = wo * geo.sw;
+    const float* image = x + b * geo.H * geo.W * geo.Cin;
+    for (int64_t row = 0; row < nrows; ++row) {
+      const int64_t hi = h0 + dy[row], wi = w0 + dx[row];
+      const bool inside = hi >= 0 && hi < geo.H && wi >= 0 && wi < geo.W;
+      tab[row * ld + i] = inside ? image + (hi * geo.W + wi) * geo.Cin : zeros;
+    }
+    if (++wo == geo.Wo) {
+      wo = 0;
+      if (++ho == geo.Ho) {
+        ho = 0;
+        ++b;
+      }
+    }
+  }
+}
+
+// One run of panel rows: table row, channel offset added to the pixel's address, length, and the
+// group (local to the chunk) whose lanes it may touch, or -1 for all lanes.
+struct Seg {
+  int32_t row, off, len, group;
+};
+
+std::vector<Seg> segments(const Geo& geo, const Chunk& ch) {
+  std::vector<Seg> segs;
+  if (geo.centre) segs.push_back({0, 0, (int32_t)geo.Cin, -1});
+  if (!geo.side) return segs;
+  const int64_t m = geo.m(), ntaps = geo.T() - 1;
+  for (int64_t gi = 0; gi < ch.G; ++gi)
+    for (int64_t s = 0; s < ntaps; ++s)
+      segs.push_back({(int32_t)(s + 1), (int32_t)((ch.g0 + gi) * m), (int32_t)m, (int32_t)(ch.G > 1 ? gi : -1)});
+  return segs;
+}
+
+// Lane masks of a chunk: the tail (lanes < j1 - j0) and, per local group, its lanes.
+void chunk_masks(const Geo& geo, const Chunk& ch, int NV, vmask* tail, vmask* gmask) {
+  const int64_t n = geo.n();
+  for (int v = 0; v < NV; ++v) tail[v] = V::lanes(0, (int)(ch.j1 - ch.j0 - v * V::L));
+  for (int64_t gi = 0; gi < ch.G; ++gi) {
+    const int64_t lo = (ch.g0 + gi) * n - ch.j0, hi = lo + n;
+    for (int v = 0; v < NV; ++v) gmask[gi * NV + v] = V::lanes((int)(lo - v * V::L), (int)(hi - v * V::L));
+  }
+}
+
+constexpr int MAX_MR = 12;
+
+// ---- OV forward microkernel ------------------------------------------------------------------
+
+// acc[MR][NV] over the rows of one chunk's panel, then stored (or added) to out[i * ldo + lane].
+template <int MR, int NV>
+void forward_tile(const Seg* segs, int nseg, const float* const* tab, int64_t ld, const float* panel,
+                  float* out, int64_t ldo, const float* bias, bool accumulate, const vmask* tail,
+                  const vmask* gmask) {
+  vec acc[MR][NV];
+  for (int v = 0; v < NV; ++v) {
+    const vec b = bias ? V::loadm(bias + v * V::L, tail[v]) : V::zero();
+    for (int i = 0; i < MR; ++i) acc[i][v] = b;
+  }
+  for (int s = 0; s < nseg; ++s) {
+    const Seg sg = segs[s];
+    const float* p[MR];
+    for (int i = 0; i < MR; ++i) p[i] = tab[sg.row * ld + i] + sg.off;
+    if (sg.group < 0) {
+      for (int c = 0; c < sg.len; ++c) {
+        vec w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = V::load(panel + v * V::L);
+        panel += NV * V::L;
+        for (int i = 0; i < MR; ++i) {
+          const vec xb = V::set1(p[i][c]);
+          for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(xb, w[v], acc[i][v]);
+        }
+      }
+    } else {
+      const vmask* gm = gmask + sg.group * NV;
+      for (int c = 0; c < sg.len; ++c) {
+        vec w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = V::load(panel + v * V::L);
+        panel += NV * V::L;
+        for (int i = 0; i < MR; ++i) {
+          const vec xb = V::set1(p[i][c]);
+          for (int v = 0; v < NV; ++v) acc[i][v] = V::fmam(xb, w[v], acc[i][v], gm[v]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + i * ldo;
+    for (int v = 0; v < NV; ++v) {
+      vec r = acc[i][v];
+      if (accumulate) r = V::add(r, V::loadm(o + v * V::L, tail[v]));
+      V::storem(o + v * V::L, r, tail[v]);
+    }
+  }
+}
+
+typedef void (*forward_fn)(const Seg*, int, const float* const*, int64_t, const float*, float*, int64_t,
+                           const float*, bool, const vmask*, const vmask*);
+
+template <int NV, int MR = 1>
+forward_fn forward_pick(int mr) {
+  if constexpr (MR > MAX_MR) {
+    return nullptr;
+  } else {
+    return mr == MR ? forward_tile<MR, NV> : forward_pick<NV, MR + 1>(mr);
+  }
+}
+
+forward_fn forward_kernel(int nv, int mr) {
+  switch (nv) {
+    case 1: return forward_pick<1>(mr);
+    case 2: return forward_pick<2>(mr);
+#if defined(SHC_AVX512)
+    case 4: return forward_pick<4>(mr);
+#endif
+  }
+  return nullptr;
+}
+
+// ---- OV weight-gradient microkernel ----------------------------------------------------------
+
+// acc[R][NV] = sum over pixels i of x[tab[row][i] + off + r] * dy[i][lanes]; added to g[r][lanes].
+template <int R, int NV>
+void wgrad_tile(const float* const* tabrow, int off, int64_t np, const float* dy, int64_t ldd,
+                const vmask* tail, float* g, int NR) {
+  vec acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  vmask tl[NV];
+  for (int v = 0; v < NV; ++v) tl[v] = tail[v];
+  int64_t i = 0;
+  do {  // np >= 1 (a do-while keeps GCC from shadowing the accumulators in memory)
+    const float* xp = tabrow[i] + off;
+    const float* d = dy + i * ldd;
+    vec dv[NV];
+    for (int v = 0; v < NV; ++v) dv[v] = V::loadm(d + v * V::L, tl[v]);
+    for (int r = 0; r < R; ++r) {
+      const vec xb = V::set1(xp[r]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(xb, dv[v], acc[r][v]);
+    }
+  } while (++i < np);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* o = g + r * NR + v * V::L;
+      V::store(o, V::add(V::load(o), acc[r][v]));
+    }
+}
+
+typedef void (*wgrad_fn)(const float* const*, int, int64_t, const float*, int64_t, const vmask*, float*, int);
+
+template <int NV, int R = 1>
+wgrad_fn wgrad_pick(int r) {
+  if constexpr (R > MAX_MR) {
+    return nullptr;
+  } else {
+    return r == R ? wgrad_tile<R, NV> : wgrad_pick<NV, R + 1>(r);
+  }
+}
+
+wgrad_fn wgrad_kernel(int nv, int r) {
+  switch (nv) {
+    case 1: return wgrad_pick<1>(r);
+    case 2: return wgrad_pick<2>(r);
+#if defined(SHC_AVX512)
+    case 4: return wgrad_pick<4>(r);
+#endif
+  }
+  return nullptr;
+}
+
+// ---- GV (lanes = groups) ---------------------------------------------------------------------
+
+// GV layout of a tensor of C channels in P blocks of b: element [c'][g] (c' < b) of each pixel is
+// channel g*b + c'. Its side-tap weights: kt[s][ci][co][g] for input ci < mi and output co < no
+// of the (forward or transposed) layer.
+constexpr int GV_MAX_N = 8;
+
+// acc[MR][NO] over the side-tap rows: vectors of VL groups; then transposed into the filters'
+// order and added to out (pixel i at out + i * ldo, group gv0's first filter at offset 0).
+template <int MR, int NO>
+void gv_forward_tile(const float* const* tab, int64_t ld, int ntaps, int mi, int64_t P, const float* kt,
+                     int64_t gv0, vmask gm, int valid, const V::idx* gidx, float* out, int64_t ldo) {
+  vec acc[MR][NO];
+  for (int i = 0; i < MR; ++i)
+    for (int o = 0; o < NO; ++o) acc[i][o] = V::zero();
+  for (int s = 0; s < ntaps; ++s) {
+    const float* p[MR];
+    for (int i = 0; i < MR; ++i) p[i] = tab[(s + 1) * ld + i] + gv0;
+    const float* k = kt + (int64_t)s * mi * NO * P + gv0;
+    for (int ci = 0; ci < mi; ++ci) {
+      vec w[NO];
+      for (int o = 0; o < NO; ++o) w[o] = V::loadm(k + ((int64_t)ci * NO + o) * P, gm);
+      for (int i = 0; i < MR; ++i) {
+        const vec xv = V::loadm(p[i] + (int64_t)ci * P, gm);
+        for (int o = 0; o < NO; ++o) acc[i][o] = V::fma(xv, w[o], acc[i][o]);
+      }
+    }
+  }
+  // valid = filters of this vector's groups that exist (NO * groups present).
+  for (int i = 0; i < MR; ++i) {
+    float* o = out + i * ldo;
+    if (NO == 1) {
+      V::storem(o, V::add(V::loadm(o, gm), acc[i][0]), gm);
+      continue;
+    }
+    alignas(64) float buf[NO * V::L];
+    for (int c = 0; c < NO; ++c) V::store(buf + c * V::L, acc[i][c]);
+    for (int c = 0; c < NO; ++c) {
+      const vmask k = V::lanes(0, valid - c * V::L);
+      V::storem(o + c * V::L, V::add(V::loadm(o + c * V::L, k), V::gather(buf, gidx[c])), k);
+    }
+  }
+}
+
+typedef void (*gv_forward_fn)(const float* const*, int64_t, int, int, int64_t, const float*, int64_t, vmask, int,
+                              const V::idx*, float*, int64_t);
+
+template <int NO, int MR = 1>
+gv_forward_fn gv_forward_pick(int mr) {
+  if constexpr (MR > MAX_MR) {
+    return nullptr;
+  } else {
+    return mr == MR ? gv_forward_tile<MR, NO> : gv_forward_pick<NO, MR + 1>(mr);
+  }
+}
+
+gv_forward_fn gv_forward_kernel(int no, int mr) {
+  switch (no) {
+    case 1: return gv_forward_pick<1>(mr);
+    case 2: return gv_forward_pick<2>(mr);
+    case 3: return gv_forward_pick<3>(mr);
+    case 4: return gv_forward_pick<4>(mr);
+    case 5: return gv_forward_pick<5>(mr);
+    case 6: return gv_forward_pick<6>(mr);
+    case 7: return gv_forward_pick<7>(mr);
+    case 8: return gv_forward_pick<8>(mr);
+  }
+  return nullptr;
+}
+
+int gv_mr(int no) { return std::min(MAX_MR, std::max(1, (V::L == 16 ? 24 : 12) / no)); }
+
+// Gather indices of the transposition [o][g] -> [g][o] for `no` filters per group: output vector
+// c, lane l is filter (c*L + l) % no of group (c*L + l) / no.
+void gv_indices(int no, V::idx* gidx) {
+  for (int c = 0; c < no; ++c) {
+    int32_t v[V::L];
+    for (int l = 0; l < V::L; ++l) {
+      const int o = c * V::L + l;
+      v[l] = (o % no) * V::L + o / no;
+    }
+    gidx[c] = V::index(v);
+  }
+}
+
+// sum over pixels of x-rows (R of them, each a table row and channel) times dy (NO vectors):
+// acc[R][NO] += x[row r] * dy[o], added to g[r][o][lanes].
+template <int R, int NO>
+void gv_wgrad_tile(const float* const* tab, int64_t ld, const int32_t* rows, const int32_t* chans, int64_t P,
+                   int64_t np, const float* dyt, int64_t ldd, int64_t gv0, vmask gm, float* g) {
+  vec acc[R][NO];
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < NO; ++o) acc[r][o] = V::zero();
+  const float* const* tr[R];
+  int64_t off[R];
+  for (int r = 0; r < R; ++r) {
+    tr[r] = tab + rows[r] * ld;
+    off[r] = (int64_t)chans[r] * P + gv0;
+  }
+  int64_t i = 0;
+  do {
+    const float* d = dyt + i * ldd + gv0;
+    vec dv[NO];
+    for (int o = 0; o < NO; ++o) dv[o] = V::loadm(d + o * P, gm);
+    for (int r = 0; r < R; ++r) {
+      const vec xv = V::loadm(tr[r][i] + off[r], gm);
+      for (int o = 0; o < NO; ++o) acc[r][o] = V::fma(xv, dv[o], acc[r][o]);
+    }
+  } while (++i < np);
+  for (int r = 0; r < R; ++r)
+    for (int o = 0; o < NO; ++o) {
+      float* dst = g + ((int64_t)r * NO + o) * P + gv0;
+      V::storem(dst, V::add(V::loadm(dst, gm), acc[r][o]), gm);
+    }
+}
+
+typedef void (*gv_wgrad_fn)(const float* const*, int64_t, const int32_t*, const int32_t*, int64_t, int64_t,
+                            const float*, int64_t, int64_t, vmask, float*);
+
+template <int NO, int R = 1>
+gv_wgrad_fn gv_wgrad_pick(int r) {
+  if constexpr (R > MAX_MR) {
+    return nullptr;
+  } else {
+    return r == R ? gv_wgrad_tile<R, NO> : gv_wgrad_pick<NO, R + 1>(r);
+  }
+}
+
+gv_wgrad_fn gv_wgrad_kernel(int no, int r) {
+  switch (no) {
+    case 1: return gv_wgrad_pick<1>(r);
+    case 2: return gv_wgrad_pick<2>(r);
+    case 3: return gv_wgrad_pick<3>(r);
+    case 4: return gv_wgrad_pick<4>(r);
+    case 5: return gv_wgrad_pick<5>(r);
+    case 6: return gv_wgrad_pick<6>(r);
+    case 7: return gv_wgrad_pick<7>(r);
+    case 8: return gv_wgrad_pick<8>(r);
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+
+int SHC_SUFFIX(shc_lanes)() { return V::L; }
+
+// ---- OV ----------------------------------------------------------------------------------------
+
+// float32 elements of the OV panels of `g` at this vector width.
+int64_t SHC_SUFFIX(shc_panel_floats)(const int64_t* g, int nv) { return panel_floats(read_geo(g), nv * V::L); }
+
+// Pack the OV panels of layer `g` (transposed = 1: of its input gradient; then g describes the
+// transposed layer). wk, w1: the forward layer's parameters with element strides sk, s1.
+void SHC_SUFFIX(shc_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
+                          int nv, int transposed, float* out, int nthreads) {
+  const Geo geo = read_geo(g);
+  pack(read_weights(wk, sk, w1, s1, geo, transposed != 0), geo, nv * V::L, transposed != 0, out, nthreads);
+}
+
+// y[p][j] (NHWC, Cout channels) = the panel rows applied to x (NHWC, Cin channels), plus bias
+// (or nullptr); accumulate = 1 adds to y instead of overwriting it.
+void SHC_SUFFIX(shc_forward)(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
+                             int nv, int mr, int64_t pp, int accumulate, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int NR = nv * V::L;
+  const auto chunks = plan(geo, NR);
+  const auto taps = side_taps(geo);
+  const int64_t L = geo.pixels();
+  if (L == 0) return;
+  pp = std::max<int64_t>(mr, std::min<int64_t>(pp, L));
+  const int64_t npanel = (L + pp - 1) / pp, nchunk = (int64_t)chunks.size();
+  const int64_t T = geo.T();
+  std::vector<float> zeros(geo.Cin, 0.f);
+  // Work items: (panel, chunk), panel-major; with few panels the chunks are shared out too.
+  const int64_t per_panel = npanel >= 2 * nthreads ? nchunk : 1;
+  const int64_t items = npanel * (nchunk / per_panel);
+  const int nt = threads_for(items, nthreads);
+  const forward_fn full = forward_kernel(nv, mr);
+  std::vector<std::vector<Seg>> segs(nchunk);
+  std::vector<std::vector<vmask>> tails(nchunk), gmasks(nchunk);
+  for (int64_t q = 0; q < nchunk; ++q) {
+    segs[q] = segments(geo, chunks[q]);
+    tails[q].resize(nv);
+    gmasks[q].resize(nv * chunks[q].G);
+    chunk_masks(geo, chunks[q], nv, tails[q].data(), gmasks[q].data());
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<const float*> tab(T * pp);
+    int64_t current = -1;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t panel = per_panel == nchunk ? item : item / nchunk;
+      const int64_t q0 = per_panel == nchunk ? 0 : item % nchunk, q1 = q0 + per_panel;
+      const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+      if (panel != current) {
+        fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
+        current = panel;
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        const Chunk& ch = chunks[q];
+        const float* pan = panels + ch.offset;
+        const float* b = bias ? bias + ch.j0 : nullptr;
+        for (int64_t i0 = 0; i0 < np; i0 += mr) {
+          const int r = (int)std::min<int64_t>(mr, np - i0);
+          const forward_fn f = r == mr ? full : forward_kernel(nv, r);
+          f(segs[q].data(), (int)segs[q].size(), tab.data() + i0, pp, pan, y + (p0 + i0) * geo.Cout + ch.j0, geo.Cout,
+            b, accumulate != 0, tails[q].data(), gmasks[q].data());
+        }
+      }
+    }
+  }
+}
+
+// Whether shc_wgrad wants `work` (nthreads panels of scratch: it splits the pixels among the
+// threads, each summing into its own copy) or shares out the chunks instead (nullptr).
+int SHC_SUFFIX(shc_wgrad_needs_work)(const int64_t* g, int nv, int nthreads) {
+  const Geo geo = read_geo(g);
+  return (int64_t)plan(geo, nv * V::L).size() < 2 * nthreads && nthreads > 1;
+}
+
+// The weight gradient of the panel rows of `g`, in the panel layout: grad[q][row][lane] = sum over
+// output pixels of (the row's input value) * dy[p][j0 + lane]. Lanes of a side-tap row outside its
+// group hold sums nobody reads.
+void SHC_SUFFIX(shc_wgrad)(const float* x, const float* dy, float* grad, const int64_t* g, int nv, int rw, int64_t pp,
+                           float* work, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int NR = nv * V::L;
+  const auto chunks = plan(geo, NR);
+  const auto taps = side_taps(geo);
+  const int64_t L = geo.pixels(), total = panel_floats(geo, NR), T = geo.T();
+  std::memset(grad, 0, sizeof(float) * total);
+  if (L == 0) return;
+  pp = std::max<int64_t>(1, std::min<int64_t>(pp, L));
+  const int64_t npanel = (L + pp - 1) / pp, nchunk = (int64_t)chunks.size();
+  std::vector<float> zeros(geo.Cin + rw, 0.f);
+  const bool split_pixels = work != nullptr;
+  const int nt = split_pixels ? threads_for(npanel, nthreads) : threads_for(nchunk, nthreads);
+  if (split_pixels) std::memset(work, 0, sizeof(float) * total * nt);
+  const wgrad_fn full = wgrad_kernel(nv, rw);
+  std::vector<std::vector<Seg>> segs(nchunk);
+  for (int64_t q = 0; q < nchunk; ++q) segs[q] = segments(geo, chunks[q]);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    float* mine = split_pixels ? work + total * tid : grad;
+    std::vector<const float*> tab(T * pp);
+    std::vector<vmask> tail(nv);
+    auto run = [&](int64_t panel, int64_t q) {
+      const Chunk& ch = chunks[q];
+      const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+      for (int v = 0; v < nv; ++v) tail[v] = V::lanes(0, (int)(ch.j1 - ch.j0 - v * V::L));
+      const float* d = dy + p0 * geo.Cout + ch.j0;
+      float* gp = mine + ch.offset;
+      for (const Seg& sg : segs[q]) {
+        for (int c0 = 0; c0 < sg.len; c0 += rw) {
+          const int r = std::min(rw, sg.len - c0);
+          const wgrad_fn f = r == rw ? full : wgrad_kernel(nv, r);
+          f(tab.data() + sg.row * pp, sg.off + c0, np, d, geo.Cout, tail.data(), gp, NR);
+          gp += (int64_t)r * NR;
+        }
+      }
+    };
+    if (split_pixels) {
+#pragma omp for schedule(static)
+      for (int64_t panel = 0; panel < npanel; ++panel) {
+        const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+        fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
+        for (int64_t q = 0; q < nchunk; ++q) run(panel, q);
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t q = 0; q < nchunk; ++q) {
+        for (int64_t panel = 0; panel < npanel; ++panel) {
+          const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+          fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
+          run(panel, q);
+        }
+      }
+    }
+  }
+  if (split_pixels) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < total; ++i) {
+      float s = 0.f;
+      for (int t = 0; t < nt; ++t) s += work[total * t + i];
+      grad[i] = s;
+    }
+  }
+}
+
+// The side-tap rows of an OV gradient (geo with side rows only) into gk[j][c'][t] (N x m x T,
+// contiguous; the centre taps are left alone). Lanes in blocks of VL, so that each pass reads one
+// line per row and writes each lane's taps side by side.
+void SHC_SUFFIX(shc_unpack_side)(const float* grad, const int64_t* g, int nv, float* gk, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int NR = nv * V::L;
+  const auto chunks = plan(geo, NR);
+  const auto taps = side_taps(geo);
+  const int64_t n = geo.n(), m = geo.m(), T = geo.T(), ntaps = (int64_t)taps.size();
+#pragma omp parallel for num_threads(threads_for((int64_t)chunks.size(), nthreads)) schedule(static)
+  for (int64_t q = 0; q < (int64_t)chunks.size(); ++q) {
+    const Chunk& ch = chunks[q];
+    const float* src = grad + ch.offset;
+    for (int64_t gi = 0; gi < ch.G; ++gi) {
+      const int64_t g0 = ch.g0 + gi;
+      const int64_t l0 = std::max<int64_t>(0, g0 * n - ch.j0), l1 = std::min(ch.j1 - ch.j0, (g0 + 1) * n - ch.j0);
+      const float* rows = src + gi * ntaps * m * NR;
+      for (int64_t s = 0; s < ntaps; ++s)
+        for (int64_t c = 0; c < m; ++c) {
+          const float* row = rows + (s * m + c) * NR;
+          for (int64_t l = l0; l < l1; ++l) gk[((ch.j0 + l) * m + c) * T + taps[s]] = row[l];
+        }
+    }
+  }
+}
+
+// The centre rows' gradient, dense[j][c] = sum_p dy[p][j] x[p][c] (N x M, row-major), into the
+// compact g1[j][i] (N x (M - m)) and the centre taps of gk[j][c'][t] (N x m x T).
+void SHC_SUFFIX(shc_unpack_centre)(const float* dense, const int64_t* g, float* gk, float* g1, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int64_t M = geo.Cin, N = geo.Cout, m = geo.m(), n = geo.n(), T = geo.T(), c = geo.centre_tap();
+#pragma omp parallel for num_threads(threads_for(N, nthreads)) schedule(static)
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t lo = (j / n) * m;
+    const float* row = dense + j * M;
+    float* out = g1 + j * (M - m);
+    std::memcpy(out, row, sizeof(float) * lo);
+    std::memcpy(out + lo, row + lo + m, sizeof(float) * (M - lo - m));
+    for (int64_t cc = 0; cc < m; ++cc) gk[(j * m + cc) * T + c] = row[lo + cc];
+  }
+}
+
+// ---- GV ----------------------------------------------------------------------------------------
+
+// out[p][c'][g] = x[p][g*b + c'] for `pixels` pixels of C = P * b channels.
+void SHC_SUFFIX(shc_gv_transpose)(const float* x, int64_t pixels, int64_t C, int64_t P, float* out, int nthreads) {
+  const int64_t b = C / P;
+#pragma omp parallel for num_threads(threads_for(pixels / 64 + 1, nthreads)) schedule(static)
+  for (int64_t p = 0; p < pixels; ++p) {
+    const float* src = x + p * C;
+    float* dst = out + p * C;
+    for (int64_t g = 0; g < P; ++g)
+      for (int64_t c = 0; c < b; ++c) dst[c * P + g] = src[g * b + c];
+  }
+}
+
+// The GV side-tap weights of layer `g`: kt[s][ci][co][g] (ci < m inputs, co < n outputs of g's
+// blocks). Forward: K[g*n + co][ci][t_s]; transposed (g is the input gradient's layer, whose
+// inputs are forward filters): K[g*mi + ci][co][flip t_s] with the forward layer's indices.
+void SHC_SUFFIX(shc_gv_pack)(const float* wk, const int64_t* sk, const int64_t* g, int transposed, float* kt) {
+  const Geo geo = read_geo(g);
+  const auto taps = side_taps(geo);
+  const int64_t P = geo.P, mi = geo.m(), no = geo.n(), T = geo.T(), ntaps = (int64_t)taps.size();
+  Weights w = read_weights(wk, sk, nullptr, sk, geo, transposed != 0);
+  for (int64_t s = 0; s < ntaps; ++s) {
+    const int64_t tk = w.toff(transposed ? T - 1 - taps[s] : taps[s]);
+    for (int64_t ci = 0; ci < mi; ++ci)
+      for (int64_t co = 0; co < no; ++co) {
+        float* dst = kt + ((s * mi + ci) * no + co) * P;
+        for (int64_t gg = 0; gg < P; ++gg) {
+          const int64_t j = transposed ? gg * mi + ci : gg * no + co, c = transposed ? co : ci;
+          dst[gg] = w.wk[j * sk[0] + c * sk[1] + tk];
+        }
+      }
+  }
+}
+
+// y (NHWC, Cout channels) += the side taps of layer `g` applied to xt (x in GV layout).
+void SHC_SUFFIX(shc_gv_forward)(const float* xt, const float* kt, float* y, const int64_t* g, int64_t pp,
+                                int nthreads) {
+  const Geo geo = read_geo(g);
+  const auto taps = side_taps(geo);
+  const int64_t L = geo.pixels(), T = geo.T(), P = geo.P;
+  const int mi = (int)geo.m(), no = (int)geo.n(), ntaps = (int)taps.size();
+  if (L == 0 || ntaps == 0) return;
+  const int mr = gv_mr(no);
+  pp = std::max<int64_t>(mr, std::min<int64_t>(pp, L));
+  const int64_t npanel = (L + pp - 1) / pp, nvec = (P + V::L - 1) / V::L;
+  std::vector<float> zeros(geo.Cin + V::L, 0.f);
+  std::vector<V::idx> gidx(no);
+  gv_indices(no, gidx.data());
+  const gv_forward_fn full = gv_forward_kernel(no, mr);
+  const int64_t items = npanel >= 2 * nthreads ? npanel : npanel * nvec;
+  const bool per_vector = items != npanel;
+#pragma omp parallel num_threads(threads_for(items, nthreads))
+  {
+    std::vector<const float*> tab(T * pp);
+    int64_t current = -1;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t panel = per_vector ? item / nvec : item;
+      const int64_t v0 = per_vector ? item % nvec : 0, v1 = per_vector ? v0 + 1 : nvec;
+      const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+      if (panel != current) {
+        fill_table(geo, xt, zeros.data(), p0, np, taps, tab.data(), pp);
+        current = panel;
+      }
+      for (int64_t v = v0; v < v1; ++v) {
+        const int64_t gv0 = v * V::L;
+        const int groups = (int)std::min<int64_t>(V::L, P - gv0);
+        const vmask gm = V::lanes(0, groups);
+        for (int64_t i0 = 0; i0 < np; i0 += mr) {
+          const int r = (int)std::min<int64_t>(mr, np - i0);
+          const gv_forward_fn f = r == mr ? full : gv_forward_kernel(no, r);
+          f(tab.data() + i0, pp, ntaps, mi, P, kt, gv0, gm, groups * no, gidx.data(),
+            y + (p0 + i0) * geo.Cout + gv0 * no, geo.Cout);
+        }
+      }
+    }
+  }
+}
+
+// The GV side-tap weight gradient of layer `g` (forward layer): gkt[s][ci][co][g] = sum over
+// pixels of xt[p + t_s][ci][g] * dyt[p][co][g]. `work`: nthreads * (T - 1) * m * n * P floats.
+void SHC_SUFFIX(shc_gv_wgrad)(const float* xt, const float* dyt, float* gkt, const int64_t* g, int64_t pp,
+                              float* work, int nthreads) {
+  const Geo geo = read_geo(g);
+  const auto taps = side_taps(geo);
+  const int64_t L = geo.pixels(), T = geo.T(), P = geo.P;
+  const int mi = (int)geo.m(), no = (int)geo.n(), ntaps = (int)taps.size();
+  const int64_t total = (int64_t)ntaps * mi * no * P;
+  std::memset(gkt, 0, sizeof(float) * total);
+  if (L == 0 || ntaps == 0) return;
+  const int rw = gv_mr(no);
+  pp = std::max<int64_t>(1, std::min<int64_t>(pp, L));
+  const int64_t npanel = (L + pp - 1) / pp, nvec = (P + V::L - 1) / V::L;
+  const int nt = threads_for(npanel, nthreads);
+  std::memset(work, 0, sizeof(float) * total * nt);
+  std::vector<float> zeros(geo.Cin + V::L, 0.f);
+  // The side-tap rows (s, ci) as (table row, channel), in the kt order.
+  const int64_t nrows = (int64_t)ntaps * mi;
+  std::vector<int32_t> rows(nrows), chans(nrows);
+  for (int64_t r = 0; r < nrows; ++r) {
+    rows[r] = (int32_t)(r / mi + 1);
+    chans[r] = (int32_t)(r % mi);
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    float* mine = work + total * omp_get_thread_num();
+    std::vector<const float*> tab(T * pp);
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < npanel; ++panel) {
+      const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+      fill_table(geo, xt, zeros.data(), p0, np, taps, tab.data(), pp);
+      for (int64_t v = 0; v < nvec; ++v) {
+        const int64_t gv0 = v * V::L;
+        const vmask gm = V::lanes(0, (int)std::min<int64_t>(V::L, P - gv0));
+        for (int64_t r0 = 0; r0 < nrows; r0 += rw) {
+          const int r = (int)std::min<int64_t>(rw, nrows - r0);
+          gv_wgrad_kernel(no, r)(tab.data(), pp, rows.data() + r0, chans.data() + r0, P, np,
+                                 dyt + p0 * geo.Cout, geo.Cout, gv0, gm, mine + r0 * no * P);
+        }
+      }
+    }
+  }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t i = 0; i < total; ++i) {
+    float s = 0.f;
+    for (int t = 0; t < nt; ++t) s += work[total * t + i];
+    gkt[i] = s;
+  }
+}
+
+// gkt[s][ci][co][g] of shc_gv_wgrad into gk[g*n + co][ci][t_s] (N x m x T, contiguous).
+void SHC_SUFFIX(shc_gv_unpack)(const float* gkt, const int64_t* g, float* gk) {
+  const Geo geo = read_geo(g);
+  const auto taps = side_taps(geo);
+  const int64_t P = geo.P, mi = geo.m(), no = geo.n(), T = geo.T(), ntaps = (int64_t)taps.size();
+  for (int64_t s = 0; s < ntaps; ++s)
+    for (int64_t ci = 0; ci < mi; ++ci)
+      for (int64_t co = 0; co < no; ++co) {
+        const float* src = gkt + ((s * mi + ci) * no + co) * P;
+        for (int64_t gg = 0; gg < P; ++gg) gk[((gg * no + co) * mi + ci) * T + taps[s]] = src[gg];
+      }
+}
+
+}  // extern "C"
