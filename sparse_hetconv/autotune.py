@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import CONCRETE, available, fused, get
-from .backends._common import channels_last, reduced_precision
+from .backends._common import channels_last, eager_tensor, reduced_precision
 from .pattern import HetConvPattern
 
 __all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "fused_proposed", "get_mode", "mode",
@@ -185,25 +185,26 @@ def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, 
 def fused_proposed(pattern: HetConvPattern, input: Tensor, training: bool) -> bool:
     """Whether the cost model proposes ``fused`` for this call (``confirm`` then times it).
 
-    The compiled kernel multiplies only the useful weights and reads every operand from cache-sized
-    tiles; measured (benchmarks/results/layers.md) it leads the stock kernels where a tile's lanes
-    are one group's filters (``n`` a multiple of the vector width) in inference, and trails them
-    where a group is narrower than a vector (its taps then run under a lane mask). Eager float32
-    (and bfloat16, computed in float32) 2-D CPU calls only: it is not an operator graph capture
-    can record, and the kernels must have built.
+    The compiled kernel multiplies only the useful weights, so on the shapes it was measured on
+    (benchmarks/results/layers.md) it runs 0.5-1.0x the time of ``dense`` in most layers and up to
+    ~1.15x in a few (groups of 16 filters at small ``P``, whose tiles hold one vector). The model
+    proposes it for every call it computes: a 2-D float32 eager CPU call outside graph capture
+    (bfloat16 and autocast calls would run in float32, where oneDNN has bfloat16 kernels), with the
+    kernels built; the timing of ``confirm`` keeps ``dense`` where it loses.
     """
-    if pattern.dims != 2 or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
+    if pattern.dims != 2 or input.device.type != "cpu" or input.dtype != torch.float32:
         return False
-    if torch.compiler.is_compiling() or not fused.available():
-        return False
-    lanes = fused.lanes()
-    return pattern.block_out % lanes == 0 and not (training and input.dtype != torch.float32)
+    if reduced_precision(input) is not None or not eager_tensor(input):
+        return False  # (eager_tensor is False in graph capture and for torch.func-wrapped inputs)
+    if torch._C._functorch.maybe_current_level() is not None:
+        return False  # inside vmap / grad: the weights are wrapped tensors
+    return fused.available()
 
 
 def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...]) -> str:
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
-    if reduced_precision(input) is None and fused_proposed(pattern, input, training):
+    if fused_proposed(pattern, input, training):
         return "fused"
     if not torch._C._has_mkldnn:  # what mkldnn.is_available() returns; dynamo cannot call that one
         return "dense"
@@ -242,9 +243,11 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no signature to key on
     if stride is None:
         stride = (1,) * pattern.dims
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
         # Traced: a pure function of the signature. Reading the cache would make the compiled graph
         # guard on a global dict that eager calls keep extending (a recompilation every time).
+        # Inside a torch.func transform (vmap, grad) nothing can be timed either (random data is
+        # refused) and the weights may be wrapped: the model decides, without fused.
         return _model_choice(pattern, input, training, tuple(stride))
     key = signature(pattern, input, training, tuple(stride))
     hit = _CHOICES.get(key)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import autotune
 from ._checks import check_input, check_tuple
-from .backends import BACKENDS, check_backend, get
+from .backends import BACKENDS, check_backend, fused, get
 from .backends._common import has_nonfinite, kxk_part, reduced_precision
 from .pattern import HetConvPattern
 
@@ -33,15 +33,19 @@ def needs_grad(input: Tensor, *weights: Tensor | None) -> bool:
 
 
 def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None, grad: bool,
-                    stride: tuple[int, ...] | None = None) -> str:
+                    stride: tuple[int, ...] | None = None, weights: tuple = ()) -> str:
     """The concrete backend a call uses: ``backend`` itself, or what ``"auto"`` resolves to.
 
     The one place ``"auto"`` is resolved (:func:`sparse_hetconv.autotune.choose`); the layers and
-    :func:`het_conv` call it once per call.
+    :func:`het_conv` call it once per call. A call the ``fused`` kernel does not compute (see
+    :func:`sparse_hetconv.backends.fused.runs`; ``weights``: the call's parameter tensors) resolves
+    to ``blocked``, which computes it in its own precision.
     """
-    if backend != "auto":
-        return backend
-    return autotune.choose(pattern, input, grad, stride) if pattern.part > 1 else "dense"
+    if backend == "auto":
+        backend = autotune.choose(pattern, input, grad, stride) if pattern.part > 1 else "dense"
+    if backend == "fused" and pattern.part > 1 and input is not None and not fused.runs(input, weights, pattern):
+        return "blocked"
+    return backend
 
 
 def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
@@ -125,7 +129,7 @@ def het_conv(
     else:
         stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
     grad = needs_grad(input, weight_kxk, weight_1x1, bias)
-    backend = resolve_backend(backend, pattern, input, grad, stride)
+    backend = resolve_backend(backend, pattern, input, grad, stride, (weight_kxk, weight_1x1, bias))
     return _het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, backend, grad)
 
 

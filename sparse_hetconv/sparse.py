@@ -101,7 +101,8 @@ class _SparseHetConvNd(_CompactHetConv):
         if self.part == 1:
             return _het_conv(input, self.weight_kxk, None, self.bias, self.stride, self.pattern, "dense", False)
         grad = needs_grad(input, self.weight_kxk, self.weight_1x1, self.bias)
-        backend = resolve_backend(self._backend, self.pattern, input, grad, self.stride)
+        backend = resolve_backend(self._backend, self.pattern, input, grad, self.stride,
+                                  (self.weight_kxk, self.weight_1x1, self.bias))
         if not torch.compiler.is_compiling():
             self._resolved_backend = backend
         return _het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.pattern,

@@ -16,7 +16,16 @@ CL = torch.channels_last
 pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 
-def test_choose_is_deterministic_cached_and_explained():
+@pytest.fixture
+def stock_only(monkeypatch):
+    """The cost model of the stock kernels alone: the fused backend's kernels reported unbuilt (the
+    model proposes ``fused`` for every float32 2-D CPU call where they are; tested below)."""
+    from sparse_hetconv.backends import fused
+
+    monkeypatch.setattr(fused, "available", lambda: False)
+
+
+def test_choose_is_deterministic_cached_and_explained(stock_only):
     pattern = HetConvPattern(256, 256, 2)
     x = torch.randn(32, 256, 8, 8).contiguous(memory_format=CL)
     with autotune.mode("model"):
@@ -36,7 +45,7 @@ def test_choose_is_deterministic_cached_and_explained():
     (dict(part=2, training=True), "dense"),  # the grouped backward is slower
     (dict(part=2, batch=1, size=2), "dense"),  # overhead-bound: one call beats P - 1
 ])
-def test_model_choice_in_the_cases_it_was_calibrated_against(kwargs, expected):
+def test_model_choice_in_the_cases_it_was_calibrated_against(stock_only, kwargs, expected):
     part = kwargs.get("part", 2)
     pattern = HetConvPattern(512, 512, part)
     size = kwargs.get("size", 4)
@@ -47,7 +56,7 @@ def test_model_choice_in_the_cases_it_was_calibrated_against(kwargs, expected):
         assert autotune.choose(pattern, x, training=kwargs.get("training", False)) == expected
 
 
-def test_grouped_chosen_for_wide_groups_at_part_two():
+def test_grouped_chosen_for_wide_groups_at_part_two(stock_only):
     x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
     with autotune.mode("model"):
         assert autotune.choose(HetConvPattern(512, 512, 2), x, training=False) == "grouped"
@@ -55,7 +64,7 @@ def test_grouped_chosen_for_wide_groups_at_part_two():
 
 
 @pytest.mark.parametrize("fastest,how", [("grouped", "confirmed"), ("dense", "refuted")])
-def test_confirm_mode_times_only_the_models_non_dense_proposals(monkeypatch, fastest, how):
+def test_confirm_mode_times_only_the_models_non_dense_proposals(stock_only, monkeypatch, fastest, how):
     timed = []
 
     def fake_timing(pattern, input, training, stride, names, repeats=3):
@@ -73,6 +82,28 @@ def test_confirm_mode_times_only_the_models_non_dense_proposals(monkeypatch, fas
         "a dense proposal (training) is not timed"
     autotune.choose(pattern, x, training=False, stride=(2, 2))
     assert len(timed) == 1, "the decision is cached per signature"
+
+
+def test_the_model_proposes_fused_where_it_computes_and_confirm_times_it(monkeypatch):
+    """Where the fused kernels run (2-D, float32, eager, CPU) the model proposes them; confirm times
+    the proposal against dense, in inference and in training; elsewhere the stock model decides."""
+    from sparse_hetconv.backends import fused
+
+    if not fused.available():
+        pytest.skip(f"fused kernels unavailable here: {fused.unavailable_reason()}")
+    timed = []
+    monkeypatch.setattr(autotune, "_measured_choice",
+                        lambda pattern, input, training, stride, names, repeats=3: timed.append(names) or names[-1])
+    pattern = HetConvPattern(64, 64, 4)
+    x = torch.randn(4, 64, 8, 8)
+    assert autotune.choose(pattern, x, training=False) == "fused"
+    assert autotune.choose(pattern, x, training=True) == "fused"
+    assert timed == [("dense", "fused")] * 2, timed
+    for other in (x.double(), x.bfloat16()):
+        assert autotune.choose(pattern, other, training=False) != "fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autotune.choose(pattern, x, training=False) != "fused", "autocast computes in bfloat16"
+    assert autotune.choose(HetConvPattern(16, 16, 4, dims=3), torch.randn(1, 16, 3, 3, 3), False) != "fused"
 
 
 def test_candidates_are_the_backends_available_on_the_device():
@@ -96,7 +127,7 @@ def test_set_mode_rejects_unknown_modes():
         autotune.set_mode("fast")
 
 
-def test_layer_reports_what_auto_resolved_to_and_can_be_pinned():
+def test_layer_reports_what_auto_resolved_to_and_can_be_pinned(stock_only):
     layer = SparseHetConv2d(512, 512, 2).to(memory_format=CL).eval()
     assert layer.resolved_backend is None, "nothing resolved before the first call"
     x = torch.randn(32, 512, 4, 4).contiguous(memory_format=CL)
@@ -126,7 +157,7 @@ def test_resolve_backends_lists_pins_and_leaves_the_model_untouched():
         autotune.resolve_backends("vgg", x)
 
 
-def test_the_model_prices_a_strided_layer_by_its_output_pixels(monkeypatch):
+def test_the_model_prices_a_strided_layer_by_its_output_pixels(stock_only, monkeypatch):
     """estimate() counts output pixels: a stride-2 layer on 8x8 inputs computes 4x4 outputs."""
     seen = []
     estimate = autotune.estimate

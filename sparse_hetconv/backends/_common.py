@@ -74,8 +74,9 @@ def eager_tensor(t: Tensor) -> bool:
 
     False inside graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``: what a
     call reads from a tensor's values or caches by its address would not be part of the graph), for
-    tensor subclasses and fake tensors (``FakeTensorMode``, shape propagation), on the meta device,
-    and for the wrapped tensors of ``torch.func`` transforms (``vmap``, ``grad``).
+    tensor subclasses, on the meta device, for the wrapped tensors of ``torch.func`` transforms
+    (``vmap``, ``grad``) and under any dispatch mode (fake tensors and shape propagation, and the
+    tools that watch every operator, such as ``FlopCounterMode``).
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -83,7 +84,9 @@ def eager_tensor(t: Tensor) -> bool:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+    # Under a dispatch mode (fake tensors, FlopCounterMode, tracing tools) every operator is
+    # observed: work done outside operators would be invisible to it.
+    return torch._C._len_torch_dispatch_stack() == 0
 
 
 def has_nonfinite(input: Tensor) -> bool:

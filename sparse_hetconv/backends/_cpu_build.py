@@ -21,6 +21,7 @@ so the kernels share PyTorch's threads.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -55,15 +56,16 @@ def build_dir() -> Path:
     return Path(cache) / "sparse_hetconv"
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def isa() -> str | None:
@@ -115,7 +117,9 @@ class Library:
             "shc_unpack_centre": ([p, i64p, p, p, i32], None),
             "shc_gv_transpose": ([p, i64, i64, i64, p, i32], None),
             "shc_gv_pack": ([p, i64p, i64p, i32, p], None),
-            "shc_gv_forward": ([p, p, p, i64p, i64, i32], None),
+            "shc_gvo_panel_floats": ([i64p], i64),
+            "shc_gvo_pack": ([p, i64p, p, i64p, i64p, i32, p, i32], None),
+            "shc_gvo_forward": ([p, p, p, p, p, p, i64p, i64, i32], None),
             "shc_gv_wgrad": ([p, p, p, i64p, i64, p, i32], None),
             "shc_gv_unpack": ([p, i64p, p], None),
         }
@@ -153,11 +157,15 @@ def _build(name: str) -> Path:
 
 
 def load() -> Library | None:
-    """The library of this process's ISA, built on first use; None if it cannot be (see :func:`reason`)."""
+    """The library of this process's ISA, built on first use; None if it cannot be (see :func:`reason`).
+
+    The ISA is decided on the first call (``SPARSE_HETCONV_MAX_ISA`` is read then)."""
+    if "loaded" in _state:
+        return _state["loaded"]
     name = isa()
     with _lock:
-        if name in _state:
-            return _state[name]
+        if "loaded" in _state:
+            return _state["loaded"]
         library = None
         if name is None:
             _state["reason"] = (f"the CPU has neither AVX-512 nor AVX2 with FMA ({platform.machine()}), or "
@@ -165,9 +173,9 @@ def load() -> Library | None:
         else:
             try:
                 library = Library(_build(name), name)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
                 _state["reason"] = f"building the CPU kernels failed: {error}"
-        _state[name] = library
+        _state[name] = _state["loaded"] = library
         return library
 
 

@@ -107,14 +107,19 @@ def config(width: int, lanes: int) -> Config:
     return Config(1, 12)
 
 
-GV_MAX_FILTERS = 8  # csrc: GV_MAX_N
-
-
 def gv_applies(block_in: int, block_out: int, part: int, lanes: int) -> bool:
-    """Whether a layer's side taps run with lanes over groups: its groups are narrower than a
-    vector (``n < lanes``, so OV lanes would mostly idle under the mask), there are enough groups
-    to fill at least half a vector, and ``n`` fits the GV tiles."""
-    return block_out % lanes != 0 and block_out <= GV_MAX_FILTERS and 2 * part >= lanes
+    """Whether a layer runs with lanes over groups (GVO) rather than over filters (OV).
+
+    GVO needs groups enough to fill a vector (``P >= lanes``) and a filter count per group its
+    tiles take (1, 2, 3, 6 or a multiple of 4; csrc: gvo_filters). It wins where a group's filters
+    would leave most OV lanes idle under the group masks: measured on VGG-16's shapes
+    (benchmarks/results/layers.md), 0.30-0.79x OV's time at ``n <= 4``, 0.87-1.12x at ``n = 8``
+    (better from ``P = 64``), 1.07-1.32x at ``n = 16``.
+    """
+    n = block_out
+    if part < lanes or not (n in (1, 2, 3, 6) or n % 4 == 0):
+        return False
+    return n <= 4 or (n <= 8 and part >= 64)
 
 
 # -- calls into the library -------------------------------------------------------------------------
@@ -142,19 +147,25 @@ class _Pass:
         return _i64(*self.dims, int(centre), int(side))
 
     def pack(self, weight_kxk: Tensor, weight_1x1: Tensor, transposed: bool, threads: int):
-        lib = self.lib
-        panels = torch.empty(lib.shc_panel_floats(self.geo, self.cfg.nv), dtype=torch.float32)
-        lib.shc_pack(_ptr(weight_kxk), _i64(*weight_kxk.stride()), _ptr(weight_1x1), _i64(*weight_1x1.stride()),
-                     self.geo, self.cfg.nv, int(transposed), _ptr(panels), threads)
-        kt = None
-        if self.gv:
-            kh, kw = self.dims[6:8]
-            kt = torch.empty((kh * kw - 1) * self.cin * (self.cout // self.part), dtype=torch.float32)
-            lib.shc_gv_pack(_ptr(weight_kxk), _i64(*weight_kxk.stride()), self.geo, int(transposed), _ptr(kt))
+        """The weights laid out for this pass: OV panels, or GVO centre panels and side taps."""
+        lib, sk, s1 = self.lib, _i64(*weight_kxk.stride()), _i64(*weight_1x1.stride())
+        if not self.gv:
+            panels = torch.empty(lib.shc_panel_floats(self.geo, self.cfg.nv), dtype=torch.float32)
+            lib.shc_pack(_ptr(weight_kxk), sk, _ptr(weight_1x1), s1, self.geo, self.cfg.nv, int(transposed),
+                         _ptr(panels), threads)
+            return panels, None
+        panels = torch.empty(lib.shc_gvo_panel_floats(self.geo), dtype=torch.float32)
+        lib.shc_gvo_pack(_ptr(weight_kxk), sk, _ptr(weight_1x1), s1, self.geo, int(transposed), _ptr(panels), threads)
+        kh, kw = self.dims[6:8]
+        kt = torch.empty((kh * kw - 1) * self.cin * (self.cout // self.part), dtype=torch.float32)
+        lib.shc_gv_pack(_ptr(weight_kxk), sk, self.geo, int(transposed), _ptr(kt))
         return panels, kt
 
     def transposed_input(self, x: Tensor, channels: int, threads: int) -> Tensor:
-        """``x`` (NHWC) in the GV layout: per pixel, channel ``g*b + c'`` at ``c'*P + g``."""
+        """``x`` (NHWC) in the GV layout: per pixel, channel ``g*b + c'`` at ``c'*P + g`` (``x`` itself
+        when ``b = 1``)."""
+        if channels == self.part:
+            return x
         out = torch.empty(x.shape, dtype=torch.float32, memory_format=CL)
         pixels = x.numel() // channels if channels else 0
         self.lib.shc_gv_transpose(_ptr(x), pixels, channels, self.part, _ptr(out), threads)
@@ -165,11 +176,12 @@ class _Pass:
         lib, cfg = self.lib, self.cfg
         panels, kt = weights
         y = torch.empty(out_shape, dtype=torch.float32, memory_format=CL)
-        lib.shc_forward(_ptr(x), _ptr(panels), _ptr(bias), _ptr(y), self.geo, cfg.nv, cfg.mr, cfg.pp, 0, threads)
-        if self.gv:
-            if xt is None:
-                xt = self.transposed_input(x, self.cin, threads)
-            lib.shc_gv_forward(_ptr(xt), _ptr(kt), _ptr(y), self.geo, cfg.pp, threads)
+        if not self.gv:
+            lib.shc_forward(_ptr(x), _ptr(panels), _ptr(bias), _ptr(y), self.geo, cfg.nv, cfg.mr, cfg.pp, 0, threads)
+            return y
+        if xt is None:
+            xt = self.transposed_input(x, self.cin, threads)
+        lib.shc_gvo_forward(_ptr(x), _ptr(xt), _ptr(panels), _ptr(kt), _ptr(bias), _ptr(y), self.geo, cfg.pp, threads)
         return y
 
 

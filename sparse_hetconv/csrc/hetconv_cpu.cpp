@@ -80,6 +80,26 @@ struct V {
   static inline t add(t a, t b) { return _mm512_add_ps(a, b); }
   static inline idx index(const int32_t* v) { return _mm512_loadu_si512(v); }
   static inline t gather(const float* base, idx i) { return _mm512_i32gather_ps(i, base, 4); }
+  // a[o] (lanes = groups) -> out[c] (lanes = (group, o) pairs, o fastest), for 2 or 4 vectors.
+  static inline void interleave(const t* a, int no, t* out) {
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    if (no == 2) {
+      out[0] = _mm512_permutex2var_ps(a[0], lo, a[1]);
+      out[1] = _mm512_permutex2var_ps(a[0], hi, a[1]);
+      return;
+    }
+    const __m512i lo64 = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), hi64 = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+    const __m512d l01 = _mm512_castps_pd(_mm512_permutex2var_ps(a[0], lo, a[1]));
+    const __m512d h01 = _mm512_castps_pd(_mm512_permutex2var_ps(a[0], hi, a[1]));
+    const __m512d l23 = _mm512_castps_pd(_mm512_permutex2var_ps(a[2], lo, a[3]));
+    const __m512d h23 = _mm512_castps_pd(_mm512_permutex2var_ps(a[2], hi, a[3]));
+    out[0] = _mm512_castpd_ps(_mm512_permutex2var_pd(l01, lo64, l23));
+    out[1] = _mm512_castpd_ps(_mm512_permutex2var_pd(l01, hi64, l23));
+    out[2] = _mm512_castpd_ps(_mm512_permutex2var_pd(h01, lo64, h23));
+    out[3] = _mm512_castpd_ps(_mm512_permutex2var_pd(h01, hi64, h23));
+  }
+  static constexpr bool has_interleave = true;
   static inline m lanes(int lo, int hi) {  // lanes [lo, hi) of [0, L)
     lo = std::max(lo, 0);
     hi = std::min(hi, L);
@@ -108,6 +128,8 @@ struct V {
   static inline t add(t a, t b) { return _mm256_add_ps(a, b); }
   static inline idx index(const int32_t* v) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)); }
   static inline t gather(const float* base, idx i) { return _mm256_i32gather_ps(base, i, 4); }
+  static inline void interleave(const t*, int, t*) {}
+  static constexpr bool has_interleave = false;
   static inline m lanes(int lo, int hi) {
     alignas(32) int32_t v[8];
     for (int i = 0; i < 8; ++i) v[i] = (i >= lo && i < hi) ? -1 : 0;
@@ -213,6 +235,41 @@ Weights read_weights(const float* wk, const int64_t* sk, const float* w1, const 
   return w;
 }
 
+// The centre rows Wf[r][.] of a panel whose lane l holds the packed layer's filter filter[l] (-1:
+// none, left as it is): rows = forward input channels (forward) or forward filters (transposed),
+// `ld` floats apart. Forward lanes are filled in blocks of 16 rows, so each lane's reads stay on
+// one line of its row while the block's rows stay in cache; transposed rows are contiguous reads.
+void fill_centre(const Weights& w, bool transposed, const int64_t* filter, int64_t width, float* dst, int64_t ld) {
+  const int64_t M = w.M, N = w.N, m = M / w.P, n = N / w.P, centre = w.toff(w.centre);
+  const int64_t s1 = w.s1[1], sk1 = w.sk[1];
+  if (!transposed) {
+    for (int64_t c0 = 0; c0 < M; c0 += 16) {
+      const int64_t c1 = std::min<int64_t>(M, c0 + 16);
+      for (int64_t l = 0; l < width; ++l) {
+        const int64_t j = filter[l];
+        if (j < 0) continue;
+        const int64_t lo = (j / n) * m;
+        const float* r1 = w.w1 + j * w.s1[0];
+        const float* k1 = w.wk + j * w.sk[0] + centre;
+        for (int64_t c = c0; c < c1; ++c)
+          dst[c * ld + l] = c < lo ? r1[c * s1] : c < lo + m ? k1[(c - lo) * sk1] : r1[(c - m) * s1];
+      }
+    }
+    return;
+  }
+  for (int64_t jf = 0; jf < N; ++jf) {
+    float* row = dst + jf * ld;
+    const int64_t lo = (jf / n) * m;
+    const float* k1 = w.wk + jf * w.sk[0] + centre;
+    const float* r1 = w.w1 + jf * w.s1[0];
+    for (int64_t l = 0; l < width; ++l) {
+      const int64_t c = filter[l];
+      if (c < 0) continue;
+      row[l] = c < lo ? r1[c * s1] : c < lo + m ? k1[(c - lo) * sk1] : r1[(c - m) * s1];
+    }
+  }
+}
+
 // OV panels of `geo` (the forward layer, or with `transposed` the layer of the input gradient,
 // whose filter c reads the forward layer's outputs j with flipped taps). Written row by row
 // (each row is NR contiguous lanes); the rows of consecutive lanes are read side by side.
@@ -229,36 +286,10 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
     std::memset(dst, 0, sizeof(float) * ch.rows * NR);
     const int64_t width = ch.j1 - ch.j0, gm = geo.m(), gn = geo.n();
     float* side = dst + (geo.centre ? geo.Cin * NR : 0);
-    if (geo.centre && !transposed) {
-      // Lane l is forward filter j = j0 + l: Wf[c][j] down the Cin rows.
-      std::vector<int64_t> lo(width);
-      std::vector<const float*> k1(width), r1(width);
-      for (int64_t l = 0; l < width; ++l) {
-        const int64_t j = ch.j0 + l;
-        lo[l] = (j / n) * m;
-        k1[l] = w.wk + j * w.sk[0] + centre - lo[l] * w.sk[1];
-        r1[l] = w.w1 + j * w.s1[0];
-      }
-      const int64_t s1 = w.s1[1], sk1 = w.sk[1];
-      for (int64_t c = 0; c < M; ++c) {
-        float* row = dst + c * NR;
-        for (int64_t l = 0; l < width; ++l) {
-          const int64_t b = lo[l];
-          row[l] = c < b ? r1[l][c * s1] : c < b + m ? k1[l][c * sk1] : r1[l][(c - m) * s1];
-        }
-      }
-    } else if (geo.centre) {
-      // Lane l is channel c = j0 + l of the forward input; row jf (a forward filter) holds Wf[c][jf].
-      for (int64_t jf = 0; jf < N; ++jf) {
-        float* row = dst + jf * NR;
-        const int64_t lo = (jf / n) * m;
-        const float* k1 = w.wk + jf * w.sk[0] + centre;
-        const float* r1 = w.w1 + jf * w.s1[0];
-        for (int64_t l = 0; l < width; ++l) {
-          const int64_t c = ch.j0 + l;
-          row[l] = c < lo ? r1[c * w.s1[1]] : c < lo + m ? k1[(c - lo) * w.sk[1]] : r1[(c - m) * w.s1[1]];
-        }
-      }
+    if (geo.centre) {
+      std::vector<int64_t> filter(width);
+      for (int64_t l = 0; l < width; ++l) filter[l] = ch.j0 + l;
+      fill_centre(w, transposed, filter.data(), width, dst, NR);
     }
     if (!geo.side) continue;
     for (int64_t gi = 0; gi < ch.G; ++gi) {
@@ -476,70 +507,131 @@ wgrad_fn wgrad_kernel(int nv, int r) {
 // of the (forward or transposed) layer.
 constexpr int GV_MAX_N = 8;
 
-// acc[MR][NO] over the side-tap rows: vectors of VL groups; then transposed into the filters'
-// order and added to out (pixel i at out + i * ldo, group gv0's first filter at offset 0).
-template <int MR, int NO>
-void gv_forward_tile(const float* const* tab, int64_t ld, int ntaps, int mi, int64_t P, const float* kt,
-                     int64_t gv0, vmask gm, int valid, const V::idx* gidx, float* out, int64_t ldo) {
-  vec acc[MR][NO];
+// GVO tiles: lanes = groups. A chunk holds GVN vectors of VL consecutive groups, each with its
+// n filters: vector v = gvec * n + co holds filter co of groups G0 + gvec*VL + [0, VL). The centre
+// rows (a dense GEMM: one broadcast input value per pixel) come from the chunk's panel in that lane
+// order; the side taps from kt, one vector load of VL groups' channel per pixel. The tile is
+// transposed back into the filters' order (and the bias added) when it is stored.
+template <int MR, int NV, int NO>
+void gvo_tile(const float* const* tab, const float* const* ttab, int64_t ld, int cin, int ntaps, int mi, int64_t P,
+              const float* panel, const float* kt, int64_t G0, const vmask* gm, const int* valid,
+              const V::idx* gidx, const float* bias, float* out, int64_t ldo, int co0, int n) {
+  constexpr int GVN = NV / NO;
+  vec acc[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int o = 0; o < NO; ++o) acc[i][o] = V::zero();
-  for (int s = 0; s < ntaps; ++s) {
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  {
     const float* p[MR];
-    for (int i = 0; i < MR; ++i) p[i] = tab[(s + 1) * ld + i] + gv0;
-    const float* k = kt + (int64_t)s * mi * NO * P + gv0;
-    for (int ci = 0; ci < mi; ++ci) {
-      vec w[NO];
-      for (int o = 0; o < NO; ++o) w[o] = V::loadm(k + ((int64_t)ci * NO + o) * P, gm);
-      for (int i = 0; i < MR; ++i) {
-        const vec xv = V::loadm(p[i] + (int64_t)ci * P, gm);
-        for (int o = 0; o < NO; ++o) acc[i][o] = V::fma(xv, w[o], acc[i][o]);
+    for (int i = 0; i < MR; ++i) p[i] = tab[i];
+    for (int c = 0; c < cin; ++c) {
+      vec xb[MR];
+      for (int i = 0; i < MR; ++i) xb[i] = V::set1(p[i][c]);
+      for (int v = 0; v < NV; ++v) {
+        const vec w = V::load(panel + v * V::L);
+        for (int i = 0; i < MR; ++i) acc[i][v] = V::fma(xb[i], w, acc[i][v]);
+      }
+      panel += NV * V::L;
+    }
+  }
+  for (int gv = 0; gv < GVN; ++gv) {
+    const int64_t g0 = G0 + gv * V::L;
+    for (int s = 0; s < ntaps; ++s) {
+      const float* p[MR];
+      for (int i = 0; i < MR; ++i) p[i] = ttab[(s + 1) * ld + i] + g0;
+      const float* k = kt + ((int64_t)s * mi * n + co0) * P + g0;
+      for (int ci = 0; ci < mi; ++ci) {
+        vec xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = V::loadm(p[i] + (int64_t)ci * P, gm[gv]);
+        for (int o = 0; o < NO; ++o) {
+          const vec w = V::loadm(k + ((int64_t)ci * n + o) * P, gm[gv]);
+          for (int i = 0; i < MR; ++i) acc[i][gv * NO + o] = V::fma(xv[i], w, acc[i][gv * NO + o]);
+        }
       }
     }
   }
-  // valid = filters of this vector's groups that exist (NO * groups present).
   for (int i = 0; i < MR; ++i) {
-    float* o = out + i * ldo;
-    if (NO == 1) {
-      V::storem(o, V::add(V::loadm(o, gm), acc[i][0]), gm);
-      continue;
-    }
-    alignas(64) float buf[NO * V::L];
-    for (int c = 0; c < NO; ++c) V::store(buf + c * V::L, acc[i][c]);
-    for (int c = 0; c < NO; ++c) {
-      const vmask k = V::lanes(0, valid - c * V::L);
-      V::storem(o + c * V::L, V::add(V::loadm(o + c * V::L, k), V::gather(buf, gidx[c])), k);
+    for (int gv = 0; gv < GVN; ++gv) {
+      // valid[gv]: filters of this vector's groups that exist (NO * groups present).
+      float* o = out + i * ldo + gv * V::L * n;
+      const float* b = bias ? bias + gv * V::L * n : nullptr;
+      if (NO < n) {
+        // The chunk holds filters [co0, co0 + NO) of each group: written group by group.
+        alignas(64) float buf[NO * V::L];
+        for (int c = 0; c < NO; ++c) V::store(buf + c * V::L, acc[i][gv * NO + c]);
+        for (int grp = 0; grp < valid[gv] / NO; ++grp)
+          for (int c = 0; c < NO; ++c) {
+            const int64_t at = (int64_t)grp * n + c;
+            o[at] = buf[c * V::L + grp] + (b ? b[at] : 0.f);
+          }
+        continue;
+      }
+      if (NO == 1) {
+        vec r = acc[i][gv];
+        if (b) r = V::add(r, V::loadm(b, gm[gv]));
+        V::storem(o, r, gm[gv]);
+        continue;
+      }
+      vec t[NO];
+      if (V::has_interleave && (NO == 2 || NO == 4)) {
+        V::interleave(acc[i] + gv * NO, NO, t);
+      } else {
+        alignas(64) float buf[NO * V::L];
+        for (int c = 0; c < NO; ++c) V::store(buf + c * V::L, acc[i][gv * NO + c]);
+        for (int c = 0; c < NO; ++c) t[c] = V::gather(buf, gidx[c]);
+      }
+      for (int c = 0; c < NO; ++c) {
+        const vmask k = V::lanes(0, valid[gv] - c * V::L);
+        vec r = t[c];
+        if (b) r = V::add(r, V::loadm(b + c * V::L, k));
+        V::storem(o + c * V::L, r, k);
+      }
     }
   }
 }
 
-typedef void (*gv_forward_fn)(const float* const*, int64_t, int, int, int64_t, const float*, int64_t, vmask, int,
-                              const V::idx*, float*, int64_t);
+typedef void (*gvo_fn)(const float* const*, const float* const*, int64_t, int, int, int, int64_t, const float*,
+                       const float*, int64_t, const vmask*, const int*, const V::idx*, const float*, float*, int64_t,
+                       int, int);
 
-template <int NO, int MR = 1>
-gv_forward_fn gv_forward_pick(int mr) {
-  if constexpr (MR > MAX_MR) {
+// Tiles: NV = GVN * NO accumulator vectors per pixel, MR pixels, within the register budget
+// (AVX-512: 24 accumulators and MR broadcasts; AVX2: 12).
+constexpr int gvo_mr(int nv) { return std::min(MAX_MR, std::max(1, (V::L == 16 ? 24 : 12) / nv)); }
+
+template <int NV, int NO, int MR = 1>
+gvo_fn gvo_pick(int mr) {
+  if constexpr (MR > gvo_mr(NV)) {
     return nullptr;
   } else {
-    return mr == MR ? gv_forward_tile<MR, NO> : gv_forward_pick<NO, MR + 1>(mr);
+    return mr == MR ? gvo_tile<MR, NV, NO> : gvo_pick<NV, NO, MR + 1>(mr);
   }
 }
 
-gv_forward_fn gv_forward_kernel(int no, int mr) {
-  switch (no) {
-    case 1: return gv_forward_pick<1>(mr);
-    case 2: return gv_forward_pick<2>(mr);
-    case 3: return gv_forward_pick<3>(mr);
-    case 4: return gv_forward_pick<4>(mr);
-    case 5: return gv_forward_pick<5>(mr);
-    case 6: return gv_forward_pick<6>(mr);
-    case 7: return gv_forward_pick<7>(mr);
-    case 8: return gv_forward_pick<8>(mr);
+// The filters per chunk of a group vector (no <= 4: at most four vectors of accumulators, so
+// that a tile has at least six pixels to reuse each loaded weight vector; n is 1, 2, 3, 6 or a
+// multiple of 4, checked by the package), and group vectors per chunk: one for no >= 4, two for 2 and 3,
+// four for 1; never more groups than exist.
+int gvo_filters(int n) { return n <= 4 ? n : n % 4 == 0 ? 4 : 3; }
+
+int gvo_groups_per_chunk(int no, int64_t P) {
+  int gvn = no >= 4 ? 1 : no >= 2 ? 2 : 4;
+  const int64_t vectors = (P + V::L - 1) / V::L;
+  while (gvn > 1 && gvn > vectors) gvn /= 2;
+  return gvn;
+}
+
+gvo_fn gvo_kernel(int no, int gvn, int mr) {
+  switch (no * 8 + gvn) {
+    case 1 * 8 + 1: return gvo_pick<1, 1>(mr);
+    case 1 * 8 + 2: return gvo_pick<2, 1>(mr);
+    case 1 * 8 + 4: return gvo_pick<4, 1>(mr);
+    case 2 * 8 + 1: return gvo_pick<2, 2>(mr);
+    case 2 * 8 + 2: return gvo_pick<4, 2>(mr);
+    case 3 * 8 + 1: return gvo_pick<3, 3>(mr);
+    case 3 * 8 + 2: return gvo_pick<6, 3>(mr);
+    case 4 * 8 + 1: return gvo_pick<4, 4>(mr);
   }
   return nullptr;
 }
-
-int gv_mr(int no) { return std::min(MAX_MR, std::max(1, (V::L == 16 ? 24 : 12) / no)); }
 
 // Gather indices of the transposition [o][g] -> [g][o] for `no` filters per group: output vector
 // c, lane l is filter (c*L + l) % no of group (c*L + l) / no.
@@ -806,15 +898,18 @@ void SHC_SUFFIX(shc_unpack_centre)(const float* dense, const int64_t* g, float* 
 
 // ---- GV ----------------------------------------------------------------------------------------
 
-// out[p][c'][g] = x[p][g*b + c'] for `pixels` pixels of C = P * b channels.
+// out[p][c'][g] = x[p][g*b + c'] for `pixels` pixels of C = P * b channels (b = 1: a copy).
 void SHC_SUFFIX(shc_gv_transpose)(const float* x, int64_t pixels, int64_t C, int64_t P, float* out, int nthreads) {
   const int64_t b = C / P;
 #pragma omp parallel for num_threads(threads_for(pixels / 64 + 1, nthreads)) schedule(static)
   for (int64_t p = 0; p < pixels; ++p) {
     const float* src = x + p * C;
     float* dst = out + p * C;
-    for (int64_t g = 0; g < P; ++g)
-      for (int64_t c = 0; c < b; ++c) dst[c * P + g] = src[g * b + c];
+    for (int64_t c = 0; c < b; ++c) {
+      const float* s = src + c;
+      float* d = dst + c * P;
+      for (int64_t g = 0; g < P; ++g) d[g] = s[g * b];
+    }
   }
 }
 
@@ -839,45 +934,101 @@ void SHC_SUFFIX(shc_gv_pack)(const float* wk, const int64_t* sk, const int64_t* 
   }
 }
 
-// y (NHWC, Cout channels) += the side taps of layer `g` applied to xt (x in GV layout).
-void SHC_SUFFIX(shc_gv_forward)(const float* xt, const float* kt, float* y, const int64_t* g, int64_t pp,
-                                int nthreads) {
+// GVO chunks of layer `g`: a block of gvn * VL groups times a range of `no` of their n filters.
+struct GvoPlan {
+  int n, no, gvn, halves;
+  int64_t per, blocks, width;  // groups per block, blocks, lanes per chunk
+  GvoPlan(const Geo& geo) {
+    n = (int)geo.n();
+    no = gvo_filters(n);
+    halves = (n + no - 1) / no;
+    gvn = gvo_groups_per_chunk(no, geo.P);
+    per = (int64_t)gvn * V::L;
+    blocks = (geo.P + per - 1) / per;
+    width = per * no;
+  }
+  int64_t chunks() const { return blocks * halves; }
+};
+
+int64_t SHC_SUFFIX(shc_gvo_panel_floats)(const int64_t* g) {
+  const Geo geo = read_geo(g);
+  const GvoPlan pl(geo);
+  return pl.chunks() * geo.Cin * pl.width;
+}
+
+// The centre rows of layer `g` in GVO lane order (transposed = 1: of its input gradient).
+void SHC_SUFFIX(shc_gvo_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
+                              int transposed, float* out, int nthreads) {
+  const Geo geo = read_geo(g);
+  const Weights w = read_weights(wk, sk, w1, s1, geo, transposed != 0);
+  const GvoPlan pl(geo);
+  const int64_t P = geo.P;
+#pragma omp parallel for num_threads(threads_for(pl.chunks(), nthreads)) schedule(static)
+  for (int64_t q = 0; q < pl.chunks(); ++q) {
+    const int64_t block = q / pl.halves, h = q % pl.halves;
+    float* dst = out + q * geo.Cin * pl.width;
+    std::memset(dst, 0, sizeof(float) * geo.Cin * pl.width);
+    std::vector<int64_t> filter(pl.width);
+    for (int64_t lane = 0; lane < pl.width; ++lane) {
+      const int64_t v = lane / V::L, l = lane % V::L, gv = v / pl.no, co = v % pl.no;
+      const int64_t grp = block * pl.per + gv * V::L + l;
+      filter[lane] = grp < P ? grp * pl.n + h * pl.no + co : -1;  // the layer's filter
+    }
+    fill_centre(w, transposed != 0, filter.data(), pl.width, dst, pl.width);
+  }
+}
+
+// y (NHWC, Cout channels) = layer `g` on x (NHWC) with xt = x in GV layout (the same tensor when
+// m = 1), centre panels from shc_gvo_pack, side weights kt from shc_gv_pack, plus bias.
+void SHC_SUFFIX(shc_gvo_forward)(const float* x, const float* xt, const float* panels, const float* kt,
+                                 const float* bias, float* y, const int64_t* g, int64_t pp, int nthreads) {
   const Geo geo = read_geo(g);
   const auto taps = side_taps(geo);
+  const GvoPlan pl(geo);
   const int64_t L = geo.pixels(), T = geo.T(), P = geo.P;
-  const int mi = (int)geo.m(), no = (int)geo.n(), ntaps = (int)taps.size();
-  if (L == 0 || ntaps == 0) return;
-  const int mr = gv_mr(no);
+  const int mi = (int)geo.m(), ntaps = (int)taps.size(), cin = (int)geo.Cin;
+  if (L == 0) return;
+  const int nv = pl.gvn * pl.no, mr = gvo_mr(nv);
+  const int64_t nchunk = pl.chunks();
   pp = std::max<int64_t>(mr, std::min<int64_t>(pp, L));
-  const int64_t npanel = (L + pp - 1) / pp, nvec = (P + V::L - 1) / V::L;
+  const int64_t npanel = (L + pp - 1) / pp;
   std::vector<float> zeros(geo.Cin + V::L, 0.f);
-  std::vector<V::idx> gidx(no);
-  gv_indices(no, gidx.data());
-  const gv_forward_fn full = gv_forward_kernel(no, mr);
-  const int64_t items = npanel >= 2 * nthreads ? npanel : npanel * nvec;
-  const bool per_vector = items != npanel;
+  std::vector<V::idx> gidx(pl.no);
+  gv_indices(pl.no, gidx.data());
+  const int64_t per_panel = npanel >= 2 * nthreads ? nchunk : 1;
+  const int64_t items = npanel * (nchunk / per_panel);
 #pragma omp parallel num_threads(threads_for(items, nthreads))
   {
-    std::vector<const float*> tab(T * pp);
+    std::vector<const float*> tab(T * pp), ttab(xt == x ? 0 : T * pp);
+    const float* const* side = xt == x ? tab.data() : ttab.data();
     int64_t current = -1;
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t panel = per_vector ? item / nvec : item;
-      const int64_t v0 = per_vector ? item % nvec : 0, v1 = per_vector ? v0 + 1 : nvec;
+      const int64_t panel = per_panel == nchunk ? item : item / nchunk;
+      const int64_t q0 = per_panel == nchunk ? 0 : item % nchunk, q1 = q0 + per_panel;
       const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
       if (panel != current) {
-        fill_table(geo, xt, zeros.data(), p0, np, taps, tab.data(), pp);
+        fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
+        if (xt != x) fill_table(geo, xt, zeros.data(), p0, np, taps, ttab.data(), pp);
         current = panel;
       }
-      for (int64_t v = v0; v < v1; ++v) {
-        const int64_t gv0 = v * V::L;
-        const int groups = (int)std::min<int64_t>(V::L, P - gv0);
-        const vmask gm = V::lanes(0, groups);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t G0 = (q / pl.halves) * pl.per;
+        const int co0 = (int)(q % pl.halves) * pl.no;
+        vmask gm[4];
+        int valid[4];
+        for (int gv = 0; gv < pl.gvn; ++gv) {
+          const int groups = (int)std::max<int64_t>(0, std::min<int64_t>(V::L, P - G0 - gv * V::L));
+          gm[gv] = V::lanes(0, groups);
+          valid[gv] = groups * pl.no;
+        }
+        const float* pan = panels + q * geo.Cin * pl.width;
+        const float* b = bias ? bias + G0 * pl.n + co0 : nullptr;
         for (int64_t i0 = 0; i0 < np; i0 += mr) {
           const int r = (int)std::min<int64_t>(mr, np - i0);
-          const gv_forward_fn f = r == mr ? full : gv_forward_kernel(no, r);
-          f(tab.data() + i0, pp, ntaps, mi, P, kt, gv0, gm, groups * no, gidx.data(),
-            y + (p0 + i0) * geo.Cout + gv0 * no, geo.Cout);
+          gvo_kernel(pl.no, pl.gvn, r)(tab.data() + i0, side + i0, pp, cin, ntaps, mi, P, pan, kt, G0, gm, valid,
+                                       gidx.data(), b, y + (p0 + i0) * geo.Cout + G0 * pl.n + co0, geo.Cout, co0,
+                                       pl.n);
         }
       }
     }
@@ -895,7 +1046,7 @@ void SHC_SUFFIX(shc_gv_wgrad)(const float* xt, const float* dyt, float* gkt, con
   const int64_t total = (int64_t)ntaps * mi * no * P;
   std::memset(gkt, 0, sizeof(float) * total);
   if (L == 0 || ntaps == 0) return;
-  const int rw = gv_mr(no);
+  const int rw = gvo_mr(no);
   pp = std::max<int64_t>(1, std::min<int64_t>(pp, L));
   const int64_t npanel = (L + pp - 1) / pp, nvec = (P + V::L - 1) / V::L;
   const int nt = threads_for(npanel, nthreads);

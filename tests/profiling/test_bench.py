@@ -55,7 +55,7 @@ def test_bench_rows_are_complete_and_checked(tiny_run):
         assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
         assert row["vs_published"] > 0 and row["over_ideal"] > 0 and row["gflops"] > 0
     auto = [r for r in timed if r["variant"] == "sparse_auto_cl"]
-    assert all(r["backend"] in ("dense", "grouped") for r in auto), "auto's resolved backend must be recorded"
+    assert all(r["backend"] in ("dense", "grouped", "fused") for r in auto), "auto's resolved backend must be recorded"
     errors = result["checks"][0]["rel_error"]
     assert errors and max(errors.values()) < 1e-3, f"variants disagree: {errors}"
 
