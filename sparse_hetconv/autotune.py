@@ -289,7 +289,7 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, str
     def run(backend: str) -> None:
         with torch.enable_grad() if training else torch.no_grad():
             args = [t.detach().requires_grad_(training) for t in (x, kxk, values)]
-            out = get(backend)(args[0], args[1], args[2], None, stride, pattern, training, None)
+            out = get(backend)(args[0], args[1], args[2], None, stride, pattern, training)
             if training:
                 out.backward(torch.ones_like(out))
 

@@ -49,8 +49,7 @@ def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None,
 
 
 def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
-              stride: tuple[int, ...], pattern: HetConvPattern, backend: str, grad: bool,
-              cache=None) -> Tensor:
+              stride: tuple[int, ...], pattern: HetConvPattern, backend: str, grad: bool) -> Tensor:
     """:func:`het_conv` without argument checks; ``backend`` is concrete.
 
     A reduced-precision CPU call whose input holds ``inf`` or NaN is computed in float32 and rounded
@@ -71,11 +70,9 @@ def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias
         return out.to(low)
     if pattern.part == 1:
         return kxk_part(input, weight_kxk, bias, stride, pattern)
-    if torch.compiler.is_compiling():
-        cache = None  # keyed by data pointers, which a compiled graph cannot compare or keep
     if dense_1x1:
-        return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache, nonfinite=nonfinite)
-    return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)
+        return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, nonfinite=nonfinite)
+    return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)
 
 
 def het_conv(

@@ -18,7 +18,7 @@ from ._compact import _CompactHetConv
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
 from ._checks import check_int
-from .backends import WeightCache, check_backend
+from .backends import check_backend
 from .functional import _het_conv, needs_grad, resolve_backend
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
 
@@ -58,7 +58,6 @@ class _SparseHetConvNd(_CompactHetConv):
         self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
         self.backend = backend
         self._resolved_backend: str | None = None
-        self._weight_cache = WeightCache()
         self._init_parameters(bias, device, dtype)
 
     # -- nn.Module ----------------------------------------------------------------------------
@@ -80,13 +79,6 @@ class _SparseHetConvNd(_CompactHetConv):
         :func:`sparse_hetconv.autotune.choose`; to keep it, assign it to :attr:`backend`."""
         return self._resolved_backend
 
-    def train(self, mode: bool = True):
-        # A change of mode drops the prepared inference weights (rebuilt on the next no-grad
-        # call); a repeated ``eval()`` -- evaluation loops often call it per batch -- keeps them.
-        if isinstance(mode, bool) and mode != self.training:
-            self._weight_cache.clear()
-        return super().train(mode)
-
     def forward(self, input: Tensor) -> Tensor:
         """Args:
             input (Tensor[batch, in_channels, *spatial]): NC(D)HW or channels-last.
@@ -94,8 +86,9 @@ class _SparseHetConvNd(_CompactHetConv):
         Returns:
             Tensor[batch, out_channels, *out_spatial].
 
-        Calls that need no gradient (``torch.no_grad``, ``inference_mode``, frozen weights) reuse
-        the prepared 1 x 1 weight of the previous such call while ``weight_1x1`` is unchanged.
+        Every call reads the parameters as they are then (nothing derived from them is kept
+        between calls), however they were written: optimizer steps (fused or not), ``.data``,
+        ``load_state_dict``, ``torch.func.functional_call``.
         """
         self._check_input(input)
         if self.part == 1:
@@ -106,7 +99,7 @@ class _SparseHetConvNd(_CompactHetConv):
         if not torch.compiler.is_compiling():
             self._resolved_backend = backend
         return _het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.pattern,
-                         backend, grad, self._weight_cache)
+                         backend, grad)
 
     def extra_repr(self) -> str:
         text = self._geometry_repr()

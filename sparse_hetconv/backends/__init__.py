@@ -15,9 +15,11 @@ part, device, dtype and memory format:
   only the kernels that exist (CUDA; on the CPU under Triton's interpreter only). Imported on
   first use: ``import sparse_hetconv`` does not load it or triton.
 
-Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)``
-computing the whole layer for ``part > 1`` (``grad``: whether autograd records the call; ``cache``:
-the layer's :class:`~.cache.WeightCache` or None). ``"auto"`` is not a backend: it is resolved to
+Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)``
+computing the whole layer for ``part > 1`` (``grad``: whether autograd records the call). Every call
+reads the parameters as they are: nothing derived from them (a scattered matrix, packed panels)
+outlives the call, so no way of writing the weights (optimizer steps, fused or not, ``.data``,
+``load_state_dict``, ``torch.func.functional_call``) can be missed. ``"auto"`` is not a backend: it is resolved to
 one of these by :func:`sparse_hetconv.autotune.choose`, in one place
 (:func:`sparse_hetconv.functional.resolve_backend`).
 """
@@ -29,13 +31,12 @@ from collections.abc import Callable
 import torch
 
 from . import blocked, dense, fused, grouped, torch_sparse
-from .cache import WeightCache
 
-__all__ = ["BACKENDS", "CONCRETE", "WeightCache", "available", "check_backend", "get"]
-
+__all__ = ["BACKENDS", "CONCRETE", "available", "check_backend", "get"]
 
 
-def _triton(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache=None):
+
+def _triton(input, weight_kxk, weight_1x1, bias, stride, pattern, grad):
     from .triton_conv import het_conv2d_triton
 
     return het_conv2d_triton(input, weight_kxk, weight_1x1, bias, tuple(stride), pattern.part)

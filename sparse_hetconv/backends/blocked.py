@@ -14,7 +14,7 @@ __all__ = ["het_conv"]
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
     # In the output's dtype: under autocast the in-place products would not be cast for us.
     x = subsample(input, stride).to(out.dtype)

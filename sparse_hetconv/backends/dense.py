@@ -3,9 +3,8 @@
 The masked form's own kernel, so never meaningfully slower than it. Autograd sends gradients
 only to the values (the scatter is differentiable). Without autograd on the CPU the product is
 added straight into the k x k output: oneDNN's fused convolution-plus-sum in channels-last, or,
-for tiny products (batch 1, deep layers), one MKL ``addmm`` into the output's rows; the scattered
-matrix is then cached in the layer's :class:`~sparse_hetconv.backends.cache.WeightCache` until
-the values change.
+for tiny products (batch 1, deep layers), one MKL ``addmm`` into the output's rows. The scattered
+matrix is built on every call (N x M writes), from the values as they are then.
 
 Non-finite inputs (docs/design.md §9): the product multiplies the stored zeros of the block
 diagonal, and ``0 * inf`` is NaN where the definition adds nothing. An eager call on the CPU
@@ -54,11 +53,11 @@ def _fusable(input: Tensor, out: Tensor) -> bool:
 
 
 def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetConvPattern,
-                      stride: tuple[int, ...], cache) -> Tensor | None:
+                      stride: tuple[int, ...]) -> Tensor | None:
     """No-grad calls with little work: one ``addmm`` into the output's rows, or None if it does not apply.
 
     oneDNN's per-call overhead dominates a tiny 1 x 1 convolution (batch 1, deep layers), where one
-    MKL product of the channels-last rows with the cached dense matrix is 2-3x faster.
+    MKL product of the channels-last rows with the dense matrix is 2-3x faster.
     """
     x = subsample(input, stride)
     pixels = x.shape[0] * math.prod(x.shape[2:])
@@ -67,36 +66,27 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetCo
     rows_in, rows_out = rows(x), rows(out)
     if rows_in is None or rows_out is None:
         return None
-    shape = (pattern.out_channels, pattern.in_channels)
-    if cache is not None:
-        # In the output's dtype (under autocast the k x k output may be lower precision than the
-        # values), cached as such: no N x M conversion per call.
-        matrix = cache.get(f"dense_t_{out.dtype}", values,
-                           lambda v: pattern.scatter_1x1(v).t().contiguous().to(out.dtype))
-    else:
-        matrix = pattern.scatter_1x1(values).view(shape).t().to(out.dtype)
+    # In the output's dtype: under autocast the k x k output may be lower precision than the values.
+    matrix = pattern.scatter_1x1(values).view(pattern.out_channels, pattern.in_channels).t().to(out.dtype)
     rows_out.addmm_(rows_in.to(out.dtype), matrix)
     return out
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None, *,
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, *,
              nonfinite: bool | None = None) -> Tensor:
     # ``nonfinite``: the caller has already summed the input (functional does, once per call).
     if has_nonfinite(input) if nonfinite is None else nonfinite:  # 0 * inf: the zeros must not be multiplied
-        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)
+        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
     # The in-place fast paths are for ordinary eager calls: graph capture records stock operations
     # only, and fake or torch.func-wrapped tensors are better served by the plain convolution.
     fast = not grad and eager_tensor(input) and eager_tensor(weight_1x1)
     if fast:
-        small = _accumulate_small(out, input, weight_1x1, pattern, stride, cache)
+        small = _accumulate_small(out, input, weight_1x1, pattern, stride)
         if small is not None:
             return small
-    if grad or cache is None:
-        weight = _weight(weight_1x1, pattern)
-    else:
-        weight = cache.get("dense", weight_1x1, lambda v: _weight(v, pattern))
+    weight = _weight(weight_1x1, pattern)
     if fast and _fusable(input, out) and channels_last(input):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
             out, input, weight, None, [0, 0], list(stride), [1, 1], 1, "add", None, None, [], None

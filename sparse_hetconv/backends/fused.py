@@ -291,9 +291,9 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
     if not runs(input, (weight_kxk, weight_1x1, bias), pattern):
-        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, cache)
+        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)
     low = reduced_precision(input)
     if low is None and input.dtype != torch.float32:
         low = input.dtype

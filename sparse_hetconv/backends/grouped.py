@@ -22,12 +22,9 @@ def _weights(values: Tensor, pattern: HetConvPattern) -> Tensor:
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
-    if grad or cache is None:
-        weights = _weights(weight_1x1, pattern)
-    else:
-        weights = cache.get("grouped", weight_1x1, lambda v: _weights(v, pattern))
+    weights = _weights(weight_1x1, pattern)
     p, n = pattern.part, pattern.block_out
     conv = CONV[pattern.dims]
     for s in range(1, p):

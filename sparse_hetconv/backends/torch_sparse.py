@@ -53,7 +53,7 @@ class _CsrMatmul(torch.autograd.Function):
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, cache=None) -> Tensor:
+             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
     if torch.compiler.is_exporting():
         raise ValueError(
             "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "

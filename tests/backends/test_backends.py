@@ -1,9 +1,11 @@
-"""The stock-kernel backends of sparse_hetconv.backends: exactness, the inference fast paths, caches.
+"""The stock-kernel backends of sparse_hetconv.backends: exactness, the inference fast paths, and
+that every call reads the weights as they are.
 
 tests/test_functional.py sweeps the definition oracle over random shapes for every backend; these
-cover every stock backend and "auto", the no-grad fast path (fused sum, prepared-weight cache,
-the small-product route) and the index layouts the backends use. The triton backend has its own
-file (test_triton.py). No timing is asserted anywhere.
+cover every stock backend and "auto", the no-grad fast path (fused sum, the small-product route),
+weights written every way users write them, and the index layouts the backends use. The triton
+and fused backends have their own files (test_triton.py, test_fused.py). No timing is asserted
+anywhere.
 """
 
 import itertools
@@ -60,7 +62,7 @@ def test_every_backend_3d_and_empty_batch(backend):
 @pytest.mark.parametrize("backend", STOCK)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_grad_fast_path_equals_the_autograd_path(backend, dtype):
-    """Without autograd the dense sum is fused into the k x k output and weights are cached."""
+    """Without autograd the dense sum is fused into the k x k output."""
     torch.manual_seed(0)
     layer = SparseHetConv2d(16, 16, 4, bias=True, backend=backend).to(memory_format=CL)
     x = torch.randn(3, 16, 6, 6).contiguous(memory_format=CL)
@@ -76,49 +78,69 @@ def test_no_grad_fast_path_equals_the_autograd_path(backend, dtype):
         assert_close(got.float() / scale, reference / scale, f"{backend} {dtype} no-grad", rtol=tol, atol=tol)
 
 
-def test_prepared_weight_cache_follows_every_change_of_the_weights():
+def _write_adam_fused(layer, x):
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    layer(x).sum().backward()
+    optimizer.step()  # torch._fused_adam_: the parameters' version counters do not move
+    return layer
+
+
+def _write_data(layer, x):
+    for p in layer.parameters():
+        p.data.mul_(-0.5).add_(0.125)  # an EMA update: bypasses the version counter
+    return layer
+
+
+def _write_state_dict_copy(layer, x):
+    for t in layer.state_dict().values():
+        t.copy_(torch.randn_like(t))  # state_dict() tensors share the parameters' storage
+    return layer
+
+
+def _write_load_state_dict(layer, x):
+    layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()})
+    return layer
+
+
+WRITES = {"Adam(fused=True)": _write_adam_fused, ".data EMA": _write_data, "state_dict copy_": _write_state_dict_copy,
+          "load_state_dict": _write_load_state_dict}
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ("fused",))
+@pytest.mark.parametrize("write", list(WRITES))
+def test_weights_written_any_way_are_read_on_the_next_call(backend, write):
+    """A derived weight kept between calls (the 0.2 prepared-weight cache) served the old weights
+    after fused optimizer steps and .data writes, which do not move the version counter (relative
+    error 0.08-0.80). Nothing derived survives a call now: every way of writing the weights shows
+    in the next call, in eval mode, with no change of mode in between."""
     torch.manual_seed(0)
-    layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
-    x = torch.randn(1, 8, 4, 4)
+    layer = SparseHetConv2d(16, 16, 4, bias=True, backend=backend).eval()
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=CL)
+    for _ in range(2):  # two no-grad calls first: anything that could be prepared is
+        with torch.no_grad():
+            layer(x)
+    WRITES[write](layer, x)
     with torch.no_grad():
-        before = layer(x)
-        assert layer._weight_cache.nbytes() > 0, "a no-grad call should prepare the dense 1x1 weight once"
-        layer.weight_1x1.mul_(2)  # an in-place update (what an optimizer step does)
-        after_update = layer(x)
-    assert not torch.allclose(before, after_update), "the cache served a stale weight after an in-place update"
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["weight_1x1"].zero_()
-    layer.load_state_dict(state)
-    with torch.no_grad():
-        assert_close(layer(x), nn.functional.conv2d(x, layer.weight_kxk, None, 1, 1, 1, 2), "after load_state_dict")
-    layer.train()
-    assert layer._weight_cache.nbytes() == 0, "train() should drop the prepared inference weights"
-    assert "_weight_cache" not in str(layer.state_dict().keys()), "the cache must not be saved"
+        got = layer(x)
+    expected = oracle(x.double(), layer.weight_kxk.double(), layer.weight_1x1.double(), layer.bias.double(), 1, 4)
+    assert_agrees(got, expected, f"{backend} after {write}", 1e-5)
 
 
-def test_a_repeated_eval_keeps_the_prepared_weight(monkeypatch):
-    """Evaluation loops often call ``model.eval()`` per batch: that must not rebuild the dense 1x1
-    matrix every call (it did: the shipped model lost its inference advantage in such loops)."""
+def test_functional_call_uses_the_weights_it_is_given():
+    from torch.func import functional_call
+
     torch.manual_seed(0)
-    layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
-    x = torch.randn(1, 8, 4, 4)
-    builds = []
-    scatter = HetConvPattern.scatter_1x1
-    monkeypatch.setattr(HetConvPattern, "scatter_1x1", lambda self, *a, **k: builds.append(1) or scatter(self, *a, **k))
+    layer = SparseHetConv2d(16, 16, 4, backend="auto").eval()
+    x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
-        first = layer(x)
-        for _ in range(3):
-            layer.eval()
-            assert torch.equal(layer(x), first)
-    assert len(builds) == 1, f"the dense 1x1 weight was built {len(builds)} times in four no-grad calls"
-    layer.weight_1x1.data.mul_(2)  # bypasses the version counter: the cache cannot see it
-    layer.train().eval()  # a change of mode drops the cache (the documented way after such a write)
-    with torch.no_grad():
-        assert not torch.equal(layer(x), first), "a stale weight after a .data write and train().eval()"
-    assert len(builds) == 2
+        layer(x)
+        other = {k: torch.randn_like(v) for k, v in layer.named_parameters()}
+        got = functional_call(layer, other, (x,))
+    expected = oracle(x.double(), other["weight_kxk"].double(), other["weight_1x1"].double(), None, 1, 4)
+    assert_agrees(got, expected, "functional_call with other weights", 1e-5)
 
 
-def test_training_calls_never_use_the_cache_and_reach_the_values():
+def test_training_calls_reach_the_values():
     layer = SparseHetConv2d(8, 8, 4, backend="dense")
     with torch.no_grad():
         layer(torch.randn(1, 8, 3, 3))
@@ -159,7 +181,7 @@ def test_functional_auto_matches_dense():
 
 
 def test_small_inference_calls_take_the_matrix_product_route_exactly(shape, layout):
-    """Tiny no-grad calls multiply the cached dense matrix into the output rows (one MKL product)."""
+    """Tiny no-grad calls multiply the dense matrix into the output rows (one MKL product)."""
     torch.manual_seed(0)
     layer = SparseHetConv2d(16, 8, 4, stride=2, bias=True, backend="dense", dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64)
@@ -168,14 +190,14 @@ def test_small_inference_calls_take_the_matrix_product_route_exactly(shape, layo
     expected = oracle_of(layer, x)
     with torch.no_grad():
         assert_close(layer(x), expected, f"no-grad {shape} {layout}")
-        assert_close(layer(x), expected, f"no-grad {shape} {layout}, cached")
+        assert_close(layer(x), expected, f"no-grad {shape} {layout}, repeated")
 
 
-# -- caches keyed on state ------------------------------------------------------------------------
+# -- calls on tensors without a version counter or a storage ------------------------------------
 @pytest.mark.parametrize("backend", STOCK)
 def test_a_layer_made_under_inference_mode_runs(backend):
-    """Its parameters are inference tensors, which have no version counter to key a cache on
-    ("Inference tensors do not track version counter" before the fix)."""
+    """Its parameters are inference tensors, which have no version counter (a cache keyed on it raised
+    "Inference tensors do not track version counter")."""
     torch.manual_seed(0)
     with torch.inference_mode():
         layer = SparseHetConv2d(8, 8, 2, backend=backend, dtype=torch.float64).eval()
@@ -183,20 +205,19 @@ def test_a_layer_made_under_inference_mode_runs(backend):
         expected = oracle_of(layer, x)
         assert_close(layer(x), expected, f"{backend}: first call under inference_mode")
         assert_close(layer(x), expected, f"{backend}: repeated call")
-        layer.weight_1x1.mul_(-1)  # in place and untracked: nothing may have been cached
+        layer.weight_1x1.mul_(-1)  # in place and untracked
         assert_close(layer(x), oracle_of(layer, x), f"{backend}: after an in-place update")
-    assert layer._weight_cache.nbytes() == 0, "inference tensors must not be cached"
 
 
 @pytest.mark.parametrize("backend", ["dense", "grouped", "auto"])
 def test_traced_module_follows_weight_updates_after_an_eager_call(backend):
-    """Before the fix a trace taken after an eager no-grad call recorded the prepared weight of the
-    layer's cache as a constant: the traced module ignored every later weight update."""
+    """A trace taken after an eager no-grad call once recorded a prepared weight as a constant: the
+    traced module ignored every later weight update."""
     torch.manual_seed(0)
     layer = SparseHetConv2d(8, 8, 2, backend=backend).eval()
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
-        layer(x)  # fills the cache
+        layer(x)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(layer, (x,), check_trace=False)

@@ -8,7 +8,8 @@ between them on one layer), the memory formats of the input and of the weights, 
 included), the spatial size (1 x 1, sizes under and over ``backends/dense.py: SMALL_PRODUCT``), bias,
 what happened before (a first call, a repeated one, one after an in-place weight update, a
 ``.to()`` of dtype or memory format, a repeated ``eval()``, a change of mode, a write through
-``.data`` followed by a change of mode: the prepared-weight cache) and whether the input holds ``inf``
+``.data`` that the version counter does not see, with no change of mode after it) and whether the
+input holds ``inf``
 or NaN (docs/design.md §9). The property sweeps all of it for the sparse layer, for
 :func:`het_conv2d` / :func:`het_conv3d` and for the masked layer (with whatever NaN or ``inf`` its
 masked-out ``pwc`` diagonal holds), in 2-D and, smaller, in 3-D, and compares each call with the
@@ -81,7 +82,7 @@ def test_every_backend_is_swept():
 
 
 class Functional(nn.Module):
-    """The parameters of a sparse layer, applied through :func:`het_conv2d` / ``3d`` (no cache)."""
+    """The parameters of a sparse layer, applied through :func:`het_conv2d` / ``3d``."""
 
     def __init__(self, layer: SparseHetConv2d | SparseHetConv3d, backend: str) -> None:
         super().__init__()
@@ -253,14 +254,13 @@ def apply_event(case: Case, module: nn.Module, event: str) -> nn.Module:
         module = module.to(memory_format=fmt(case.dims, not cl))
     elif event == "to_dtype":
         module = module.to(NEXT_DTYPE[next(module.parameters()).dtype])
-    elif event == "eval":  # evaluation loops call eval() per batch: the prepared weight may stay
+    elif event == "eval":  # evaluation loops call eval() per batch
         module.eval()
     elif event == "toggle":
         module.train(not module.training)
-    elif event == "data_write":  # bypasses the version counter; a change of mode is the documented reset
+    elif event == "data_write":  # an EMA update: bypasses the version counter (no change of mode after it)
         for p in module.parameters():
             p.data.mul_(-0.5).add_(0.125)
-        module.train(not module.training)
     elif event == "diagonal" and case.form == "masked" and case.P > 1:
         with torch.no_grad():  # what the masked-out diagonal holds is no part of the layer
             pattern = module.pattern
