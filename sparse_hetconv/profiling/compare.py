@@ -44,33 +44,39 @@ def vgg_training_step(part: int = 4, form: str = "sparse", batch: int = 32, memo
     return {"step": step, "model": model, "optimizer": optimizer}
 
 
-_FORMS = ("standard_cl", "masked_nchw", "masked_cl", "sparse_cl")
+_FORMS = ("standard_cl", "masked_nchw", "masked_cl", "sparse_dense_cl", "sparse_fused_cl", "sparse_cl")
+_BACKEND = {"sparse_dense_cl": "dense", "sparse_fused_cl": "fused", "sparse_cl": "auto"}
+DEFAULT_FORMS = ("standard_cl", "masked_nchw", "masked_cl", "sparse_cl")
 
 
 def _form_module(form: str, part: int, shape: tuple[int, int, int] | None, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     fmt = None if form.endswith("nchw") else torch.channels_last
+    backend = _BACKEND.get(form, "auto")
     if shape is None:
         kind = "sparse" if form.startswith("sparse") else "masked"
-        return vgg16_cifar(part=1 if form.startswith("standard") else part, form=kind, memory_format=fmt).eval()
+        return vgg16_cifar(part=1 if form.startswith("standard") else part, form=kind, memory_format=fmt,
+                           backend=backend).eval()
     in_channels, out_channels, _ = shape
     if form.startswith("standard"):
         module = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
     elif form.startswith("masked"):
         module = MaskedHetConv2d(in_channels, out_channels, part)
     else:
-        module = SparseHetConv2d(in_channels, out_channels, part)
+        module = SparseHetConv2d(in_channels, out_channels, part, backend=backend)
     return module.to(memory_format=fmt) if fmt is not None else module
 
 
 def latency_vs_part(parts=(2, 4, 8), shape: tuple[int, int, int] | None = None, batch: int = 32,
-                    repeats: int = 7, warmup: int = 2, forms=_FORMS, seed: int = 0) -> list[dict]:
+                    repeats: int = 7, warmup: int = 2, forms=DEFAULT_FORMS, seed: int = 0) -> list[dict]:
     """Inference latency of the library's forms of one HetConv layer (or VGG-16) for each part.
 
     For each ``P`` the forms are timed together by :func:`interleaved_latency` (eval, ``no_grad``):
     ``standard_cl`` (a standard 3 x 3 convolution, channels-last: the reference of the FLOP-ideal
     time), ``masked_nchw`` (:class:`MaskedHetConv2d` in PyTorch's default layout, like the published
-    code), ``masked_cl`` and ``sparse_cl`` (:class:`SparseHetConv2d`, ``backend="auto"``).
+    code), ``masked_cl``, ``sparse_cl`` (:class:`SparseHetConv2d`, ``backend="auto"``: what the models
+    ship) and, on request, ``sparse_dense_cl`` (the stock kernels: grouped k x k plus the dense
+    1 x 1 product) and ``sparse_fused_cl`` (the compiled kernel over only the existing weights).
 
     Args:
         parts (sequence of int): the parts ``P`` (each must divide the channels).

@@ -31,7 +31,7 @@ from ...sparse import SparseHetConv2d
 from .published import LoopHetConv, PublishedHetConv, mask_gradients, published_from_masked
 
 CL = torch.channels_last
-SPARSE_BACKENDS = ("dense", "grouped", "blocked", "torch_sparse")
+SPARSE_BACKENDS = ("dense", "grouped", "blocked", "torch_sparse", "fused")
 # VGG-16 / CIFAR-10's HetConv layers as (in, out, input size); the 256 and 512 ones repeat.
 LAYER_SHAPES = ((64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4),
                 (512, 512, 4), (512, 512, 2))
