@@ -107,6 +107,9 @@ def config(width: int, lanes: int) -> Config:
     return Config(1, 12)
 
 
+DIRECT = True  # whether the direct tiling is used where it applies (a switch for the benchmarks)
+
+
 def gv_applies(block_in: int, block_out: int, part: int, lanes: int) -> bool:
     """Whether a layer runs with lanes over groups (GVO) rather than over filters (OV).
 
@@ -142,6 +145,8 @@ class _Pass:
         # OV panels: centre and side rows (one group per tile), or the centre rows alone (GV).
         self.cfg = config(cout if self.gv else cout // part, lib.lanes)
         self.geo = self.geometry(centre=True, side=not self.gv)
+        # Groups of whole vectors at stride 1: the side taps by input column (csrc: direct_tile).
+        self.direct = not self.gv and DIRECT and bool(lib.shc_direct_applies(self.geo))
 
     def geometry(self, centre: bool, side: bool):
         return _i64(*self.dims, int(centre), int(side))
@@ -149,6 +154,11 @@ class _Pass:
     def pack(self, weight_kxk: Tensor, weight_1x1: Tensor, transposed: bool, threads: int):
         """The weights laid out for this pass: OV panels, or GVO centre panels and side taps."""
         lib, sk, s1 = self.lib, _i64(*weight_kxk.stride()), _i64(*weight_1x1.stride())
+        if self.direct:
+            panels = torch.empty(lib.shc_direct_panel_floats(self.geo), dtype=torch.float32)
+            lib.shc_direct_pack(_ptr(weight_kxk), sk, _ptr(weight_1x1), s1, self.geo, int(transposed), _ptr(panels),
+                                threads)
+            return panels, None
         if not self.gv:
             panels = torch.empty(lib.shc_panel_floats(self.geo, self.cfg.nv), dtype=torch.float32)
             lib.shc_pack(_ptr(weight_kxk), sk, _ptr(weight_1x1), s1, self.geo, self.cfg.nv, int(transposed),
@@ -176,6 +186,9 @@ class _Pass:
         lib, cfg = self.lib, self.cfg
         panels, kt = weights
         y = torch.empty(out_shape, dtype=torch.float32, memory_format=CL)
+        if self.direct:
+            lib.shc_direct_forward(_ptr(x), _ptr(panels), _ptr(bias), _ptr(y), self.geo, threads)
+            return y
         if not self.gv:
             lib.shc_forward(_ptr(x), _ptr(panels), _ptr(bias), _ptr(y), self.geo, cfg.nv, cfg.mr, cfg.pp, 0, threads)
             return y

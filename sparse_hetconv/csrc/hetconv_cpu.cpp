@@ -278,7 +278,6 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
   const auto taps = side_taps(geo);
   const int64_t T = geo.T(), ntaps = (int64_t)taps.size();
   const int64_t M = w.M, N = w.N, m = M / w.P, n = N / w.P;  // the forward layer's sizes
-  const int64_t centre = w.toff(w.centre);
 #pragma omp parallel for num_threads(threads_for((int64_t)chunks.size(), nthreads)) schedule(dynamic, 1)
   for (int64_t q = 0; q < (int64_t)chunks.size(); ++q) {
     const Chunk& ch = chunks[q];
@@ -496,6 +495,125 @@ wgrad_fn wgrad_kernel(int nv, int r) {
 #if defined(SHC_AVX512)
     case 4: return wgrad_pick<4>(r);
 #endif
+  }
+  return nullptr;
+}
+
+// ---- direct: OV lanes, side taps by input column (stride 1) -------------------------------------
+
+// A tile of MR consecutive output pixels of one row. The centre rows run as in forward_tile (one
+// broadcast input per pixel and row); the side taps run by input column: for each kernel row dy and
+// channel c', each input pixel of the tile's span is broadcast once and multiplied into every
+// output of the tile it reaches (up to KW taps), so a broadcast feeds up to KW * NV multiplies
+// instead of NV. GROUPS = 1: the NV vectors are one group's filters; GROUPS = NV: each vector is
+// one group (n = VL), and a group's side taps touch only its vector.
+template <int MR, int NV, int GROUPS, int KW, bool MID>
+__attribute__((always_inline)) inline void direct_side_row(vec (&acc)[MR][NV], const float* xr, int64_t Cin,
+                                                            int64_t W, int64_t wo0, int64_t m, const float*& panel) {
+  constexpr int VPG = NV / GROUPS, PW = KW / 2;
+  (void)PW;
+  for (int64_t c = 0; c < m; ++c) {
+    vec w[GROUPS][KW][VPG];
+    #pragma GCC unroll 64
+    for (int gi = 0; gi < GROUPS; ++gi)
+#pragma GCC unroll 64
+      for (int dx = 0; dx < KW; ++dx) {
+        if (MID && dx == KW / 2) continue;
+        #pragma GCC unroll 64
+        for (int vv = 0; vv < VPG; ++vv) w[gi][dx][vv] = V::load(panel + vv * V::L);
+        panel += VPG * V::L;
+      }
+    #pragma GCC unroll 64
+    for (int gi = 0; gi < GROUPS; ++gi) {
+      const float* xg = xr + gi * m + c;
+      #pragma GCC unroll 64
+      for (int q = 0; q < MR + KW - 1; ++q) {
+        const int64_t wi = wo0 + q - KW / 2;
+        if (wi < 0 || wi >= W) continue;
+        const vec xb = V::set1(xg[wi * Cin]);
+        #pragma GCC unroll 64
+        for (int dx = 0; dx < KW; ++dx) {
+          if (MID && dx == KW / 2) continue;
+          const int i = q - dx;
+          if (i < 0 || i >= MR) continue;
+          #pragma GCC unroll 64
+          for (int vv = 0; vv < VPG; ++vv) acc[i][gi * VPG + vv] = V::fma(xb, w[gi][dx][vv], acc[i][gi * VPG + vv]);
+        }
+      }
+    }
+  }
+}
+
+template <int MR, int NV, int GROUPS, int KW>
+void direct_tile(const float* x, int64_t H, int64_t W, int64_t Cin, int64_t b, int64_t ho, int64_t wo0, int kh,
+                 int64_t m, int64_t coff, const float* panel, float* out, int64_t ldo, const float* bias,
+                 const vmask* tail) {
+  vec acc[MR][NV];
+  #pragma GCC unroll 64
+  for (int v = 0; v < NV; ++v) {
+    const vec bv = bias ? V::loadm(bias + v * V::L, tail[v]) : V::zero();
+    #pragma GCC unroll 64
+    for (int i = 0; i < MR; ++i) acc[i][v] = bv;
+  }
+  const float* xc = x + ((b * H + ho) * W + wo0) * Cin;
+  for (int64_t c = 0; c < Cin; ++c) {
+    vec w[NV];
+    #pragma GCC unroll 64
+    for (int v = 0; v < NV; ++v) w[v] = V::load(panel + v * V::L);
+    panel += NV * V::L;
+    #pragma GCC unroll 64
+    for (int i = 0; i < MR; ++i) {
+      const vec xb = V::set1(xc[i * Cin + c]);
+      #pragma GCC unroll 64
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(xb, w[v], acc[i][v]);
+    }
+  }
+  const int ph = kh / 2;
+  for (int dy = 0; dy < kh; ++dy) {
+    const int64_t hi = ho + dy - ph;
+    const bool mid = dy == ph;
+    if (hi < 0 || hi >= H) {
+      panel += m * (mid ? KW - 1 : KW) * NV * V::L;
+      continue;
+    }
+    const float* xr = x + (b * H + hi) * W * Cin + coff;
+    if (mid) direct_side_row<MR, NV, GROUPS, KW, true>(acc, xr, Cin, W, wo0, m, panel);
+    else direct_side_row<MR, NV, GROUPS, KW, false>(acc, xr, Cin, W, wo0, m, panel);
+  }
+  #pragma GCC unroll 64
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 64
+    for (int v = 0; v < NV; ++v) V::storem(out + i * ldo + v * V::L, acc[i][v], tail[v]);
+}
+
+typedef void (*direct_fn)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int64_t, int64_t,
+                          const float*, float*, int64_t, const float*, const vmask*);
+
+// The direct variants: (NV, GROUPS) = (2, 1) groups of >= 2 vectors, (2, 2) groups of exactly one
+// vector (pairs of groups), (1, 1) any other group of whole vectors. MR within the register budget
+// (accumulators + the row's weights + one broadcast).
+constexpr int direct_mr(int nv, int groups, int kw) {
+  return V::L == 16 ? (nv == 2 ? (groups == 1 && kw == 5 ? 8 : 12) : 24)
+                    : (nv == 2 ? (groups == 1 ? (kw == 5 ? 2 : 4) : (kw == 5 ? 4 : 5)) : (kw == 5 ? 8 : 12));
+}
+
+template <int NV, int GROUPS, int KW, int MR = 1>
+direct_fn direct_pick(int mr) {
+  if constexpr (MR > direct_mr(NV, GROUPS, KW)) {
+    return nullptr;
+  } else {
+    return mr == MR ? direct_tile<MR, NV, GROUPS, KW> : direct_pick<NV, GROUPS, KW, MR + 1>(mr);
+  }
+}
+
+direct_fn direct_kernel(int nv, int groups, int kw, int mr) {
+  switch (nv * 100 + groups * 10 + kw) {
+    case 213: return direct_pick<2, 1, 3>(mr);
+    case 215: return direct_pick<2, 1, 5>(mr);
+    case 223: return direct_pick<2, 2, 3>(mr);
+    case 225: return direct_pick<2, 2, 5>(mr);
+    case 113: return direct_pick<1, 1, 3>(mr);
+    case 115: return direct_pick<1, 1, 5>(mr);
   }
   return nullptr;
 }
@@ -894,6 +1012,100 @@ void SHC_SUFFIX(shc_unpack_centre)(const float* dense, const int64_t* g, float* 
     std::memcpy(out + lo, row + lo + m, sizeof(float) * (M - lo - m));
     for (int64_t cc = 0; cc < m; ++cc) gk[(j * m + cc) * T + c] = row[lo + cc];
   }
+}
+
+// ---- direct ------------------------------------------------------------------------------------
+
+// The direct tiling of layer `g` (stride 1, kernel width 3 or 5): NV vectors per chunk, GROUPS
+// groups per chunk; 0 where it does not apply. Chunk panels: the Cin centre rows, then per group
+// the side rows in (dy, c', dx) order (the centre tap left out of the middle row), each NV/GROUPS
+// vectors wide.
+// It applies to groups of one or two vectors of filters (wider groups tile better across pixels,
+// NV = 4) in rows of at least 8 output pixels (a tile holds one row).
+static bool direct_shape(const Geo& geo, int& nv, int& groups) {
+  const int64_t n = geo.n();
+  if (geo.sh != 1 || geo.sw != 1 || (geo.kw != 3 && geo.kw != 5) || geo.Wo < 8) return false;
+  if (n == 2 * V::L) nv = 2, groups = 1;
+  else if (n == V::L && geo.P % 2 == 0) nv = 2, groups = 2;
+  else if (n == V::L) nv = 1, groups = 1;
+  else return false;
+  return true;
+}
+
+int SHC_SUFFIX(shc_direct_applies)(const int64_t* g) {
+  int nv, groups;
+  return direct_shape(read_geo(g), nv, groups);
+}
+
+static int64_t direct_chunk_floats(const Geo& geo, int nv) { return (geo.Cin + (geo.T() - 1) * geo.m()) * nv * V::L; }
+
+int64_t SHC_SUFFIX(shc_direct_panel_floats)(const int64_t* g) {
+  const Geo geo = read_geo(g);
+  int nv, groups;
+  if (!direct_shape(geo, nv, groups)) return 0;
+  return geo.Cout / (nv * V::L) * direct_chunk_floats(geo, nv);
+}
+
+void SHC_SUFFIX(shc_direct_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
+                                 const int64_t* g, int transposed, float* out, int nthreads) {
+  const Geo geo = read_geo(g);
+  int nv, groups;
+  if (!direct_shape(geo, nv, groups)) return;
+  const Weights w = read_weights(wk, sk, w1, s1, geo, transposed != 0);
+  const int64_t NR = nv * V::L, chunks = geo.Cout / NR, vpg = NR / groups, T = geo.T(), kw = geo.kw;
+  const int64_t n = w.N / w.P, m = w.M / w.P;  // the forward layer's
+  const int64_t gm = geo.m(), gn = geo.n(), ph = geo.kh / 2, pw = geo.kw / 2;
+#pragma omp parallel for num_threads(threads_for(chunks, nthreads)) schedule(static)
+  for (int64_t q = 0; q < chunks; ++q) {
+    float* dst = out + q * direct_chunk_floats(geo, nv);
+    std::vector<int64_t> filter(NR);
+    for (int64_t l = 0; l < NR; ++l) filter[l] = q * NR + l;
+    fill_centre(w, transposed != 0, filter.data(), NR, dst, NR);
+    float* side = dst + geo.Cin * NR;
+    // The order the kernel reads them in: (dy, c', group, dx, lane).
+    for (int64_t dy = 0; dy < geo.kh; ++dy)
+      for (int64_t c = 0; c < gm; ++c)
+        for (int64_t gi = 0; gi < groups; ++gi) {
+          const int64_t j0 = q * NR + gi * vpg, grp = j0 / gn;  // the packed layer's group
+          for (int64_t dx = 0; dx < kw; ++dx) {
+            if (dy == ph && dx == pw) continue;
+            const int64_t t = dy * kw + dx;
+            // forward: K[j][c][t]; transposed: filter j is forward input channel j (block grp),
+            // input c is forward filter grp*n + c, tap flipped.
+            if (transposed) {
+              const float* k = w.wk + (grp * n + c) * w.sk[0] + w.toff(T - 1 - t) + (j0 - grp * m) * w.sk[1];
+              for (int64_t l = 0; l < vpg; ++l) side[l] = k[l * w.sk[1]];
+            } else {
+              const float* k = w.wk + j0 * w.sk[0] + c * w.sk[1] + w.toff(t);
+              for (int64_t l = 0; l < vpg; ++l) side[l] = k[l * w.sk[0]];
+            }
+            side += vpg;
+          }
+        }
+  }
+}
+
+void SHC_SUFFIX(shc_direct_forward)(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
+                                    int nthreads) {
+  const Geo geo = read_geo(g);
+  int nv, groups;
+  if (!direct_shape(geo, nv, groups) || geo.pixels() == 0) return;
+  const int64_t NR = nv * V::L, nchunk = geo.Cout / NR, rows = geo.B * geo.Ho, m = geo.m();
+  const int mr = (int)std::min<int64_t>(direct_mr(nv, groups, (int)geo.kw), geo.Wo);
+  const int64_t tiles = (geo.Wo + mr - 1) / mr, cf = direct_chunk_floats(geo, nv);
+  const int64_t items = rows * tiles;
+  std::vector<vmask> tail(nv);
+  for (int v = 0; v < nv; ++v) tail[v] = V::lanes(0, V::L);
+#pragma omp parallel for num_threads(threads_for(items * nchunk, nthreads)) schedule(static) collapse(2)
+  for (int64_t item = 0; item < items; ++item)
+    for (int64_t q = 0; q < nchunk; ++q) {
+      const int64_t row = item / tiles, wo0 = (item % tiles) * mr, b = row / geo.Ho, ho = row % geo.Ho;
+      const int r = (int)std::min<int64_t>(mr, geo.Wo - wo0);
+      const int64_t coff = (q * NR / geo.n()) * m;
+      direct_kernel(nv, groups, (int)geo.kw, r)(x, geo.H, geo.W, geo.Cin, b, ho, wo0, (int)geo.kh, m, coff,
+                                                panels + q * cf, y + ((b * geo.Ho + ho) * geo.Wo + wo0) * geo.Cout + q * NR,
+                                                geo.Cout, bias ? bias + q * NR : nullptr, tail.data());
+    }
 }
 
 // ---- GV ----------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The ``fused`` backend (sparse_hetconv/backends/fused.py, csrc/hetconv_cpu.cpp) against the oracle.
 
-The compiled kernel has two tilings (lanes over filters, "OV", with one group per tile or several
-under lane masks; lanes over groups, "GVO", with 1-4 filters per tile, in one or several ranges
-per group), two builds (AVX-512 and AVX2) and two ways of sharing the work between threads
+The compiled kernel has three tilings (lanes over filters, "OV", with one group per tile or several
+under lane masks; its row-wise "direct" variant, whose side taps run by input column; lanes over
+groups, "GVO", with 1-4 filters per tile, in one or several ranges per group), two builds (AVX-512 and AVX2) and two ways of sharing the work between threads
 (pixels, or filter chunks when the pixels are few). Each is swept here over random shapes against
 the float64 definition oracle, forward and every gradient, in float32 (tolerance: 2e-5 of the
 magnitude of the terms each value sums); the calls it does not compute (float64, 3-D, graph
@@ -118,17 +118,20 @@ def test_matches_the_oracle_forward_and_backward(isa, case):
 
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("case", [
-    # (M, N, P, size): OV one group per tile (n a multiple of the vector) / several under masks
-    (64, 128, 2, (6, 6)), (24, 40, 8, (5, 4)),
+    # (M, N, P, size, k): OV one group per tile (n a multiple of the vector) / several under masks
+    (64, 128, 2, (6, 6), 3), (24, 40, 8, (5, 4), 3),
     # GVO: 1, 2, 3, 4 filters per tile, filters in ranges (n = 6, 8, 12), groups leaving part of a vector
-    (32, 32, 32, (5, 5)), (64, 128, 32, (4, 4)), (48, 48, 16, (3, 5)), (64, 64, 16, (4, 4)),
-    (96, 96, 16, (3, 3)), (128, 128, 16, (3, 3)), (96, 192, 16, (2, 3)), (40, 80, 20, (3, 3)),
+    (32, 32, 32, (5, 5), 3), (64, 128, 32, (4, 4), 3), (48, 48, 16, (3, 5), 3), (64, 64, 16, (4, 4), 3),
+    (96, 96, 16, (3, 3), 3), (128, 128, 16, (3, 3), 3), (96, 192, 16, (2, 3), 3), (40, 80, 20, (3, 3), 3),
+    # direct (rows of >= 8 pixels at stride 1): groups of 8 / 16 / 32 filters, pairs of groups, k = 5
+    (32, 64, 4, (3, 9), 3), (48, 48, 3, (4, 17), 3), (64, 128, 4, (2, 11), 3), (16, 64, 2, (5, 8), 5),
+    (64, 64, 4, (9, 13), 5),
 ])
 def test_each_tiling_matches_the_oracle(isa, case):
-    M, N, P, size = case
+    M, N, P, size, k = case
     with build(isa):
         for stride in (1, 2):
-            check_against_oracle(M, N, P, 3, (stride, stride), 2, size, True, True, False, 0,
+            check_against_oracle(M, N, P, k, (stride, stride), 2, size, True, True, False, 0,
                                  f"{isa} {case} stride {stride}")
 
 
