@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # A pinned CPU torch is installed before the project, so an open requirement never pulls a CUDA build.
 TORCH ?= torch==2.13.0
-EXTRAS ?= spconv,dev
+EXTRAS ?= spconv,deploy,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # glibc's dynamic mmap threshold can double a convolution's time in a fresh process; pin it

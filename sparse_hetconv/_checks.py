@@ -10,7 +10,15 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_bool", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd", "check_input"]
+__all__ = ["MissingExtraError", "check_bool", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd",
+           "check_input"]
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it.
+
+    The command line reports it in one line (exit status 2), like a user's mistake.
+    """
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -32,14 +32,15 @@ LAYERS = [
     ("sparse_hetconv.flop_tools", 5), ("sparse_hetconv.models", 5), ("sparse_hetconv.shifted", 5),
     ("sparse_hetconv.permutation", 5),
     ("sparse_hetconv.checkpoint", 6), ("sparse_hetconv.submanifold", 6),
-    ("sparse_hetconv.profiling", 7), ("sparse_hetconv.cifar", 7),
+    ("sparse_hetconv.profiling", 7), ("sparse_hetconv.cifar", 7), ("sparse_hetconv.deploy", 7),
     ("sparse_hetconv.cli", 8), ("sparse_hetconv.__main__", 8),
     ("sparse_hetconv", 6),  # the package itself: the core, never the tools
 ]
 # What ``import sparse_hetconv`` must not load (beyond what ``import torch`` already has).
-TOOLING = ("tqdm", "scipy", "resource", "matplotlib", "spconv", "triton", "fvcore", "ptflops",
-           "sparse_hetconv.profiling", "sparse_hetconv.cifar", "sparse_hetconv.cli", "sparse_hetconv.submanifold",
-           "sparse_hetconv.flop_tools", "torch.utils.flop_counter")
+TOOLING = ("tqdm", "scipy", "resource", "matplotlib", "spconv", "triton", "fvcore", "ptflops", "onnx", "onnxruntime",
+           "openvino", "torchao", "sparse_hetconv.profiling", "sparse_hetconv.cifar", "sparse_hetconv.cli",
+           "sparse_hetconv.submanifold", "sparse_hetconv.flop_tools", "sparse_hetconv.deploy",
+           "torch.utils.flop_counter")
 
 
 def module_name(path: Path) -> str:

@@ -75,8 +75,8 @@ def eager_tensor(t: Tensor) -> bool:
     False inside graph capture (``torch.compile``, ``torch.export``, ``torch.jit.trace``: what a
     call reads from a tensor's values or caches by its address would not be part of the graph), for
     tensor subclasses, on the meta device, for the wrapped tensors of ``torch.func`` transforms
-    (``vmap``, ``grad``) and under any dispatch mode (fake tensors and shape propagation, and the
-    tools that watch every operator, such as ``FlopCounterMode``).
+    (``vmap``, ``grad``), under ``FakeTensorMode`` (shape propagation) and under
+    ``FlopCounterMode`` (which counts the operators it sees).
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
@@ -84,9 +84,15 @@ def eager_tensor(t: Tensor) -> bool:
         return False
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
-    # Under a dispatch mode (fake tensors, FlopCounterMode, tracing tools) every operator is
-    # observed: work done outside operators would be invisible to it.
-    return torch._C._len_torch_dispatch_stack() == 0
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    # FlopCounterMode counts the operators it sees: work done outside them would go uncounted.
+    # (Other observing modes, such as a memory tracker, see the call's allocations, all operators.)
+    if torch._C._len_torch_dispatch_stack():
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        return not any(type(mode).__module__ == "torch.utils.flop_counter" for mode in _get_current_dispatch_mode_stack())
+    return True
 
 
 def has_nonfinite(input: Tensor) -> bool:

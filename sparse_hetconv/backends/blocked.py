@@ -1,20 +1,28 @@
 """``blocked``: per group, two matrix products over the contiguous channel slices before and
-after the group's block, added into the k x k output in place (no gather, no copy of the input)."""
+after the group's block, added into the k x k output in place (no gather). A channels-last input
+is read in place; with autograd an NCHW one is copied to channels-last once (its products would
+otherwise each keep a copy of their slice for the backward)."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..pattern import HetConvPattern
-from ._common import channels_last, kxk_part, subsample
+from ._common import channels_last, eager_tensor, kxk_part, subsample
 
 __all__ = ["het_conv"]
 
 
 def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
              stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
+    if grad and input.dim() in (4, 5) and not channels_last(input) and eager_tensor(input):
+        # With autograd, the NCHW products below each save a copy of their channel slice of the
+        # input (matmul folds the batch into the rows): P copies in all, 67x a P = 64 layer's input
+        # in memory. One channels-last copy of the input instead, and the row products on it.
+        input = input.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
     out = kxk_part(input, weight_kxk, bias, stride, pattern)
     # In the output's dtype: under autocast the in-place products would not be cast for us.
     x = subsample(input, stride).to(out.dtype)

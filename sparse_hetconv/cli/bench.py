@@ -18,6 +18,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    if args.deploy:
+        from ..profiling.bench import deploy
+
+        args.repeats = args.repeats or (3 if args.quick else 7)
+        result, written = deploy.execute(args)
+        print(f"wrote {', '.join(str(p) for p in written)} in {result['seconds']:.0f} s")
+        return 0
     from ..profiling.bench.run import execute, summary
 
     print(summary(*execute(args)))
@@ -43,5 +50,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler tables")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants "
                         "(about 15 s of compilation per model and batch size; always skipped with --quick)")
+    deploy = parser.add_argument_group("deployment (--deploy)")
+    deploy.add_argument("--deploy", action="store_true", help="the deployment benchmark instead: VGG-16 and ResNet-18 "
+                        "in PyTorch (eager, compiled), ONNX Runtime, OpenVINO and int8 (PT2E, ONNX Runtime); needs "
+                        "the deploy extra")
+    deploy.add_argument("--models", nargs="+", choices=("vgg16_cifar", "resnet18"), help="models (default both)")
+    deploy.add_argument("--deploy-variants", nargs="+", help="subset of eager, compiled, ort_published, ort, "
+                        "openvino, int8_pt2e, int8_ort")
+    deploy.add_argument("--no-forms", action="store_true", help="skip timing the export forms against each other")
+    deploy.add_argument("--no-accuracy", action="store_true", help="skip training on digits for the int8 accuracy")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="output folder (default %(default)s; the repository's `make bench` uses benchmarks/results)")

@@ -1,0 +1,153 @@
+"""HetConv layers as stock operators: what exporters, quantizers and inference runtimes see.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A runtime (ONNX Runtime,
+OpenVINO, Inductor after PT2E quantization) has no HetConv operator; the layer reaches it as a
+composition of stock ones. The exact compositions (docs/design.md §4, §12):
+
+* ``"masked"`` — ``Conv(k x k, groups=P) + Conv(1 x 1)`` with the compact values scattered into a
+  constant ``N x M`` matrix whose block diagonal is zero: two convolutions every runtime fuses
+  well (oneDNN's and MLAS's blocked layouts, a fused sum); ``N M / P`` zero multiplies per pixel.
+* ``"folded"`` — the same two convolutions with the k x k centre taps folded into the 1 x 1 matrix
+  (its every entry an existing weight) and zero centre taps in the grouped convolution.
+* ``"shifted"`` — the grouped k x k convolution plus ``P - 1`` grouped 1 x 1 convolutions over the
+  input rotated by ``s`` blocks: only the useful multiplies, at the price of ``P - 1`` rotations of
+  the input and ``P`` small convolutions.
+* ``"dense"`` — one standard k x k convolution holding the pattern's zeros (``P`` times the
+  useful work of the k x k part; for comparison at small ``P``).
+
+:func:`export_form` replaces every HetConv layer of a model (any form :func:`~sparse_hetconv.to_sparse`
+reads) by one of them, after folding BatchNorms (:func:`~sparse_hetconv.fuse_bn`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import to_sparse
+from ..fuse import fuse_bn
+from ..sparse import SparseHetConv2d
+
+__all__ = ["FORMS", "ExportHetConv2d", "export_form", "hetconv_layers"]
+
+FORMS = ("masked", "folded", "shifted", "dense")
+
+
+class ExportHetConv2d(nn.Module):
+    """One 2-D HetConv layer as stock convolutions (see the module docstring for ``form``).
+
+    Built from a :class:`~sparse_hetconv.SparseHetConv2d` (:meth:`from_sparse`); computes what it
+    computes, up to float32 rounding. Its tensors are buffers (constants for an exporter), so it
+    is for inference.
+    """
+
+    def __init__(self, layer: SparseHetConv2d, form: str = "masked") -> None:
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"form ({form!r}) must be one of {FORMS}")
+        if not isinstance(layer, SparseHetConv2d):
+            raise TypeError(f"layer must be a SparseHetConv2d, got {type(layer).__name__}")
+        p = layer.pattern
+        self.form, self.part, self.stride = form, p.part, tuple(layer.stride)
+        self.padding = tuple(k // 2 for k in p.kernel_size)
+        self.in_channels, self.out_channels = p.in_channels, p.out_channels
+        with torch.no_grad():
+            kxk = layer.weight_kxk.detach().clone()
+            dense = layer.dense_1x1().detach().clone() if p.part > 1 else kxk.new_zeros(p.out_channels, p.in_channels)
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            centre = (slice(None), slice(None)) + p.centre
+            n, m = p.block_out, p.block_in
+            if form == "folded":
+                for g in range(p.part):
+                    dense[g * n:(g + 1) * n, g * m:(g + 1) * m] = kxk[g * n:(g + 1) * n][centre]
+                kxk[centre] = 0
+            if form == "dense":
+                full = kxk.new_zeros((p.out_channels, p.in_channels) + p.kernel_size)
+                for g in range(p.part):
+                    full[g * n:(g + 1) * n, g * m:(g + 1) * m] = kxk[g * n:(g + 1) * n]
+                full[centre] += dense
+                self.register_buffer("weight", full.contiguous())
+            else:
+                self.register_buffer("weight_kxk", kxk.contiguous())
+            if form in ("masked", "folded"):
+                self.register_buffer("weight_pointwise", dense.reshape(p.out_channels, p.in_channels, 1, 1).contiguous())
+            if form == "shifted":
+                # Offset s: output block h reads input block (h + s) mod P (a grouped 1 x 1 convolution of
+                # the input rotated by s blocks). Filter j = h*n + i of group h, channel block (h+s) mod P.
+                shifts = []
+                for s in range(1, p.part):
+                    w = kxk.new_zeros(p.out_channels, m, 1, 1)
+                    for h in range(p.part):
+                        src = (h + s) % p.part
+                        w[h * n:(h + 1) * n, :, 0, 0] = dense[h * n:(h + 1) * n, src * m:(src + 1) * m]
+                    shifts.append(w)
+                self.register_buffer("weight_shifts", torch.stack(shifts) if shifts else kxk.new_zeros(0))
+            self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_sparse(cls, layer: SparseHetConv2d, form: str = "masked") -> "ExportHetConv2d":
+        """The export form of a sparse layer (a copy: the layer is not changed)."""
+        return cls(layer, form)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = nn.functional.conv2d
+        if self.form == "dense":
+            return conv(x, self.weight, self.bias, self.stride, self.padding)
+        y = conv(x, self.weight_kxk, self.bias, self.stride, self.padding, 1, self.part)
+        if self.form in ("masked", "folded"):
+            return y + conv(x, self.weight_pointwise, None, self.stride)
+        m = self.in_channels // self.part
+        for s in range(1, self.part):
+            rotated = torch.cat([x[:, s * m:], x[:, :s * m]], dim=1)
+            y = y + conv(rotated, self.weight_shifts[s - 1], None, self.stride, 0, 1, self.part)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, part={self.part}, form={self.form!r}"
+
+
+def hetconv_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The sparse HetConv layers of a model (after :func:`to_sparse`), by path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseHetConv2d)}
+
+
+def export_form(model: nn.Module, form: str = "masked", fuse: bool = True) -> nn.Module:
+    """A copy of ``model`` for export: every HetConv layer as :class:`ExportHetConv2d` of ``form``.
+
+    The model is first converted to the sparse form (exactly: :func:`~sparse_hetconv.to_sparse`
+    reads the masked, published and shifted forms) and its BatchNorms folded
+    (:func:`~sparse_hetconv.fuse_bn`, when ``fuse``); the result is in eval mode, channels-last
+    parameters made contiguous (exporters record the layout of the weights).
+
+    Args:
+        model (nn.Module): a model with HetConv layers in any form, or none (then only fused).
+        form (str): one of :data:`FORMS`.
+        fuse (bool): fold BatchNorms into the preceding layers first.
+
+    Returns:
+        nn.Module: the export model (the source is not changed).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: an unknown ``form``, or a 3-D HetConv layer (2-D only).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if form not in FORMS:
+        raise ValueError(f"form ({form!r}) must be one of {FORMS}")
+    work = to_sparse(copy.deepcopy(model).eval(), inplace=True, memory_format=None)
+    for name, m in work.named_modules():
+        if type(m).__name__ == "SparseHetConv3d":
+            raise ValueError(f"module '{name}' is a 3-D HetConv layer; export supports 2-D layers only")
+    if fuse:
+        work = fuse_bn(work, inplace=True)
+    for name, layer in hetconv_layers(work).items():
+        parent, _, leaf = name.rpartition(".")
+        owner = work.get_submodule(parent) if parent else work
+        replacement = ExportHetConv2d(layer, form)
+        if name == "":
+            return replacement
+        setattr(owner, leaf, replacement)
+    return work._apply(lambda t: t.contiguous()).eval()

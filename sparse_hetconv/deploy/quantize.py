@@ -1,0 +1,190 @@
+"""Post-training static int8 quantization of HetConv models with the ecosystem's own tools.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+
+* :func:`quantize` — PT2E (``torchao``'s ``prepare_pt2e`` / ``convert_pt2e`` with the
+  ``X86InductorQuantizer``): the model in its export form (both HetConv branches as stock
+  convolutions, BatchNorms folded) is captured with ``torch.export``, observed on calibration
+  data and converted to quantize / dequantize pairs around int8 weights (per output channel) and
+  activations (per tensor); :func:`compile_int8` lowers it with Inductor, whose x86 passes fuse
+  each pair into oneDNN's int8 convolutions (VNNI / AMX where the CPU has them).
+* :func:`quantize_onnx` — an ONNX file to QDQ int8 with ``onnxruntime.quantization``
+  (``quantize_static``, per-channel weights, ``MinMax`` calibration on the same data).
+
+A model that cannot be captured is a ``ValueError`` naming the smallest module that fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._checks import MissingExtraError
+from .._files import atomic_write, check_output_file
+from .calibration import calibration_batches
+from .forms import export_form
+from .onnx_export import check_input_size
+
+__all__ = ["compile_int8", "quantize", "quantize_onnx"]
+
+
+def _require_torchao():
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+    except ImportError as error:
+        raise MissingExtraError("PT2E quantization needs torchao: pip install 'sparse_hetconv[deploy]'") from error
+    return prepare_pt2e, convert_pt2e, xiq
+
+
+def _inputs_by_module(model: nn.Module, x: torch.Tensor) -> dict[str, tuple]:
+    """The positional inputs each submodule received in one eager call."""
+    seen, handles = {}, []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _failing_module(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
+    """The deepest module that ``torch.export`` cannot capture on the input it gets, and why."""
+    inputs = _inputs_by_module(model, x)
+    failing = []
+    for name, module in model.named_modules():
+        if name not in inputs or not name:
+            continue
+        try:
+            torch.export.export(copy.deepcopy(module).eval(), inputs[name])
+        except Exception as error:  # noqa: BLE001  (any capture failure; the message is reported)
+            failing.append((name.count("."), name, f"{type(module).__name__}: {str(error).splitlines()[0][:300]}"))
+    if not failing:
+        return "", "the whole model fails, none of its modules alone"
+    depth, name, why = max(failing, key=lambda f: f[0])
+    return name, why
+
+
+def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=None, *, form: str = "masked",
+             batches: int = 8, batch: int = 32):
+    """Post-training static int8 quantization with PT2E and the X86 Inductor quantizer.
+
+    Args:
+        model (nn.Module): a HetConv model in any form (eval-mode semantics are quantized).
+        calibration: what :func:`~sparse_hetconv.deploy.calibration.calibration_batches` takes
+            (``"digits"``, a folder, a tensor or tensors).
+        backend (str): ``"x86"`` (the X86 Inductor quantizer; the only one).
+        input_size (tuple, optional): ``(C, H, W)``; default: the calibration images' size.
+        form (str): the export form of the HetConv layers (:mod:`.forms`).
+        batches, batch (int): at most ``batches`` calibration batches of ``batch`` images.
+
+    Returns:
+        torch.fx.GraphModule: the quantized model (quantize / dequantize around int8 tensors);
+        run it as it is (reference arithmetic) or through :func:`compile_int8` (int8 kernels).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a bad argument, calibration data that is empty or of the wrong shape, or a
+            model that cannot be captured (the message names the module).
+        ImportError: torchao is not installed.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend != "x86":
+        raise ValueError(f"backend ({backend!r}) must be 'x86' (the X86 Inductor quantizer)")
+    if isinstance(calibration, str) and calibration == "digits" and input_size is None:
+        raise ValueError("input_size is needed with the 'digits' calibration set (it is resized to it)")
+    prepare_pt2e, convert_pt2e, xiq = _require_torchao()
+    if input_size is None:
+        first = calibration if isinstance(calibration, torch.Tensor) else None
+        if first is None:
+            raise ValueError("input_size is needed unless calibration is a tensor")
+        input_size = tuple(first.shape[1:])
+    size = check_input_size(tuple(input_size))
+    data = calibration_batches(calibration, size, batch=batch, count=batches * batch)
+    exported = export_form(model, form)
+    example = data[0][:2].contiguous()
+    try:
+        program = torch.export.export(exported, (example,))
+    except Exception as error:  # noqa: BLE001
+        where, why = _failing_module(exported, example)
+        raise ValueError(f"cannot quantize: torch.export fails in module '{where or '<root>'}' ({why})") from error
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(program.module(), quantizer)
+    with torch.no_grad():
+        for x in data:
+            prepared(x.contiguous())
+    return convert_pt2e(prepared)
+
+
+def compile_int8(quantized, example: torch.Tensor | None = None):
+    """``torch.compile`` a :func:`quantize`'d model with Inductor's freezing, the lowering of the
+    quantize / dequantize pairs into oneDNN int8 convolutions (call it under ``torch.no_grad``);
+    ``example`` is run once to compile."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled = torch.compile(quantized, dynamic=False)
+    if example is not None:
+        with torch.no_grad():
+            compiled(example)
+    return compiled
+
+
+class _Reader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over calibration batches."""
+
+    def __init__(self, name: str, data) -> None:
+        self._items = iter([{name: x.numpy()} for x in data])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def quantize_onnx(source, target, calibration, input_size, *, force: bool = True, batches: int = 8,
+                  batch: int = 32) -> Path:
+    """An ONNX float model to QDQ int8 (``onnxruntime.quantization.quantize_static``).
+
+    Weights int8 per output channel, activations uint8 per tensor (``MinMax`` calibration), in the
+    QDQ format that ONNX Runtime's CPU provider fuses into its int8 kernels. Written atomically.
+
+    Args:
+        source (str or Path): the float ONNX file (e.g. :func:`~sparse_hetconv.deploy.export_onnx`'s).
+        target (str or Path): the int8 ONNX file to write.
+        calibration: as for :func:`quantize`. input_size (tuple): ``(C, H, W)``.
+
+    Raises:
+        ValueError: empty or wrongly shaped calibration data. ImportError: onnxruntime missing.
+        OSError: an unreadable source or an unwritable target.
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as error:
+        raise MissingExtraError("ONNX quantization needs onnxruntime and onnx: pip install 'sparse_hetconv[deploy]'") \
+            from error
+    size = check_input_size(tuple(input_size))
+    source, target = Path(source), check_output_file(target, force)
+    if not source.is_file():
+        raise FileNotFoundError(2, "no such ONNX file", str(source))
+    data = calibration_batches(calibration, size, batch=batch, count=batches * batch)
+    name = onnx.load(str(source), load_external_data=False).graph.input[0].name
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized), _Reader(name, data), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        payload = quantized.read_bytes()
+    atomic_write(target, lambda f: f.write(payload))
+    return target

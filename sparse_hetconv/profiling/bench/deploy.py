@@ -1,0 +1,316 @@
+"""Deployment benchmark: a trained HetConv model in every runtime users ship it in, float32 and int8.
+
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Run by ``sparse-hetconv bench
+--deploy`` and ``make bench``. For VGG-16 / CIFAR-10 (3 x 32 x 32) and ResNet-18 (3 x 224 x 224),
+P in {1, 2, 4, 8, 64}, every variant is built from the same weights (BatchNorm statistics of a few
+random batches, so that folding them is not trivial), checked against the PyTorch model, then
+timed at batch 1 and ``--batch`` in interleaved rounds (medians):
+
+* ``eager`` — the shipped sparse model (``to_sparse``: channels-last, ``backend="auto"``);
+* ``compiled`` — ``fuse_bn`` + ``torch.compile`` with Inductor's freezing;
+* ``ort_published`` — the published form (gwc + pwc, NCHW) exported with a plain
+  ``torch.onnx.export``, in ONNX Runtime: what a user ships without this library;
+* ``ort`` / ``openvino`` — :func:`sparse_hetconv.deploy.export_onnx` for each runtime;
+* ``int8_pt2e`` — :func:`~sparse_hetconv.deploy.quantize` (PT2E, X86 Inductor quantizer) and
+  :func:`~sparse_hetconv.deploy.compile_int8`;
+* ``int8_ort`` — :func:`~sparse_hetconv.deploy.quantize_onnx` of the ``ort`` export, in ONNX Runtime.
+
+Calibration: 256 images of scikit-learn's digits resized to the input. Before that, the forms of the
+HetConv layers (:data:`sparse_hetconv.deploy.FORMS`) are timed against each other in each runtime
+(VGG-16, batch ``--batch``), the evidence behind :data:`sparse_hetconv.deploy.BEST_FORM`. FLOP-ideal
+of a runtime: its time for the standard model (P = 1) times the useful-MAC ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..._files import check_output_folder
+from ...convert import to_sparse
+from ...counting import count_macs
+from ...fuse import fuse_bn
+from ...models import resnet18, vgg16_cifar
+from ..machine import machine_info
+from ..malloc import pin_mmap_threshold
+from ..timing import interleaved_latency
+from .published import published_from_masked
+
+MODELS = {"vgg16_cifar": (3, 32, 32), "resnet18": (3, 224, 224)}
+PARTS = (1, 2, 4, 8, 64)
+QUICK_PARTS = (1, 4)
+VARIANTS = ("eager", "compiled", "ort_published", "ort", "openvino", "int8_pt2e", "int8_ort")
+FORM_PARTS = (2, 4, 8, 64)
+
+
+def _build(name: str, part: int, seed: int = 0):
+    """The masked model of ``name`` with non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    size = MODELS[name]
+    if name == "vgg16_cifar":
+        model = vgg16_cifar(part=part, form="masked", memory_format=None)
+    else:
+        model = resnet18(part=part, form="masked", num_classes=1000)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn((8,) + size))
+    return model.eval()
+
+
+def _onnx_session(model, size, runtime: str, form=None, plain: bool = False):
+    from ...deploy import export_onnx, runtimes
+    from ...deploy.onnx_export import onnx_bytes
+
+    if plain:  # what a user does without this library: torch.onnx.export of the model as it is
+        return runtimes.load(runtime, onnx_bytes(model.eval(), size))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, path, size, runtime=runtime, form=form, check=(runtime,))
+        return runtimes.load(runtime, path.read_bytes())
+
+
+def _callables(name: str, part: int, size, calibration, variants) -> tuple[dict, dict, torch.nn.Module]:
+    """Each variant as ``f(x) -> output``; also what each is (its notes) and the eager model."""
+    from ...deploy import compile_int8, export_onnx, quantize, quantize_onnx, runtimes
+
+    masked = _build(name, part)
+    shipped = to_sparse(masked) if part > 1 else masked.to(memory_format=torch.channels_last)
+    fns, notes = {}, {}
+
+    def eager(x, m=shipped):
+        with torch.no_grad():
+            return m(x.contiguous(memory_format=torch.channels_last))
+
+    fns["eager"] = eager
+    if "compiled" in variants:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        compiled = torch.compile(fuse_bn(shipped), dynamic=False)
+
+        def run_compiled(x, m=compiled):
+            with torch.no_grad():
+                return m(x.contiguous(memory_format=torch.channels_last))
+
+        fns["compiled"] = run_compiled
+    if "ort_published" in variants and runtimes.available("onnxruntime"):
+        source = published_from_masked(masked) if part > 1 else masked
+        session = _onnx_session(source, size, "onnxruntime", plain=True)
+        fns["ort_published"] = lambda x, s=session: runtimes.run(s, x)
+    if "ort" in variants and runtimes.available("onnxruntime"):
+        session = _onnx_session(masked, size, "onnxruntime")
+        fns["ort"] = lambda x, s=session: runtimes.run(s, x)
+    if "openvino" in variants and runtimes.available("openvino"):
+        session = _onnx_session(masked, size, "openvino")
+        fns["openvino"] = lambda x, s=session: runtimes.run(s, x)
+    if "int8_pt2e" in variants:
+        quantized = quantize(masked, calibration, input_size=size)
+        int8 = compile_int8(quantized, calibration[0][:1])
+
+        def run_int8(x, m=int8):
+            with torch.no_grad():
+                return m(x)
+
+        fns["int8_pt2e"] = run_int8
+        notes["int8_pt2e"] = "torchao PT2E, X86InductorQuantizer, torch.compile (freezing)"
+    if "int8_ort" in variants and runtimes.available("onnxruntime"):
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+            export_onnx(masked, float_path, size, check=("onnxruntime",))
+            quantize_onnx(float_path, int8_path, calibration, size)
+            session = runtimes.load("onnxruntime", int8_path.read_bytes())
+        fns["int8_ort"] = lambda x, s=session: runtimes.run(s, x)
+        notes["int8_ort"] = "onnxruntime.quantization.quantize_static, QDQ, per-channel weights"
+    return fns, notes, shipped
+
+
+def _check(fns: dict, reference, x) -> dict:
+    """Per variant: the largest difference to eager (float: relative to the output's magnitude) or,
+    for int8, the top-1 agreement with eager on ``x``."""
+    with torch.no_grad():
+        expected = reference(x).float()
+    scale = float(expected.abs().max().clamp(min=1e-12))
+    out = {}
+    for name, fn in fns.items():
+        got = fn(x).float()
+        if name.startswith("int8"):
+            out[name] = {"top1_agreement": float((got.argmax(1) == expected.argmax(1)).float().mean())}
+        else:
+            out[name] = {"max_rel_diff": float((got - expected).abs().max()) / scale}
+    return out
+
+
+def run_forms(args, parts) -> list[dict]:
+    """The HetConv export forms against each other in each runtime (VGG-16, batch ``args.batch``)."""
+    from ...deploy import FORMS, runtimes
+
+    rows = []
+    size = MODELS["vgg16_cifar"]
+    x = torch.randn((args.batch,) + size, generator=torch.Generator().manual_seed(1))
+    for part in [p for p in FORM_PARTS if p in parts]:
+        masked = _build("vgg16_cifar", part)
+        for runtime in runtimes.RUNTIMES:
+            if not runtimes.available(runtime):
+                continue
+            fns = {}
+            for form in FORMS:
+                session = _onnx_session(masked, size, runtime, form=form)
+                fns[form] = lambda s=session: runtimes.run(s, x)
+            stats = interleaved_latency(fns, warmup=args.warmup, repeats=args.repeats)
+            base = stats["masked"]["times_ms"]
+            for form, s in stats.items():
+                ratio = statistics.median(a / b for a, b in zip(s["times_ms"], base))
+                rows.append({"part": part, "runtime": runtime, "form": form, "median_ms": s["median_ms"],
+                             "vs_masked": ratio})
+            print(f"forms P={part} {runtime}: " + ", ".join(f"{f} {s['median_ms']:.1f} ms" for f, s in stats.items()),
+                  file=sys.stderr)
+    return rows
+
+
+def train_on_digits(model: torch.nn.Module, size, epochs: int = 6, seed: int = 0) -> torch.nn.Module:
+    """Train ``model`` on the digits train split (SGD with momentum, batch 64, cosine schedule)."""
+    from ...deploy import digits
+
+    torch.manual_seed(seed)
+    images, labels = digits(size, "train", seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * ((len(labels) + 63) // 64)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(labels))
+        for start in range(0, len(labels), 64):
+            index = order[start:start + 64]
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(images[index].contiguous(memory_format=torch.channels_last)),
+                                              labels[index]).backward()
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def predictions(fn, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(images[i:i + batch]).argmax(1) for i in range(0, len(images), batch)])
+
+
+def run_accuracy(args) -> dict:
+    """VGG-16 (P = 4) trained on the digits train split; float32, PT2E int8 and ONNX Runtime int8
+    accuracy on the test split, and the int8 models' top-1 agreement with float32."""
+    from ...deploy import compile_int8, digits, export_onnx, quantize, quantize_onnx, runtimes
+
+    size = MODELS["vgg16_cifar"]
+    epochs = 2 if args.quick else 6
+    model = train_on_digits(vgg16_cifar(part=4, num_classes=10), size, epochs)
+    test, labels = digits(size, "test")
+    train, _ = digits(size, "train")
+    calibration = list(train[:256].split(32))
+    reference = predictions(lambda x: model(x.contiguous(memory_format=torch.channels_last)), test)
+    result = {"description": f"vgg16_cifar(part=4, num_classes=10) trained {epochs} epochs on the digits train "
+                             f"split (1437 images, upsampled to 32 x 32); calibration: 256 train images; "
+                             f"test split: {len(labels)} images.",
+              "float32": float((reference == labels).float().mean())}
+    quantized = compile_int8(quantize(model, calibration, input_size=size), calibration[0][:1])
+    int8 = predictions(quantized, test)
+    result["int8_pt2e"] = {"accuracy": float((int8 == labels).float().mean()),
+                           "agreement": float((int8 == reference).float().mean())}
+    if runtimes.available("onnxruntime"):
+        with tempfile.TemporaryDirectory() as tmp:
+            float_path, int8_path = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+            export_onnx(model, float_path, size, check=("onnxruntime",))
+            quantize_onnx(float_path, int8_path, calibration, size)
+            session = runtimes.load("onnxruntime", int8_path.read_bytes())
+        ort = predictions(lambda x: runtimes.run(session, x), test)
+        result["int8_ort"] = {"accuracy": float((ort == labels).float().mean()),
+                              "agreement": float((ort == reference).float().mean())}
+    return result
+
+
+def execute(args) -> tuple[dict, list[Path]]:
+    """Run the deployment benchmark; write ``deploy.json`` and ``deploy.md`` into ``args.out``."""
+    from ...deploy import calibration_batches, runtimes
+
+    check_output_folder(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pin_mmap_threshold()
+    start = time.time()
+    parts = tuple(args.parts) if args.parts else (QUICK_PARTS if args.quick else PARTS)
+    models = args.models or (("vgg16_cifar",) if args.quick else tuple(MODELS))
+    variants = tuple(args.deploy_variants or VARIANTS)
+    rows, checks = [], []
+    forms = [] if args.no_forms else run_forms(args, parts)
+    accuracy = None if args.no_accuracy else run_accuracy(args)
+    for name in models:
+        size = MODELS[name]
+        calibration = calibration_batches("digits", size, batch=16, count=128 if args.quick else 256)
+        for part in parts:
+            fns, notes, shipped = _callables(name, part, size, calibration, variants)
+            probe = torch.randn((2,) + size, generator=torch.Generator().manual_seed(2))
+            check = _check(fns, lambda x: fns["eager"](x), probe)
+            checks.append({"model": name, "part": part, **{k: v for k, v in check.items()}})
+            useful = count_macs(shipped, (1,) + size, norm=False)
+            for batch in (1, args.batch):
+                x = torch.randn((batch,) + size, generator=torch.Generator().manual_seed(3))
+                stats = interleaved_latency({v: (lambda f=f: f(x)) for v, f in fns.items()}, warmup=args.warmup,
+                                            repeats=args.repeats)
+                for variant, s in stats.items():
+                    rows.append({"model": name, "part": part, "batch": batch, "variant": variant,
+                                 "median_ms": s["median_ms"], "q1_ms": s["q1_ms"], "q3_ms": s["q3_ms"],
+                                 "useful_macs": useful * batch, "note": notes.get(variant, "")})
+                print(f"{name} P={part} batch {batch}: " + ", ".join(f"{v} {s['median_ms']:.1f}"
+                                                                     for v, s in stats.items()), file=sys.stderr)
+            del fns
+    add_ratios(rows)
+    info = machine_info()
+    info["runtimes"] = {r: runtimes.available(r) for r in runtimes.RUNTIMES}
+    info["versions"] = _versions()
+    result = {"command": _command(), "machine": info, "seconds": time.time() - start,
+              "config": {"parts": parts, "models": models, "batch": args.batch, "repeats": args.repeats,
+                         "warmup": args.warmup, "variants": variants, "quick": args.quick},
+              "rows": rows, "checks": checks, "forms": forms, "accuracy": accuracy}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deploy.json").write_text(json.dumps(result, indent=1) + "\n")
+    from . import deploy_report
+
+    return result, [args.out / "deploy.json", *deploy_report.write_all(result, args.out)]
+
+
+def add_ratios(rows: list) -> None:
+    """Per (model, P, batch): speed-up of each variant over ``eager``; per runtime its FLOP-ideal
+    (the same variant at P = 1 x the useful-MAC ratio)."""
+    index = {(r["model"], r["part"], r["batch"], r["variant"]): r for r in rows}
+    for r in rows:
+        eager = index.get((r["model"], r["part"], r["batch"], "eager"))
+        r["speedup_vs_eager"] = eager["median_ms"] / r["median_ms"] if eager else None
+        standard = index.get((r["model"], 1, r["batch"], r["variant"])) or index.get(
+            (r["model"], 1, r["batch"], r["variant"].replace("_published", "")))
+        if standard:
+            r["ideal_ms"] = standard["median_ms"] * r["useful_macs"] / standard["useful_macs"]
+            r["over_ideal"] = r["median_ms"] / r["ideal_ms"]
+
+
+def _versions() -> dict:
+    found = {"torch": torch.__version__}
+    for module in ("onnx", "onnxruntime", "openvino", "torchao"):
+        try:
+            found[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            found[module] = None
+    return found
+
+
+def _command() -> str:
+    argv = list(sys.argv[1:])
+    if Path(sys.argv[0]).match("benchmarks/deploy.py"):
+        return " ".join(["python -m benchmarks.deploy"] + argv)
+    if argv[:1] == ["bench"]:
+        argv = argv[1:]
+    return " ".join(["sparse-hetconv bench"] + argv)

@@ -1,0 +1,195 @@
+"""Tables, target verdicts and the plot of a ``deploy.json`` written by :mod:`.deploy`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ORDER = ("eager", "compiled", "ort_published", "ort", "openvino", "int8_pt2e", "int8_ort")
+
+
+def _index(result) -> dict:
+    return {(r["model"], r["part"], r["batch"], r["variant"]): r for r in result["rows"]}
+
+
+def _ms(row) -> str:
+    if row is None:
+        return ""
+    ms = row["median_ms"]
+    text = f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+    return text + (f" ({row['speedup_vs_eager']:.2f}x)" if row.get("speedup_vs_eager") else "")
+
+
+def latency_table(result, model: str, batch: int) -> str:
+    parts = result["config"]["parts"]
+    index = _index(result)
+    present = [v for v in ORDER if any((model, p, batch, v) in index for p in parts)]
+    lines = ["| variant | " + " | ".join(f"P={p}" for p in parts) + " |", "|---|" + "---:|" * len(parts)]
+    for v in present:
+        lines.append(f"| {v} | " + " | ".join(_ms(index.get((model, p, batch, v))) for p in parts) + " |")
+    for v in ("ort", "openvino"):
+        cells = [index.get((model, p, batch, v), {}).get("ideal_ms") for p in parts]
+        if any(cells):
+            lines.append(f"| FLOP-ideal of {v} | " + " | ".join(f"{c:.2f}" if c else "" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(index, a, b):
+    ra, rb = index.get(a), index.get(b)
+    return rb["median_ms"] / ra["median_ms"] if ra and rb else None
+
+
+def targets(result) -> list[dict]:
+    """Issue #17's targets with what was measured (VGG-16, P = 4, the large batch)."""
+    index = _index(result)
+    batch = result["config"]["batch"]
+    key = lambda v: ("vgg16_cifar", 4, batch, v)  # noqa: E731
+    isa = result["machine"].get("isa", "")
+    fast_int8 = "AMX" in isa or "avx512_vnni" in result["machine"].get("isa_flags", [])
+    out = [
+        ("shipped export in ONNX Runtime over the published model's export", _ratio(index, key("ort"), key("ort_published")),
+         1.3, ">= 1.3x"),
+        ("int8 (PT2E + Inductor) over float32 shipped eager", _ratio(index, key("int8_pt2e"), key("eager")),
+         2.5 if fast_int8 else 1.5, ">= 2.5x (VNNI / AMX)" if fast_int8 else ">= 1.5x (AVX2)"),
+        ("int8 ONNX Runtime over float32 ONNX Runtime", _ratio(index, key("int8_ort"), key("ort")), 2.0, ">= 2x"),
+    ]
+    rows = [{"target": t, "goal": g, "value": v, "met": None if v is None else v >= goal}
+            for t, v, goal, g in out]
+    worst = {}
+    for check in result.get("checks", []):
+        for variant in ("ort", "openvino"):
+            value = check.get(variant, {}).get("max_rel_diff")
+            if value is not None:
+                worst[variant] = max(worst.get(variant, 0.0), value)
+    for variant, value in worst.items():
+        rows.append({"target": f"{variant} float32 output vs PyTorch (largest, of the output's magnitude)",
+                     "goal": "<= 1e-3", "value": value, "met": value <= 1e-3})
+    accuracy = result.get("accuracy")
+    if accuracy:
+        for name in ("int8_pt2e", "int8_ort"):
+            if name in accuracy:
+                drop = accuracy["float32"] - accuracy[name]["accuracy"]
+                rows.append({"target": f"{name} accuracy drop on the digits test split (points)", "goal": "<= 0.5",
+                             "value": 100 * drop, "met": 100 * drop <= 0.5})
+                rows.append({"target": f"{name} top-1 agreement with float32 (digits test split)", "goal": ">= 99 %",
+                             "value": 100 * accuracy[name]["agreement"], "met": accuracy[name]["agreement"] >= 0.99})
+    return rows
+
+
+def targets_table(result) -> str:
+    lines = ["| target | goal | measured | verdict |", "|---|---|---:|---|"]
+    for t in targets(result):
+        value = "" if t["value"] is None else (f"{t['value']:.2e}" if abs(t["value"]) < 0.01 else f"{t['value']:.3f}")
+        verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "**missed**")
+        lines.append(f"| {t['target']} | {t['goal']} | {value} | {verdict} |")
+    return "\n".join(lines)
+
+
+def forms_table(result) -> str:
+    rows = result.get("forms", [])
+    if not rows:
+        return "(the export forms were not timed in this run)"
+    runtimes = sorted({r["runtime"] for r in rows})
+    forms = list(dict.fromkeys(r["form"] for r in rows))
+    parts = sorted({r["part"] for r in rows})
+    index = {(r["runtime"], r["part"], r["form"]): r for r in rows}
+    lines = ["| runtime | form | " + " | ".join(f"P={p}" for p in parts) + " |",
+             "|---|---|" + "---:|" * len(parts)]
+    for runtime in runtimes:
+        for form in forms:
+            cells = []
+            for p in parts:
+                r = index.get((runtime, p, form))
+                cells.append(f"{r['median_ms']:.1f} ({r['vs_masked']:.2f})" if r else "")
+            lines.append(f"| {runtime} | {form} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def checks_table(result) -> str:
+    lines = ["| model | P | " + " | ".join(ORDER) + " |", "|---|---:|" + "---|" * len(ORDER)]
+    for check in result.get("checks", []):
+        cells = []
+        for v in ORDER:
+            c = check.get(v)
+            if not c:
+                cells.append("")
+            elif "max_rel_diff" in c:
+                cells.append(f"{c['max_rel_diff']:.1e}")
+            else:
+                cells.append(f"top-1 {100 * c['top1_agreement']:.0f} %")
+        lines.append(f"| {check['model']} | {check['part']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_line(result) -> str:
+    m = result["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+    return f"{m['cpu']} ({m.get('isa', '?')}), {m['cores']} cores, {m['threads']} threads; {versions}"
+
+
+def markdown(result) -> str:
+    batch = result["config"]["batch"]
+    out = ["# Deployment benchmark: HetConv models in PyTorch, ONNX Runtime and OpenVINO, float32 and int8", "",
+           f"Machine: {machine_line(result)}.", "",
+           f"Command: `{result['command']}`; {result['config']['repeats']} interleaved rounds after "
+           f"{result['config']['warmup']} warm-up calls, medians; {result['seconds'] / 60:.1f} min. In brackets: "
+           "speed-up over the shipped model in PyTorch eager.", ""]
+    for model in result["config"]["models"]:
+        for b in (1, batch):
+            out += [f"## {model}, batch {b} (ms)", "", latency_table(result, model, b), ""]
+    out += ["## Targets (VGG-16 / CIFAR-10, P = 4, batch %d)" % batch, "", targets_table(result), "",
+            "## The export forms of the HetConv layers (VGG-16, batch %d; ms, ratio to `masked`)" % batch, "",
+            forms_table(result), "", "## Checks against the PyTorch model (probe of 2 inputs)", "",
+            "float32 variants: largest difference relative to the output's largest magnitude; int8: top-1 "
+            "agreement with the float32 model.", "", checks_table(result), ""]
+    accuracy = result.get("accuracy")
+    if accuracy:
+        out += ["## int8 accuracy (digits, trained in the run)", "", accuracy.get("description", ""), "",
+                f"float32: {100 * accuracy['float32']:.2f} %"]
+        for name in ("int8_pt2e", "int8_ort"):
+            if name in accuracy:
+                a = accuracy[name]
+                out.append(f"{name}: {100 * a['accuracy']:.2f} % (top-1 agreement with float32 "
+                           f"{100 * a['agreement']:.2f} %)")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(result, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    index = _index(result)
+    parts = result["config"]["parts"]
+    batch = result["config"]["batch"]
+    models = result["config"]["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for color, variant in enumerate(ORDER):
+            pts = [(p, index[(model, p, batch, variant)]["median_ms"]) for p in parts if (model, p, batch, variant) in index]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{color}", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("part P")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{model}, batch {batch}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(machine_line(result), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(result, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "deploy.md").write_text(markdown(result) + "\n")
+    written = [out / "deploy.md"]
+    image = plot(result, out / "deploy.png")
+    if image:
+        written.append(image)
+    return written
