@@ -25,8 +25,9 @@ def main(argv=None) -> int:
     result, written = deploy.execute(args)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
-    for path in docs_page.write_deploy(result, docs_page.DOCS):
-        print(f"wrote {path}", file=sys.stderr)
+    if args.out.resolve() == RESULTS.resolve():  # the repository's results: the docs page follows them
+        for path in docs_page.write_deploy(result, docs_page.DOCS):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -11,9 +11,11 @@ import json
 import shutil
 from pathlib import Path
 
+from sparse_hetconv.profiling.bench import deploy_report as D
 from sparse_hetconv.profiling.bench import report as R
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 NET = ("network", "vgg16_cifar")
 
@@ -169,8 +171,35 @@ def page(result, image_name: str | None) -> str:
     return "\n".join(out)
 
 
-def write(result, path: Path, image: Path | None) -> list[Path]:
-    """Write ``path`` (and copy the plot beside it); returns the files written."""
+def deploy_section(deploy: dict | None, image_name: str | None) -> list[str]:
+    """The deployment results (``benchmarks/deploy.py``), or a line saying they were not run."""
+    out = ["## Deployment: ONNX Runtime, OpenVINO and int8", ""]
+    if deploy is None:
+        return out + ["Not measured in this run (`python -m benchmarks.deploy`, part of `make bench`).", ""]
+    batch = deploy["config"]["batch"]
+    out += [f"From `benchmarks/results/deploy.json`: `{deploy['command']}` ({deploy['seconds'] / 60:.1f} min) on "
+            f"{D.machine_line(deploy)}. Each variant is built from the same weights (BatchNorm statistics of "
+            "random batches, so folding them is not trivial) and checked against the PyTorch model; medians of "
+            f"{deploy['config']['repeats']} interleaved rounds; in brackets the speed-up over the shipped model in "
+            "PyTorch eager. `ort_published` is the published form (gwc + pwc, NCHW) exported with a plain "
+            "`torch.onnx.export`; `ort` and `openvino` are `sparse_hetconv.deploy.export_onnx` for that runtime; "
+            "`int8_pt2e` is `deploy.quantize` (torchao PT2E, X86InductorQuantizer) + `compile_int8`; `int8_ort` is "
+            "`deploy.quantize_onnx` (QDQ, per-channel weights) of the `ort` file. Calibration: scikit-learn's "
+            "digits resized to the input.", ""]
+    if image_name:
+        out += [f"![deployment latency]({image_name})", ""]
+    for model in deploy["config"]["models"]:
+        for b in (1, batch):
+            out += [f"### {model}, batch {b} (ms)", "", D.latency_table(deploy, model, b), ""]
+    out += [f"### Targets (VGG-16 / CIFAR-10, P = 4, batch {batch})", "", D.targets_table(deploy), "",
+            "### The export forms of the HetConv layers, per runtime (VGG-16; ms and ratio to `masked`)", "",
+            D.forms_table(deploy), "", "### Checks against PyTorch", "", D.checks_table(deploy), ""]
+    return out
+
+
+def write(result, path: Path, image: Path | None, deploy: dict | None = None) -> list[Path]:
+    """Write ``path`` (and copy the plots beside it); returns the files written. ``deploy``: the
+    deployment results (default: ``benchmarks/results/deploy.json`` if it exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -179,9 +208,25 @@ def write(result, path: Path, image: Path | None) -> list[Path]:
         image_name = "performance_latency_vs_p.png"
         shutil.copyfile(image, path.parent / image_name)
         written.append(path.parent / image_name)
-    path.write_text(page(result, image_name) + "\n")
+    if deploy is None and (RESULTS_DIR / "deploy.json").is_file():
+        deploy = json.loads((RESULTS_DIR / "deploy.json").read_text())
+    deploy_image = None
+    if deploy is not None and (RESULTS_DIR / "deploy.png").is_file():
+        deploy_image = "performance_deploy.png"
+        shutil.copyfile(RESULTS_DIR / "deploy.png", path.parent / deploy_image)
+        written.append(path.parent / deploy_image)
+    text = page(result, image_name) + "\n" + "\n".join(deploy_section(deploy, deploy_image)) + "\n"
+    path.write_text(text)
     written.append(path)
     return written
+
+
+def write_deploy(deploy: dict, path: Path) -> list[Path]:
+    """Regenerate ``path`` with new deployment results (the latency results from bench.json)."""
+    bench = RESULTS_DIR / "bench.json"
+    if not bench.is_file():
+        return []
+    return write(json.loads(bench.read_text()), path, RESULTS_DIR / "latency_vs_p.png", deploy)
 
 
 def main(argv=None) -> int:

@@ -22,6 +22,7 @@ reads) by one of them, after folding BatchNorms (:func:`~sparse_hetconv.fuse_bn`
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -39,8 +40,9 @@ class ExportHetConv2d(nn.Module):
     """One 2-D HetConv layer as stock convolutions (see the module docstring for ``form``).
 
     Built from a :class:`~sparse_hetconv.SparseHetConv2d` (:meth:`from_sparse`); computes what it
-    computes, up to float32 rounding. Its tensors are buffers (constants for an exporter), so it
-    is for inference.
+    computes, up to float32 rounding. Its convolutions are ``nn.Conv2d`` children (quantizers
+    annotate convolutions by the module they come from) with frozen weights
+    (``requires_grad=False``), so it is for inference.
     """
 
     def __init__(self, layer: SparseHetConv2d, form: str = "masked") -> None:
@@ -50,41 +52,52 @@ class ExportHetConv2d(nn.Module):
         if not isinstance(layer, SparseHetConv2d):
             raise TypeError(f"layer must be a SparseHetConv2d, got {type(layer).__name__}")
         p = layer.pattern
-        self.form, self.part, self.stride = form, p.part, tuple(layer.stride)
-        self.padding = tuple(k // 2 for k in p.kernel_size)
+        self.form, self.part = form, p.part
         self.in_channels, self.out_channels = p.in_channels, p.out_channels
+        stride, padding, kernel = tuple(layer.stride), tuple(k // 2 for k in p.kernel_size), p.kernel_size
+        M, N, P, n, m = p.in_channels, p.out_channels, p.part, p.block_out, p.block_in
+        factory = {"device": layer.weight_kxk.device, "dtype": layer.weight_kxk.dtype}
+        bias = layer.bias is not None
+
+        def conv(cin, cout, size, pad, groups, with_bias):
+            return nn.Conv2d(cin, cout, size, stride, pad, groups=groups, bias=with_bias, **factory)
+
         with torch.no_grad():
             kxk = layer.weight_kxk.detach().clone()
-            dense = layer.dense_1x1().detach().clone() if p.part > 1 else kxk.new_zeros(p.out_channels, p.in_channels)
-            bias = None if layer.bias is None else layer.bias.detach().clone()
+            dense = layer.dense_1x1().detach().clone() if P > 1 else kxk.new_zeros(N, M)
             centre = (slice(None), slice(None)) + p.centre
-            n, m = p.block_out, p.block_in
             if form == "folded":
-                for g in range(p.part):
+                for g in range(P):
                     dense[g * n:(g + 1) * n, g * m:(g + 1) * m] = kxk[g * n:(g + 1) * n][centre]
                 kxk[centre] = 0
             if form == "dense":
-                full = kxk.new_zeros((p.out_channels, p.in_channels) + p.kernel_size)
-                for g in range(p.part):
+                self.conv = conv(M, N, kernel, padding, 1, bias)
+                full = kxk.new_zeros((N, M) + kernel)
+                for g in range(P):
                     full[g * n:(g + 1) * n, g * m:(g + 1) * m] = kxk[g * n:(g + 1) * n]
                 full[centre] += dense
-                self.register_buffer("weight", full.contiguous())
+                self.conv.weight.copy_(full)
+                if bias:
+                    self.conv.bias.copy_(layer.bias)
             else:
-                self.register_buffer("weight_kxk", kxk.contiguous())
+                self.gwc = conv(M, N, kernel, padding, P, bias)
+                self.gwc.weight.copy_(kxk)
+                if bias:
+                    self.gwc.bias.copy_(layer.bias)
             if form in ("masked", "folded"):
-                self.register_buffer("weight_pointwise", dense.reshape(p.out_channels, p.in_channels, 1, 1).contiguous())
+                self.pwc = conv(M, N, 1, 0, 1, False)
+                self.pwc.weight.copy_(dense.reshape(N, M, 1, 1))
             if form == "shifted":
-                # Offset s: output block h reads input block (h + s) mod P (a grouped 1 x 1 convolution of
-                # the input rotated by s blocks). Filter j = h*n + i of group h, channel block (h+s) mod P.
-                shifts = []
-                for s in range(1, p.part):
-                    w = kxk.new_zeros(p.out_channels, m, 1, 1)
-                    for h in range(p.part):
-                        src = (h + s) % p.part
-                        w[h * n:(h + 1) * n, :, 0, 0] = dense[h * n:(h + 1) * n, src * m:(src + 1) * m]
-                    shifts.append(w)
-                self.register_buffer("weight_shifts", torch.stack(shifts) if shifts else kxk.new_zeros(0))
-            self.register_buffer("bias", bias)
+                # Offset s: output block h reads input block (h + s) mod P, as a grouped 1 x 1
+                # convolution of the input rotated by s blocks.
+                self.shifts = nn.ModuleList()
+                for s in range(1, P):
+                    shift = conv(M, N, 1, 0, P, False)
+                    for h in range(P):
+                        src = (h + s) % P
+                        shift.weight[h * n:(h + 1) * n, :, 0, 0] = dense[h * n:(h + 1) * n, src * m:(src + 1) * m]
+                    self.shifts.append(shift)
+        self.requires_grad_(False)
 
     @classmethod
     def from_sparse(cls, layer: SparseHetConv2d, form: str = "masked") -> "ExportHetConv2d":
@@ -92,20 +105,22 @@ class ExportHetConv2d(nn.Module):
         return cls(layer, form)
 
     def forward(self, x: Tensor) -> Tensor:
-        conv = nn.functional.conv2d
         if self.form == "dense":
-            return conv(x, self.weight, self.bias, self.stride, self.padding)
-        y = conv(x, self.weight_kxk, self.bias, self.stride, self.padding, 1, self.part)
+            return self.conv(x)
+        y = self.gwc(x)
         if self.form in ("masked", "folded"):
-            return y + conv(x, self.weight_pointwise, None, self.stride)
+            return y + self.pwc(x)
         m = self.in_channels // self.part
-        for s in range(1, self.part):
-            rotated = torch.cat([x[:, s * m:], x[:, :s * m]], dim=1)
-            y = y + conv(rotated, self.weight_shifts[s - 1], None, self.stride, 0, 1, self.part)
+        for s, shift in enumerate(self.shifts, start=1):
+            y = y + shift(torch.cat([x[:, s * m:], x[:, :s * m]], dim=1))
         return y
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, part={self.part}, form={self.form!r}"
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.contiguous(), requires_grad=False)
 
 
 def hetconv_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -137,7 +152,9 @@ def export_form(model: nn.Module, form: str = "masked", fuse: bool = True) -> nn
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if form not in FORMS:
         raise ValueError(f"form ({form!r}) must be one of {FORMS}")
-    work = to_sparse(copy.deepcopy(model).eval(), inplace=True, memory_format=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="to_sparse: the model has no layer to convert")
+        work = to_sparse(copy.deepcopy(model).eval(), inplace=True, memory_format=None)
     for name, m in work.named_modules():
         if type(m).__name__ == "SparseHetConv3d":
             raise ValueError(f"module '{name}' is a 3-D HetConv layer; export supports 2-D layers only")

@@ -170,7 +170,9 @@ def count_hetconv(model: nn.Module) -> int:
     from ..convert import to_sparse
 
     try:
-        layers = hetconv_layers(to_sparse(model, memory_format=None))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="to_sparse: the model has no layer to convert")
+            layers = hetconv_layers(to_sparse(model, memory_format=None))
     except (ValueError, TypeError):
         return 0
     return sum(1 for layer in layers.values() if layer.part > 1)

@@ -110,8 +110,9 @@ def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=Non
     data = calibration_batches(calibration, size, batch=batch, count=batches * batch)
     exported = export_form(model, form)
     example = data[0][:2].contiguous()
+    batch_dim = torch.export.Dim("batch", min=1, max=4096)
     try:
-        program = torch.export.export(exported, (example,))
+        program = torch.export.export(exported, (example,), dynamic_shapes=({0: batch_dim},))
     except Exception as error:  # noqa: BLE001
         where, why = _failing_module(exported, example)
         raise ValueError(f"cannot quantize: torch.export fails in module '{where or '<root>'}' ({why})") from error

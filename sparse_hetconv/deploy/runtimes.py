@@ -54,6 +54,9 @@ class _Session:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # No busy-waiting between runs: spinning workers steal the cores from whatever runs next
+            # (PyTorch, another session), which skews any interleaved timing.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name
         else:

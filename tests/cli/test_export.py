@@ -17,7 +17,7 @@ from models import small_net, with_statistics  # noqa: E402
 pytest.importorskip("onnxscript", reason="onnxscript is in the deploy extra")
 pytest.importorskip("onnxruntime", reason="onnxruntime is in the deploy extra")
 SIZE = "3,16,16"
-FACTORY = ["--model", "models:small_net", "--input-size", SIZE]
+FACTORY = ["--model", "models:small_net", "--model-arg", "form=masked", "--input-size", SIZE]
 
 
 def _one_error_line(err: str) -> str:
