@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	# The fused backend's CPU kernels (a few seconds; without a compiler the stock backends serve).
+	$(PY) -m sparse_hetconv.backends.fused --build || true
 	touch $@
 
 demo: $(STAMP)
@@ -29,10 +31,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Latency and memory of every HetConv form (about 18 min on 2 cores; BENCH_ARGS=--quick: a few min).
-# Writes benchmarks/results/ (JSON, markdown, plot) and regenerates docs/performance.md.
+# Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
+# int8); about DEPLOY_TIME in all on 2 cores (BENCH_ARGS=--quick: a few min each). Writes
+# benchmarks/results/ (JSON, markdown, plots) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
+	$(TIMING_ENV) $(PY) -m benchmarks.deploy $(BENCH_ARGS)
 
 # GPU readiness of the triton backend (about 8 min on one H200): the CUDA tests, then VGG-16 timings
 # of every form and per-layer triton vs FLOP-ideal. Runs with the GPU machine's own python (torch,

@@ -118,8 +118,56 @@ def child(args) -> dict:
                              "vs_masked": ratio["ratio"], "q1_ratio": ratio["q1_ratio"], "q3_ratio": ratio["q3_ratio"]})
         rows += user_rows(part, masked, args, torch, to_sparse, published_from_masked, mask_gradients,
                           interleaved_latency)
+        if _has_bf16() and not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            rows += bf16_rows(part, masked, x, target, args, torch, to_sparse, interleaved_latency)
     return {"machine": machine_info(), "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"),
             "fused_isa": fused.lanes() and ("avx512" if fused.lanes() == 16 else "avx2"), "rows": rows, "picks": picks}
+
+
+def _has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def bf16_rows(part, masked, x, target, args, torch, to_sparse, interleaved_latency):
+    """bfloat16 where the CPU has AMX or AVX-512-BF16: eval of a bfloat16 model and a training
+    step under CPU autocast, masked_cl against the shipped sparse model (auto unpinned)."""
+    from sparse_hetconv import autotune
+
+    autotune.clear()
+    models = {"masked_cl": masked, "shipped": to_sparse(masked)}
+    low = {name: __import__("copy").deepcopy(m).to(torch.bfloat16).eval() for name, m in models.items()}
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
+    xb = x.to(torch.bfloat16)
+
+    def evaluate(name):
+        def run():
+            with torch.no_grad():
+                low[name](xb)
+        return run
+
+    def train(name):
+        def run():
+            model = models[name].train()
+            optimizers[name].zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizers[name].step()
+        return run
+
+    rows = []
+    for what, make in (("bf16_eval", evaluate), ("autocast_train", train)):
+        stats = interleaved_latency({name: make(name) for name in models}, warmup=2, repeats=args.rounds)
+        for name in models:
+            ratio = _ratios(stats, name, "masked_cl")
+            rows.append({"part": part, "what": what, "variant": name, "median_ms": stats[name]["median_ms"],
+                         "vs_masked": ratio["ratio"]})
+    return rows
 
 
 def user_rows(part, masked, args, torch, to_sparse, published_from_masked, mask_gradients, interleaved_latency):
@@ -193,6 +241,16 @@ def markdown(result: dict) -> str:
                 pub, ship = table[(part, what, "published")], table[(part, what, "shipped")]
                 lines.append(f"| {part} | {what.removeprefix('user_')} | {pub['median_ms']:.1f} | {ship['median_ms']:.1f} | "
                              f"{ship['speedup_over_published']:.2f}x |")
+        if any(r["what"] == "bf16_eval" for r in run["rows"]):
+            lines += ["", f"bfloat16 (the CPU has {'AMX' if 'amx' in run['machine']['isa'].lower() else 'AVX-512-BF16'}): "
+                      "a bfloat16 model's eval and a training step under CPU autocast; ratio to `masked_cl`:", "",
+                      "| P | step | masked_cl ms | shipped ms (ratio) |", "|---:|---|---:|---:|"]
+            for part in result["parts"]:
+                for what in ("bf16_eval", "autocast_train"):
+                    m, ship = table.get((part, what, "masked_cl")), table.get((part, what, "shipped"))
+                    if m and ship:
+                        lines.append(f"| {part} | {what} | {m['median_ms']:.1f} | {ship['median_ms']:.1f} "
+                                     f"({ship['vs_masked']:.3f}) |")
         lines += ["", "Backends picked (training / inference):", ""]
         for part, by_mode in run["picks"].items():
             text = "; ".join(f"{mode}: {', '.join(p['train'])} / {', '.join(p['eval'])}" for mode, p in by_mode.items())

@@ -47,6 +47,63 @@ def _train_note(result) -> str:
     return "; ".join(parts) if parts else "layer shapes not measured in this run"
 
 
+def _ratio_text(result, mode: str, variant: str, base: str, parts) -> str:
+    index = R._index(result["rows"])
+    cells = []
+    for p in parts:
+        a, b = index.get((*NET, p, mode, variant)), index.get((*NET, p, mode, base))
+        if a and b and "median_ms" in a and "median_ms" in b:
+            cells.append(f"P={p}: {a['median_ms'] / b['median_ms']:.2f}")
+    return ", ".join(cells) or "not measured"
+
+
+def _layer_ideal(result, part: int) -> str:
+    batch = result["config"]["batch"]
+    cells = []
+    for shape in ("64->64 @32x32", "64->128 @16x16", "128->128 @16x16", "512->512 @2x2"):
+        row = _layer_row(result, shape, part, f"forward_b{batch}", "sparse_auto_cl")
+        if row and row.get("over_ideal"):
+            cells.append(f"{shape} {row['over_ideal']:.2f}x")
+    return ", ".join(cells) or "not measured"
+
+
+def _misses(result) -> list[str]:
+    batch = result["config"]["batch"]
+    fwd, train = f"forward_b{batch}", f"train_b{batch}"
+    return [
+        "* **Inference vs the masked form** (shipped / masked_cl: "
+        f"{_ratio_text(result, fwd, 'sparse_auto_cl', 'masked_cl', (4, 8, 16, 32, 64))}). The fused kernel "
+        "multiplies only the useful weights, but at P = 4 the masked form wastes only 1/12 of its "
+        "multiply-accumulates (N M / P zeros per pixel against N (9 M / P + M - M / P) useful ones), so most "
+        "of the gain must come from running faster than oneDNN per useful MAC; that happens where oneDNN's "
+        "grouped convolutions are slow (few channels per group, large P) and where the side taps run by "
+        "input column (groups of 16 or 32 filters at stride 1), and less where a group of 8 filters at "
+        "P < 16 leaves half of each 16-lane vector idle under the group masks (64->64 at P = 8, 128->128 at "
+        "P = 16: `layers.md`). BatchNorm, ReLU and pooling are the same in both forms and do not shrink.",
+        "* **Training step vs the masked form** (shipped / masked_cl: "
+        f"{_ratio_text(result, train, 'sparse_auto_cl', 'masked_cl', (4, 8, 16, 32, 64))}). The backward is two "
+        "more passes of the same size (input gradient: the forward kernel on the transposed layer; weight "
+        "gradient: one BLAS product for the centre rows and a tiled reduction over pixels for the side taps). "
+        "The side-tap reduction of narrow groups is broadcast-bound (one 16-lane multiply per input value "
+        "loaded) and the training step also runs BatchNorm, ReLU and pooling backward and the optimizer, "
+        "which do not shrink with P; `auto` keeps `dense` for the few training signatures where it is faster.",
+        "* **Training step vs the published form** (published / shipped: "
+        f"{_ratio_text(result, train, 'published', 'sparse_auto_cl', (4, 8))}). On this CPU oneDNN trains a "
+        "standard convolution faster in NCHW than in channels-last (standard_cl / standard_nchw: "
+        f"{_ratio_text(result, train, 'standard_cl', 'standard_nchw', (1,))}), so the published NCHW code loses "
+        "nothing to its layout in training, and the shipped model gains only what its HetConv layers compute "
+        "faster.",
+        f"* **Per-layer forward vs the FLOP-ideal.** At P = 4: {_layer_ideal(result, 4)}; at P = 64: "
+        f"{_layer_ideal(result, 64)}. The ideal is the standard convolution's time scaled by the useful-MAC "
+        "ratio; the standard convolution runs near the CPU's peak on wide layers, while a HetConv layer with "
+        "few filters per group (P = 64: 1 to 8) has too little work per loaded value to reach it, and the "
+        "small 2 x 2 and 4 x 4 layers beat it because the standard convolution itself is slow there.",
+        "* **Batch 1.** Each call lays out the layer's weights for the kernel (nothing is cached between calls, "
+        "so no write to the weights can be missed): about the size of the parameters read and written once "
+        "per call, which is most of a deep layer's time at batch 1 (`forward_b1` above).",
+    ]
+
+
 def _profile(result, part, mode, variant) -> str:
     for p in result.get("profiles", []):
         if p["part"] == part and p["mode"] == mode and p["variant"] == variant:
@@ -121,46 +178,21 @@ def page(result, image_name: str | None) -> str:
         "with a gradient and a momentum buffer.", "",
         R.memory_table(result), "",
         "## What `backend=\"auto\"` picks", "",
-        "A cost model of oneDNN's kernels (`sparse_hetconv/autotune.py`) proposes a backend once per call "
-        "signature (shape, P, batch, device, dtype, memory format, training); in the default mode "
-        "(`autotune.set_mode(\"confirm\")`) any proposal other than `dense` is kept only if a one-off "
-        "timing on this machine confirms it, so a model calibrated on one CPU cannot pick a slower "
-        "backend on another (`python -m benchmarks.auto_isa` compares both modes with oneDNN capped to "
-        "AVX2). In inference on the CPU it proposes `grouped` (P - 1 grouped 1 x 1 convolutions over only "
-        "the existing kernels) where it predicts a 10 % gain — P = 2 with wide groups — and otherwise "
-        "`dense`, whose 1 x 1 convolution is the masked form's own kernel with the sum fused into the "
-        "k x k output and the scattered weight cached between calls. In training it keeps `dense`: the "
-        "grouped backward measured slower. On CUDA every available backend, `triton` included, is timed. "
-        "`layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` lists "
-        "them (and `pin=True` fixes them); `autotune.set_mode(\"measure\")` times every candidate, "
-        "`\"model\"` trusts the cost model alone. Per layer, against the fastest backend measured in "
-        "this run (an entry in brackets names a faster backend and auto's loss):", "",
+        "On the CPU, `auto` proposes the compiled `fused` kernel (`sparse_hetconv/backends/fused.py`, design "
+        "§11) for every eager float32 2-D call it computes, and in its default mode "
+        "(`autotune.set_mode(\"confirm\")`) keeps it only where a one-off timing on this machine confirms it "
+        "beats `dense` (the masked form's own oneDNN kernels); elsewhere the stock cost model decides between "
+        "`dense` and `grouped`. The choice is made once per call signature (shape, P, batch, dtype, memory "
+        "format, training), so a CPU with other vector units or core counts makes its own (`python -m "
+        "benchmarks.auto_isa` runs the model with oneDNN, MKL and the fused kernels capped to AVX2). bfloat16 "
+        "and autocast calls stay on oneDNN's bfloat16 kernels (AMX here); graph capture records stock "
+        "operators. `layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` "
+        "lists them (`pin=True` fixes them); `\"measure\"` times every candidate, `\"model\"` trusts the cost "
+        "model alone. Per layer, against the fastest backend measured in this run (an entry in brackets "
+        "names a faster backend and auto's loss):", "",
         R.auto_table(result), "",
         "## Where the time goes (misses explained)", "",
-        "* **Training step (and NCHW inference) vs the masked form: parity, not a win.** Both forms run "
-        "the same oneDNN convolutions forward and backward (`aten::mkldnn_convolution` and "
-        "`aten::convolution_backward` are most of the step in the profiles below); the sparse form "
-        "differs only in O(N M) weight-side work — building the dense 1 x 1 matrix from the compact "
-        "values and gathering its gradient back (measured on the AMD EPYC of the first release: "
-        "~0.15 ms per 512 x 512 layer at P = 2, ~0.34 ms at P = 64, against ~0.17 ms for the masked "
-        "form's mask multiply) — and a smaller optimizer step. The ratios therefore sit at 1.00 +- 0.03, the run-to-run noise of this machine, and a "
-        "'<= 1.00' verdict flips from run to run. Computing only the existing 1 x 1 kernels (`grouped`, "
-        "`blocked`, `torch_sparse` rows) was measured and is slower in training on this CPU: oneDNN's "
-        "grouped backward and MKL's matrix products run far below the dense 1 x 1 convolution's speed. "
-        "In channels-last inference the sparse form does win: the sum is fused into the k x k output and "
-        "the dense matrix is built once, not per call.",
-        "* **Training step vs the published form.** Channels-last is what separates the shipped model "
-        "from the published NCHW code, and it helps the forward convolutions much more than their "
-        "backward: `convolution_backward` dominates the step and gains little from the layout, and the "
-        f"first HetConv layer (64 channels at 32 x 32) trains slower in channels-last than in NCHW "
-        f"({_train_note(result)}; `layers.md`).",
-        f"* **Forward vs the FLOP-ideal at P = 4.** oneDNN runs grouped 3 x 3 convolutions with few "
-        f"channels per group far below a standard convolution's speed; the first HetConv layer (64 "
-        f"channels: 16 per group at P = 4, the largest activations) shows it most "
-        f"({_first_layer_note(result)}; the profile below lists its convolution first). BatchNorm, ReLU "
-        "and pooling do not shrink with P either, while the ideal scales them down. `fuse_bn` removes "
-        "the BatchNorm passes and `torch.compile` (freezing) fuses the elementwise work; their rows "
-        "above show how close that gets.",
+        *_misses(result),
         "", f"Profile of the shipped model, P = 4, {train} (3 steps):", "",
         _profile(result, 4, train, "sparse_auto_cl"), "",
         f"Profile of the masked form in channels-last, P = 4, {train} (3 steps):", "",

@@ -26,7 +26,7 @@ from .permutation import ChannelPermutation
 from .shifted import from_shifted, shifted_mask, to_shifted
 from .sparse import SparseHetConv2d, SparseHetConv3d
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ChannelPermutation",

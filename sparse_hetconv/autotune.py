@@ -64,6 +64,7 @@ __all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "fus
 
 MODES = ("confirm", "model", "measure")
 MARGIN = 0.9  # grouped must be predicted at least 10 % faster than dense to be chosen
+FEW_PIXELS = 64  # inference calls with at most this many output pixels also time blocked against fused
 # Calibrated with benchmarks/ on a 2-core AMD EPYC (AVX-512), torch 2.13, oneDNN 3.x, float32:
 C0 = 16.0  # channels per group at which a convolution runs at half its peak efficiency
 CALL = 1.0e6  # fixed cost of one operator call (about 8 us), in MAC-equivalents
@@ -112,7 +113,8 @@ def clear() -> None:
 def choices() -> dict[tuple, tuple[str, str]]:
     """The cached decisions: ``signature -> (backend, how)``, ``how`` one of ``"model"``,
     ``"confirmed"`` (the model's proposal, timed faster than ``dense``), ``"refuted"`` (timed
-    slower: ``dense`` kept) and ``"measure"``."""
+    slower: the faster one kept, ``dense``, or ``blocked`` for an inference call of a few pixels)
+    and ``"measure"``."""
     return dict(_CHOICES)
 
 
@@ -201,6 +203,13 @@ def fused_proposed(pattern: HetConvPattern, input: Tensor, training: bool) -> bo
     return fused.available()
 
 
+def _output_pixels(input: Tensor, stride) -> int:
+    pixels = input.shape[0]
+    for size, s in zip(input.shape[2:], stride):
+        pixels *= (size - 1) // s + 1
+    return pixels
+
+
 def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...]) -> str:
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
@@ -211,9 +220,7 @@ def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool,
     if _memory_format(input) != "channels_last":
         # In NCHW oneDNN reorders grouped convolutions' data; only dense was measured to hold up.
         return "dense"
-    pixels = input.shape[0]  # output pixels, as estimate counts them
-    for size, s in zip(input.shape[2:], stride):
-        pixels *= (size - 1) // s + 1
+    pixels = _output_pixels(input, stride)  # output pixels, as estimate counts them
     costs = estimate(pattern, max(pixels, 1), training)
     return "grouped" if costs["grouped"] < MARGIN * costs["dense"] else "dense"
 
@@ -261,7 +268,12 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     else:
         backend, how = _model_choice(pattern, input, training, tuple(stride)), "model"
         if mode == "confirm" and backend != "dense":
-            timed = _measured_choice(pattern, input, training, stride, ("dense", backend))
+            names = ("dense", backend)
+            if backend == "fused" and not training and _output_pixels(input, stride) <= FEW_PIXELS:
+                # A few output pixels (batch 1, deep layers): laying out the weights is most of the
+                # fused kernel's time, and blocked, which reads them in place, can be faster.
+                names += ("blocked",)
+            timed = _measured_choice(pattern, input, training, stride, names)
             backend, how = timed, "confirmed" if timed == backend else "refuted"
     _CHOICES[key] = (backend, how)
     return backend

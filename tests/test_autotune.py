@@ -104,6 +104,11 @@ def test_the_model_proposes_fused_where_it_computes_and_confirm_times_it(monkeyp
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert autotune.choose(pattern, x, training=False) != "fused", "autocast computes in bfloat16"
     assert autotune.choose(HetConvPattern(16, 16, 4, dims=3), torch.randn(1, 16, 3, 3, 3), False) != "fused"
+    timed.clear()
+    autotune.choose(pattern, torch.randn(1, 64, 4, 4), training=False)
+    assert timed == [("dense", "fused", "blocked")], f"a few output pixels also time blocked: {timed}"
+    autotune.choose(pattern, torch.randn(1, 64, 4, 4), training=True)
+    assert timed[-1] == ("dense", "fused"), "training calls time fused against dense only"
 
 
 def test_candidates_are_the_backends_available_on_the_device():

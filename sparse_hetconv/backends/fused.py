@@ -115,9 +115,9 @@ def gv_applies(block_in: int, block_out: int, part: int, lanes: int) -> bool:
 
     GVO needs groups enough to fill a vector (``P >= lanes``) and a filter count per group its
     tiles take (1, 2, 3, 6 or a multiple of 4; csrc: gvo_filters). It wins where a group's filters
-    would leave most OV lanes idle under the group masks: measured on VGG-16's shapes
-    (benchmarks/results/layers.md), 0.30-0.79x OV's time at ``n <= 4``, 0.87-1.12x at ``n = 8``
-    (better from ``P = 64``), 1.07-1.32x at ``n = 16``.
+    would leave most OV lanes idle under the group masks: measured on VGG-16's layer shapes at
+    batch 32 (the development machine of docs/performance.md, both tilings interleaved), 0.30-0.79x
+    OV's time at ``n <= 4``, 0.87-1.12x at ``n = 8`` (better from ``P = 64``), 1.07-1.32x at ``n = 16``.
     """
     n = block_out
     if part < lanes or not (n in (1, 2, 3, 6) or n % 4 == 0):

@@ -593,8 +593,9 @@ typedef void (*direct_fn)(const float*, int64_t, int64_t, int64_t, int64_t, int6
 // vector (pairs of groups), (1, 1) any other group of whole vectors. MR within the register budget
 // (accumulators + the row's weights + one broadcast).
 constexpr int direct_mr(int nv, int groups, int kw) {
-  return V::L == 16 ? (nv == 2 ? (groups == 1 && kw == 5 ? 8 : 12) : 24)
-                    : (nv == 2 ? (groups == 1 ? (kw == 5 ? 2 : 4) : (kw == 5 ? 4 : 5)) : (kw == 5 ? 8 : 12));
+  // Registers: MR * NV accumulators + the row's weights (kw * NV vectors) + one broadcast.
+  return V::L == 16 ? (nv == 2 ? (kw == 5 ? (groups == 1 ? 8 : 10) : 12) : 24)
+                    : (nv == 2 ? (kw == 5 ? 2 : 4) : (kw == 5 ? 8 : 12));
 }
 
 template <int NV, int GROUPS, int KW, int MR = 1>
@@ -711,9 +712,9 @@ typedef void (*gvo_fn)(const float* const*, const float* const*, int64_t, int, i
                        const float*, int64_t, const vmask*, const int*, const V::idx*, const float*, float*, int64_t,
                        int, int);
 
-// Tiles: NV = GVN * NO accumulator vectors per pixel, MR pixels, within the register budget
-// (AVX-512: 24 accumulators and MR broadcasts; AVX2: 12).
-constexpr int gvo_mr(int nv) { return std::min(MAX_MR, std::max(1, (V::L == 16 ? 24 : 12) / nv)); }
+// Tiles: NV = GVN * NO accumulator vectors per pixel, MR pixels, within the register budget: MR * NV
+// accumulators, MR input vectors (or broadcasts) and one weight vector in 32 (AVX-512) or 16 (AVX2).
+constexpr int gvo_mr(int nv) { return std::min(MAX_MR, std::max(1, ((V::L == 16 ? 32 : 16) - 1) / (nv + 1))); }
 
 template <int NV, int NO, int MR = 1>
 gvo_fn gvo_pick(int mr) {

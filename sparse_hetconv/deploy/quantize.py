@@ -71,6 +71,33 @@ def _failing_module(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
     return name, why
 
 
+_STATELESS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish, nn.Tanh)
+_STATELESS_NAMES = {f"{c.__module__}.{c.__qualname__}" for c in _STATELESS}  # how nn_module_stack names them
+
+
+def _split_reused_activations(gm):
+    """Give each call of a stateless activation module its own source partition.
+
+    The X86 quantizer groups nodes into patterns by the module they come from; a module called twice
+    (ResNet's blocks apply one ``self.relu`` after the first convolution and after the sum) is one
+    partition with two outputs, which it cannot annotate ("Input partition has more than one output
+    node"). Naming each call's source after its node makes every call a pattern of its own.
+    """
+    for node in gm.graph.nodes:
+        stack = node.meta.get("source_fn_stack")  # strict export
+        if stack and isinstance(stack[-1][1], type) and issubclass(stack[-1][1], _STATELESS):
+            name, kind = stack[-1]
+            node.meta["source_fn_stack"] = [*stack[:-1], (f"{name}__{node.name}", kind)]
+        modules = node.meta.get("nn_module_stack")  # non-strict export (the default): the innermost module
+        if modules and node.op == "call_function":
+            key, (fqn, kind) = list(modules.items())[-1]
+            if (kind in _STATELESS_NAMES) if isinstance(kind, str) else (isinstance(kind, type) and issubclass(kind, _STATELESS)):
+                modules = dict(modules)
+                modules[key] = (f"{fqn}__{node.name}", kind)
+                node.meta["nn_module_stack"] = modules
+    return gm
+
+
 def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=None, *, form: str = "masked",
              batches: int = 8, batch: int = 32):
     """Post-training static int8 quantization with PT2E and the X86 Inductor quantizer.
@@ -118,7 +145,7 @@ def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=Non
         raise ValueError(f"cannot quantize: torch.export fails in module '{where or '<root>'}' ({why})") from error
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(program.module(), quantizer)
+    prepared = prepare_pt2e(_split_reused_activations(program.module()), quantizer)
     with torch.no_grad():
         for x in data:
             prepared(x.contiguous())

@@ -125,3 +125,23 @@ def test_int8_accuracy_on_the_digits_test_split():
         agreement = float((got == reference).float().mean())
         assert drop <= 0.5, f"{name}: int8 accuracy {100 * accuracy - drop:.2f} % vs float32 {100 * accuracy:.2f} %"
         assert agreement >= 0.99, f"{name}: top-1 agreement with float32 {100 * agreement:.2f} %"
+
+
+def test_a_module_called_twice_quantizes():
+    """ResNet's blocks apply one nn.ReLU twice; the X86 quantizer once refused it ("Input partition
+    has more than one output node")."""
+    from sparse_hetconv import SparseHetConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = SparseHetConv2d(16, 16, 4), SparseHetConv2d(16, 16, 4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Block()).eval()
+    quantized = quantize(model, torch.randn(8, *SIZE), input_size=SIZE)
+    weights = sum("dequantize_per_channel" in str(n.target) for n in quantized.graph.nodes)
+    assert weights == 5, f"{weights} convolutions quantized, expected the stem and both branches of both layers"

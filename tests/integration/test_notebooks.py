@@ -18,7 +18,7 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-PUBLIC = ("sparse_hetconv", "sparse_hetconv.models")
+PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy")
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 
 
@@ -44,9 +44,9 @@ def kernel_env(tmp_path_factory):
             os.environ[key] = value
 
 
-def test_there_are_three_notebooks():
+def test_there_are_four_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb"], names
+    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
