@@ -119,6 +119,7 @@ class Library:
             "shc_direct_panel_floats": ([i64p], i64),
             "shc_direct_pack": ([p, i64p, p, i64p, i64p, i32, p, i32], None),
             "shc_direct_forward": ([p, p, p, p, i64p, i32], None),
+            "shc_dot_forward": ([p, p, i64p, p, i64p, p, p, i64p, i32], None),
             "shc_gv_transpose": ([p, i64, i64, i64, p, i32], None),
             "shc_gv_pack": ([p, i64p, i64p, i32, p], None),
             "shc_gvo_panel_floats": ([i64p], i64),

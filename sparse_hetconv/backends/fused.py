@@ -198,6 +198,16 @@ class _Pass:
         return y
 
 
+DOT_PIXELS = 64  # output pixels up to which the forward reads the weights in place (csrc: shc_dot_forward)
+
+
+def _dot_applies(out_shape, weight_kxk: Tensor, weight_1x1: Tensor) -> bool:
+    """A forward of at most :data:`DOT_PIXELS` output pixels whose k x k weights have contiguous
+    input channels (channels-last, as the models keep them) and whose compact rows are contiguous."""
+    pixels = out_shape[0] * out_shape[2] * out_shape[3]
+    return 0 < pixels <= DOT_PIXELS and weight_kxk.stride(1) == 1 and weight_1x1.stride(1) == 1
+
+
 def _out_shape(input_shape, cout: int, stride) -> tuple:
     batch, _, height, width = input_shape
     return (batch, cout, (height - 1) // stride[0] + 1, (width - 1) // stride[1] + 1)
@@ -213,9 +223,17 @@ class _FusedHetConv(torch.autograd.Function):
         batch, cin, height, width = x.shape
         cout, kernel = weight_kxk.shape[0], tuple(weight_kxk.shape[2:])
         xc = x.contiguous(memory_format=CL)
-        layer = _Pass(lib, batch, height, width, cin, cout, part, kernel, stride)
-        y = layer.run(xc, layer.pack(weight_kxk, weight_1x1, False, threads),
-                      None if bias is None else bias.contiguous(), _out_shape(x.shape, cout, stride), threads)
+        out_shape = _out_shape(x.shape, cout, stride)
+        bias = None if bias is None else bias.contiguous()
+        if _dot_applies(out_shape, weight_kxk, weight_1x1):
+            # A few output pixels: the weights are read where they lie, nothing laid out.
+            y = torch.empty(out_shape, dtype=torch.float32, memory_format=CL)
+            geo = _i64(batch, height, width, cin, cout, part, kernel[0], kernel[1], stride[0], stride[1], 1, 1)
+            lib.shc_dot_forward(_ptr(xc), _ptr(weight_kxk), _i64(*weight_kxk.stride()), _ptr(weight_1x1),
+                                _i64(*weight_1x1.stride()), _ptr(bias), _ptr(y), geo, threads)
+        else:
+            layer = _Pass(lib, batch, height, width, cin, cout, part, kernel, stride)
+            y = layer.run(xc, layer.pack(weight_kxk, weight_1x1, False, threads), bias, out_shape, threads)
         ctx.save_for_backward(xc, weight_kxk, weight_1x1)
         ctx.stride, ctx.part, ctx.has_bias = tuple(stride), part, bias is not None
         return y

@@ -78,6 +78,7 @@ struct V {
   static inline t fma(t a, t b, t c) { return _mm512_fmadd_ps(a, b, c); }
   static inline t fmam(t a, t b, t c, m k) { return _mm512_mask3_fmadd_ps(a, b, c, k); }
   static inline t add(t a, t b) { return _mm512_add_ps(a, b); }
+  static inline float sum(t a) { return _mm512_reduce_add_ps(a); }
   static inline idx index(const int32_t* v) { return _mm512_loadu_si512(v); }
   static inline t gather(const float* base, idx i) { return _mm512_i32gather_ps(i, base, 4); }
   // a[o] (lanes = groups) -> out[c] (lanes = (group, o) pairs, o fastest), for 2 or 4 vectors.
@@ -126,6 +127,11 @@ struct V {
     return _mm256_blendv_ps(c, _mm256_fmadd_ps(a, b, c), _mm256_castsi256_ps(k));
   }
   static inline t add(t a, t b) { return _mm256_add_ps(a, b); }
+  static inline float sum(t a) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+  }
   static inline idx index(const int32_t* v) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v)); }
   static inline t gather(const float* base, idx i) { return _mm256_i32gather_ps(base, i, 4); }
   static inline void interleave(const t*, int, t*) {}
@@ -619,6 +625,79 @@ direct_fn direct_kernel(int nv, int groups, int kw, int mr) {
   return nullptr;
 }
 
+// ---- dot: a few output pixels, the weights read where they lie -----------------------------------
+
+// For calls with few output pixels (batch 1, deep layers) laying out the weights costs more than
+// the multiplies. Here each output is a dot product over channels of the input and the weights in
+// their own memory: the compact row w1[j] (contiguous), and the k x k kernels with contiguous input
+// channels (channels-last kxk weights: K[j][t][c']). acc[i][f] holds VL partial sums of pixel i and
+// filter j0 + f (filters of one group); horizontal sums at the end.
+struct DotSeg {
+  int32_t row, off, len;  // table row (tap), channel offset in the input, length
+  int64_t woff;           // offset of the weights within the filter's rows
+  bool kxk;               // weights from the k x k kernels (else from w1)
+};
+
+template <int MR, int NJ>
+void dot_tile(const DotSeg* segs, int nseg, const float* const* tab, int64_t ld, const float* const* w1rows,
+              const float* const* kxkrows, int64_t sk0, int64_t s10, float* out, int64_t ldo, const float* bias) {
+  vec acc[MR][NJ];
+  for (int i = 0; i < MR; ++i)
+    for (int f = 0; f < NJ; ++f) acc[i][f] = V::zero();
+  (void)sk0;
+  (void)s10;
+  for (int s = 0; s < nseg; ++s) {
+    const DotSeg sg = segs[s];
+    const float* x[MR];
+    for (int i = 0; i < MR; ++i) x[i] = tab[sg.row * ld + i] + sg.off;
+    const float* w[NJ];
+    for (int f = 0; f < NJ; ++f) w[f] = (sg.kxk ? kxkrows[f] : w1rows[f]) + sg.woff;
+    int c = 0;
+    for (; c + V::L <= sg.len; c += V::L) {
+      vec wv[NJ];
+      for (int f = 0; f < NJ; ++f) wv[f] = V::load(w[f] + c);
+      for (int i = 0; i < MR; ++i) {
+        const vec xv = V::load(x[i] + c);
+        for (int f = 0; f < NJ; ++f) acc[i][f] = V::fma(xv, wv[f], acc[i][f]);
+      }
+    }
+    if (c < sg.len) {
+      const vmask k = V::lanes(0, sg.len - c);
+      vec wv[NJ];
+      for (int f = 0; f < NJ; ++f) wv[f] = V::loadm(w[f] + c, k);
+      for (int i = 0; i < MR; ++i) {
+        const vec xv = V::loadm(x[i] + c, k);
+        for (int f = 0; f < NJ; ++f) acc[i][f] = V::fma(xv, wv[f], acc[i][f]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int f = 0; f < NJ; ++f) out[i * ldo + f] = V::sum(acc[i][f]) + (bias ? bias[f] : 0.f);
+}
+
+typedef void (*dot_fn)(const DotSeg*, int, const float* const*, int64_t, const float* const*, const float* const*,
+                       int64_t, int64_t, float*, int64_t, const float*);
+
+constexpr int DOT_MR = 4;
+
+template <int NJ, int MR = 1>
+dot_fn dot_pick(int mr) {
+  if constexpr (MR > DOT_MR) {
+    return nullptr;
+  } else {
+    return mr == MR ? dot_tile<MR, NJ> : dot_pick<NJ, MR + 1>(mr);
+  }
+}
+
+dot_fn dot_kernel(int nj, int mr) {
+  switch (nj) {
+    case 1: return dot_pick<1>(mr);
+    case 2: return dot_pick<2>(mr);
+    case 4: return dot_pick<4>(mr);
+  }
+  return nullptr;
+}
+
 // ---- GV (lanes = groups) ---------------------------------------------------------------------
 
 // GV layout of a tensor of C channels in P blocks of b: element [c'][g] (c' < b) of each pixel is
@@ -1107,6 +1186,47 @@ void SHC_SUFFIX(shc_direct_forward)(const float* x, const float* panels, const f
                                                 panels + q * cf, y + ((b * geo.Ho + ho) * geo.Wo + wo0) * geo.Cout + q * NR,
                                                 geo.Cout, bias ? bias + q * NR : nullptr, tail.data());
     }
+}
+
+// ---- dot -----------------------------------------------------------------------------------------
+
+// y (NHWC) = layer `g` (the forward layer) on x (NHWC) with the weights read in place: wk with
+// contiguous input channels (sk[1] == 1, e.g. channels-last), w1 with contiguous rows (s1[1] == 1).
+void SHC_SUFFIX(shc_dot_forward)(const float* x, const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
+                                 const float* bias, float* y, const int64_t* g, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int64_t L = geo.pixels(), M = geo.Cin, N = geo.Cout, m = geo.m(), n = geo.n(), T = geo.T();
+  if (L == 0) return;
+  const auto taps = side_taps(geo);
+  const int nj = n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1;
+  const int64_t tiles = N / nj;
+  std::vector<float> zeros(M, 0.f);
+  std::vector<const float*> tab(T * L);
+  fill_table(geo, x, zeros.data(), 0, L, taps, tab.data(), L);
+  auto toff = [&](int64_t t) { return (t / geo.kw) * sk[2] + (t % geo.kw) * sk[3]; };
+#pragma omp parallel for num_threads(threads_for(tiles, nthreads)) schedule(static)
+  for (int64_t q = 0; q < tiles; ++q) {
+    const int64_t j0 = q * nj, grp = j0 / n, lo = grp * m;
+    // The filter's channels in order: before its block (w1), its block at the centre (kxk), after
+    // it (w1), then the side taps of its block (kxk).
+    DotSeg segs[70];
+    int nseg = 0;
+    if (lo > 0) segs[nseg++] = {0, 0, (int32_t)lo, 0, false};
+    segs[nseg++] = {0, (int32_t)lo, (int32_t)m, toff(geo.centre_tap()), true};
+    if (lo + m < M) segs[nseg++] = {0, (int32_t)(lo + m), (int32_t)(M - lo - m), lo * s1[1], false};
+    for (size_t s = 0; s < taps.size(); ++s) segs[nseg++] = {(int32_t)(s + 1), (int32_t)lo, (int32_t)m, toff(taps[s]), true};
+    const float* w1rows[4];
+    const float* kxkrows[4];
+    for (int f = 0; f < nj; ++f) {
+      w1rows[f] = w1 + (j0 + f) * s1[0];
+      kxkrows[f] = wk + (j0 + f) * sk[0];
+    }
+    for (int64_t i0 = 0; i0 < L; i0 += DOT_MR) {
+      const int r = (int)std::min<int64_t>(DOT_MR, L - i0);
+      dot_kernel(nj, r)(segs, nseg, tab.data() + i0, L, w1rows, kxkrows, sk[0], s1[0], y + i0 * N + j0, N,
+                        bias ? bias + j0 : nullptr);
+    }
+  }
 }
 
 // ---- GV ----------------------------------------------------------------------------------------

@@ -260,3 +260,17 @@ def test_without_a_compiler_the_backend_is_unavailable_and_auto_does_not_pick_it
     env = dict(os.environ, PATH=str(tmp_path), CXX="", SPARSE_HETCONV_BUILD_DIR=str(tmp_path / "build"))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dot", [True, False], ids=["in-place weights", "laid-out weights"])
+def test_a_few_pixels_with_weights_in_place_or_laid_out(isa, dot, monkeypatch):
+    """Forwards of at most DOT_PIXELS output pixels with channels-last k x k weights read the
+    weights where they lie (dot products over channels); both routes give the oracle's numbers."""
+    if not dot:
+        monkeypatch.setattr(fused, "DOT_PIXELS", 0)
+    with build(isa):
+        for M, N, P, size, k, stride in ((64, 128, 4, (4, 4), 3, 1), (48, 32, 16, (5, 3), 5, 2), (24, 24, 24, (2, 2), 3, 1),
+                                         (96, 48, 3, (1, 1), 3, 1), (40, 80, 8, (3, 7), 3, 2)):
+            check_against_oracle(M, N, P, k, (stride, stride), 2, size, True, False, True, 3,
+                                 f"{isa} dot={dot} {(M, N, P, size, k, stride)}")
