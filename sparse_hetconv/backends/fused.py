@@ -240,6 +240,14 @@ class _FusedHetConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # A backward run inside an autocast region (``loss.backward()`` in the ``with`` block) would
+        # cast its stock products (dY^T X, the strided input gradient) to bfloat16, which the
+        # kernels would then read as float32.
+        with torch.autocast("cpu", enabled=False):
+            return _FusedHetConv._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         xc, weight_kxk, weight_1x1 = ctx.saved_tensors
         stride, part = ctx.stride, ctx.part
         lib = _cpu_build.load()

@@ -32,8 +32,11 @@ Conventions:
     over ``B*H*W`` pixels into a small output, where cuBLAS's split-K heuristics are well tuned,
     while the Triton kernel pays a workspace and a second reduction; both are kept so that an
     autotuner can measure them on a GPU (no GPU was available when this was written).
-  - ``grad_weight_kxk``: always ``torch.nn.grad.conv2d_weight`` (grouped, cuDNN on a GPU);
-    ``grad_bias``: a sum over pixels.
+  - ``grad_weight_kxk``: always ``torch.nn.grad.conv2d_weight`` (grouped, cuDNN on a GPU; in
+    float32 where oneDNN's bfloat16 weight gradient is wrong on the CPU, see
+    ``_common.bf16_conv_is_wrong``); ``grad_bias``: a sum over pixels.
+
+  The backward computes in the saved tensors' dtype even when it runs inside an autocast region.
 
   The stock kernels follow their own TF32 switches (``cudnn.allow_tf32`` for the convolutions,
   ``torch.backends.cuda.matmul.allow_tf32`` for the products).
@@ -51,6 +54,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from ._common import bf16_conv_is_wrong
 
 __all__ = ["GRAD_IMPLS", "available", "check_supported", "het_conv2d_triton"]
 
@@ -338,7 +343,22 @@ def _grad_weight_1x1_stock(grad: Tensor, input: Tensor, stride: tuple[int, int],
     return torch.cat(blocks, dim=0)
 
 
+def _grad_weight_kxk(grad: Tensor, input: Tensor, weight_kxk: Tensor, stride) -> Tensor:
+    kh, kw = weight_kxk.shape[2:]
+    groups = input.shape[1] // weight_kxk.shape[1]
+    if bf16_conv_is_wrong(input, tuple(stride)):
+        grad, input = grad.float(), input.float()
+    out = torch.nn.grad.conv2d_weight(input, weight_kxk.shape, grad, stride, (kh // 2, kw // 2), 1, groups)
+    return out.to(weight_kxk.dtype)
+
+
 def _backward(ctx, grad: Tensor):
+    # ``loss.backward()`` inside the autocast region: the products below stay in the saved dtype.
+    with torch.autocast(grad.device.type, enabled=False):
+        return _backward_products(ctx, grad)
+
+
+def _backward_products(ctx, grad: Tensor):
     input, weight_kxk, weight_1x1 = ctx.saved_tensors
     stride, part = ctx.stride, ctx.part
     impl_input, impl_1x1 = ctx.impls
@@ -349,9 +369,8 @@ def _backward(ctx, grad: Tensor):
         grad_in = input.new_zeros(input.shape) if empty else _grad_input(
             grad, input, weight_kxk, weight_1x1, stride, part, impl_input)
     if need[1]:
-        kh, kw = weight_kxk.shape[2:]
-        grad_kxk = weight_kxk.new_zeros(weight_kxk.shape) if empty else torch.nn.grad.conv2d_weight(
-            input, weight_kxk.shape, grad, stride, (kh // 2, kw // 2), 1, part)
+        grad_kxk = weight_kxk.new_zeros(weight_kxk.shape) if empty else _grad_weight_kxk(
+            grad, input, weight_kxk, stride)
     if need[2] and weight_1x1 is not None:
         if empty:
             grad_1x1 = weight_1x1.new_zeros(weight_1x1.shape)

@@ -10,7 +10,8 @@ what happened before (a first call, a repeated one, one after an in-place weight
 ``.to()`` of dtype or memory format, a repeated ``eval()``, a change of mode, a write through
 ``.data`` that the version counter does not see, with no change of mode after it) and whether the
 input holds ``inf``
-or NaN (docs/design.md §9). The property sweeps all of it for the sparse layer, for
+or NaN (docs/design.md §9), and, under autocast, whether the backward runs inside the autocast
+region too (``loss.backward()`` in the ``with`` block: a backward's own products are cast down). The property sweeps all of it for the sparse layer, for
 :func:`het_conv2d` / :func:`het_conv3d` and for the masked layer (with whatever NaN or ``inf`` its
 masked-out ``pwc`` diagonal holds), in 2-D and, smaller, in 3-D, and compares each call with the
 float64 oracle of ``tests/helpers.py``: the output and, where autograd records the call, the
@@ -112,6 +113,7 @@ class Case:
     calls: list = field(default_factory=list)  # (mode, event after the call)
     small_product: bool = True
     measure: bool = False
+    backward_in_autocast: bool = False  # ``loss.backward()`` inside the ``with torch.autocast`` block
     nonfinite: list = field(default_factory=list)  # (position in [0, 1), value)
     seed: int = 0
 
@@ -134,6 +136,7 @@ def cases(draw, dims: int):
         precision=draw(st.sampled_from(list(PRECISIONS))),
         weights_cl=draw(st.booleans()), input_cl=draw(st.booleans()), calls=calls,
         small_product=draw(st.booleans()), measure=form == "auto" and draw(st.booleans()),
+        backward_in_autocast=draw(st.booleans()),
         nonfinite=nonfinite, seed=draw(st.integers(0, 2**16)),
     )
 
@@ -232,7 +235,9 @@ def check_call(case: Case, module: nn.Module, x64: torch.Tensor, mode: str, auto
         return
     weight = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(case.seed + 2))
     names = list(params)
-    got = torch.autograd.grad((out.double() * weight).sum(), [x] + [params[n] for n in names], allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and case.backward_in_autocast):
+        got = torch.autograd.grad((out.double() * weight).sum(), [x] + [params[n] for n in names],
+                                  allow_unused=True)
     wanted = torch.autograd.grad((expected * weight).sum(), [x_ref] + [params64[n] for n in names],
                                  allow_unused=True)
     scales = torch.autograd.grad((scale * weight.abs()).sum(), [x_abs] + [params_abs[n] for n in names],
