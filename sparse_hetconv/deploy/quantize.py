@@ -24,6 +24,7 @@ from torch import nn
 
 from .._checks import MissingExtraError
 from .._files import atomic_write, check_output_file
+from .._frozen import FrozenCompiled
 from .calibration import calibration_batches
 from .forms import export_form
 from .onnx_export import check_input_size
@@ -152,14 +153,12 @@ def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=Non
     return convert_pt2e(prepared)
 
 
-def compile_int8(quantized, example: torch.Tensor | None = None):
+def compile_int8(quantized, example: torch.Tensor | None = None) -> nn.Module:
     """``torch.compile`` a :func:`quantize`'d model with Inductor's freezing, the lowering of the
     quantize / dequantize pairs into oneDNN int8 convolutions (call it under ``torch.no_grad``);
-    ``example`` is run once to compile."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    compiled = torch.compile(quantized, dynamic=False)
+    ``example`` is run once to compile. Freezing applies to this model's compilations only
+    (:class:`sparse_hetconv._frozen.FrozenCompiled`): the process's Inductor settings are unchanged."""
+    compiled = FrozenCompiled(quantized)
     if example is not None:
         with torch.no_grad():
             compiled(example)

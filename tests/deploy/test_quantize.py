@@ -35,9 +35,13 @@ def test_pt2e_int8_runs_close_to_float32_and_compiles():
         expected, reference = net(x), quantized(x)
     error = float((reference - expected).norm() / expected.norm())
     assert error < 0.1, f"int8 (reference arithmetic) is {error:.3f} away from float32"
+    import torch._inductor.config as inductor_config
+
     compiled = compile_int8(quantized, x[:1])
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+    # Freezing is this model's: a later torch.compile in the process must not freeze its weights.
+    assert inductor_config.freezing is False, "compile_int8 left Inductor's freezing on for the process"
 
 
 def test_onnx_int8_runs(tmp_path):

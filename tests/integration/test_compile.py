@@ -201,3 +201,27 @@ def test_compiled_inference_follows_weight_updates(backend):
             assert_close(compiled(x), layer(x), f"{backend}: compiled no-grad call {step}", rtol=1e-6, atol=1e-6)
             layer.weight_1x1.mul_(-0.5)
             layer.weight_kxk.add_(0.01)
+
+
+@CXX
+def test_frozen_compile_freezes_only_its_own_graphs():
+    """FrozenCompiled (compile_int8's and the benchmarks' compiled variants) folds its model's
+    weights at compilation; a plain torch.compile after it still reads weights at each call."""
+    import torch._inductor.config as inductor_config
+
+    from sparse_hetconv._frozen import FrozenCompiled
+
+    torch._dynamo.reset()
+    frozen_layer = SparseHetConv2d(8, 8, 2, backend="dense").eval()
+    plain_layer = copy.deepcopy(frozen_layer)
+    frozen, plain = FrozenCompiled(frozen_layer), torch.compile(plain_layer)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        before = frozen(x)
+        assert_close(plain(x), plain_layer(x), "plain compiled layer", rtol=1e-5, atol=1e-6)
+        for layer in (frozen_layer, plain_layer):
+            layer.weight_kxk.mul_(-1.0)
+        assert_close(frozen(x), before, "the frozen graph keeps the weights it was compiled with", rtol=0, atol=0)
+        assert_close(plain(x), plain_layer(x), "plain compiled layer after a weight update", rtol=1e-5, atol=1e-6)
+    assert inductor_config.freezing is False, "FrozenCompiled changed the process's setting"
+    assert [name for name, _ in frozen.named_parameters()] == ["module.weight_kxk", "module.weight_1x1"]

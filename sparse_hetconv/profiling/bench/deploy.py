@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..._files import check_output_folder
+from ..._frozen import FrozenCompiled
 from ...convert import to_sparse
 from ...counting import count_macs
 from ...fuse import fuse_bn
@@ -90,10 +91,7 @@ def _callables(name: str, part: int, size, calibration, variants) -> tuple[dict,
 
     fns["eager"] = eager
     if "compiled" in variants:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        compiled = torch.compile(fuse_bn(shipped), dynamic=False)
+        compiled = FrozenCompiled(fuse_bn(shipped))
 
         def run_compiled(x, m=compiled):
             with torch.no_grad():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..._frozen import FrozenCompiled
 from ...convert import to_sparse
 from ...fuse import fuse_bn
 from ...masked import MaskedHetConv2d
@@ -127,10 +128,8 @@ def _inference(module: nn.Module, name: str) -> nn.Module:
     if name.endswith(("_fused", "_compiled")):
         module = fuse_bn(module.eval())
     if name.endswith("_compiled"):
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # fold weights as constants: what a deployed model gets
-        module = torch.compile(module, dynamic=False)  # one static graph per batch size
+        # weights folded as constants (what a deployed model gets); one static graph per batch size
+        module = FrozenCompiled(module)
     return module
 
 
