@@ -109,7 +109,7 @@ def layers(draw):
 
 
 @pytest.mark.parametrize("isa", _isas())
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=200 if os.environ.get("HYPOTHESIS_PROFILE") == "thorough" else 25, deadline=None)
 @given(case=layers())
 def test_matches_the_oracle_forward_and_backward(isa, case):
     with build(isa):
