@@ -9,7 +9,7 @@ import torch
 
 from .malloc import mmap_threshold_pinned
 
-__all__ = ["cpu_isa", "machine_info"]
+__all__ = ["cpu_isa", "machine_info", "sgemm_gflops"]
 
 # Instruction-set extensions that change which kernels oneDNN and MKL run, widest first.
 _ISA_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx")
@@ -57,3 +57,18 @@ def machine_info() -> dict:
         "trim_threshold_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "mmap_threshold_pinned": mmap_threshold_pinned(),
     }
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The float32 GFLOP/s of one large square ``torch.mm`` (MKL) here, best of ``repeats``: the
+    practical peak against which a kernel's effective GFLOP/s are read (at this many threads)."""
+    import time
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9

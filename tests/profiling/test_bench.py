@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
 
 def test_bench_writes_json_tables_and_plot(tiny_run):
     out, result = tiny_run
-    for name in ("bench.md", "layers.md", "profiles.md", "latency_vs_p.png"):
+    for name in ("bench.md", "layers.md", "profiles.md", "latency_vs_p.png", "layers.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, f"{name} was not written"
     assert result["machine"]["threads"] == torch.get_num_threads()
     assert result["machine"]["cpu"], "the machine must be named in the output"
@@ -82,6 +82,7 @@ def test_repository_docs_page_renders_from_a_run(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = docs.read_text()
     assert "## Targets" in text and (tmp_path / "performance_latency_vs_p.png").is_file(), "docs page incomplete"
+    assert (tmp_path / "performance_layers.png").is_file() and "performance_layers.png" in text, "no per-layer plot"
 
 
 def test_published_module_masks_gradients_and_matches_the_library():

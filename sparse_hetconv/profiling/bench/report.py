@@ -233,7 +233,8 @@ def machine_line(result) -> str:
     isa = f" ({m['isa']})" if m.get("isa") else ""
     return (f"{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
             f"Python {m['python']}, {m['platform']}; glibc mmap threshold pinned: {m['mmap_threshold_pinned']} "
-            f"(MALLOC_MMAP_THRESHOLD_={m['mmap_threshold_env']})")
+            f"(MALLOC_MMAP_THRESHOLD_={m['mmap_threshold_env']})"
+            + (f"; float32 sgemm peak (one 2048^3 torch.mm): {m['sgemm_gflops']:.0f} GFLOP/s" if m.get("sgemm_gflops") else ""))
 
 
 def bench_markdown(result) -> str:
@@ -294,16 +295,66 @@ def plot(result, path: Path) -> Path | None:
     return path
 
 
+LAYER_PLOT_VARIANTS = (("sparse_dense_cl", "stock: grouped k x k + dense 1 x 1"), ("masked_cl", "masked"),
+                       ("sparse_fused_cl", "fused (only the existing kernels)"))
+
+
+def plot_layers(result, path: Path, parts=(4, 64)) -> Path | None:
+    """Forward time per VGG-16 layer (batch of the run): the stock formulation, the masked form,
+    the fused kernel and the FLOP-ideal (those the run measured), one panel per P in ``parts``
+    that the run measured (else its first P); None without layer rows or matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    mode = f"forward_b{result['config']['batch']}"
+    rows = [r for r in result["rows"] if r["level"] == "layer" and r["mode"] == mode]
+    measured = sorted({r["part"] for r in rows if r["part"] > 1})
+    if not measured:
+        return None
+    parts = [p for p in parts if p in measured] or measured[:1]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    index = _index(rows)
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.2), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        here = [s for s in shapes if any(r["shape"] == s and r["part"] == part for r in rows)]
+        xs = range(len(here))
+        for color, (variant, label) in enumerate(LAYER_PLOT_VARIANTS):
+            ys = [index.get(("layer", s, part, mode, variant), {}).get("median_ms") for s in here]
+            if any(y is not None for y in ys):
+                ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", color=f"C{color}",
+                        label=label)
+        ideal = [index.get(("layer", s, part, mode, "standard_cl"), {}).get("ideal_ms") for s in here]
+        if any(v is not None for v in ideal):
+            ax.plot(xs, [float("nan") if v is None else v for v in ideal], linestyle="--", color="black",
+                    label="FLOP-ideal")
+        ax.set_xticks(list(xs), here, rotation=40, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"one VGG-16 layer, P = {part}, {mode}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['machine']['cpu']}, {result['machine']['threads']} threads, torch {result['machine']['torch']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_all(result, out: Path) -> list[Path]:
-    """Write bench.md, layers.md, profiles.md and latency_vs_p.png into ``out``."""
+    """Write bench.md, layers.md, profiles.md, latency_vs_p.png and layers.png into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (("bench.md", bench_markdown(result)), ("layers.md", layers_markdown(result)),
                        ("profiles.md", profiles_markdown(result))):
         (out / name).write_text(text + "\n")
         written.append(out / name)
-    image = plot(result, out / "latency_vs_p.png")
-    if image:
-        written.append(image)
+    for image in (plot(result, out / "latency_vs_p.png"), plot_layers(result, out / "layers.png")):
+        if image:
+            written.append(image)
     return written
 
