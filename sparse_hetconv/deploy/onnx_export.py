@@ -26,7 +26,7 @@ from .forms import FORMS, export_form, hetconv_layers
 __all__ = ["BEST_FORM", "TOLERANCE", "ExportResult", "check_input_size", "count_hetconv", "export_onnx", "onnx_bytes"]
 
 #: The export form per runtime: the fastest measured on VGG-16 / CIFAR-10 (benchmarks/deploy.py).
-BEST_FORM = {"onnxruntime": "masked", "openvino": "masked"}
+BEST_FORM = {"onnxruntime": "folded", "openvino": "folded"}
 #: The largest difference allowed between a runtime's output and PyTorch's, relative to the
 #: output's largest magnitude (float32 runtimes reorder sums; a plain export measured 1.5e-4).
 TOLERANCE = 1e-3
