@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	# The fused backend's CPU kernels (a few seconds; without a compiler the stock backends serve).
-	$(PY) -m sparse_hetconv.backends.fused --build || true
+	$(PY) -m sparse_hetconv.backends --build || true
 	touch $@
 
 demo: $(STAMP)

@@ -240,8 +240,9 @@ def page(result, image_name: str | None, layers_image: str | None = None) -> str
     return "\n".join(out)
 
 
-def deploy_section(deploy: dict | None, image_name: str | None) -> list[str]:
-    """The deployment results (``benchmarks/deploy.py``), or a line saying they were not run."""
+def deploy_section(deploy: dict | None, image_name: str | None, capped: dict | None = None) -> list[str]:
+    """The deployment results (``benchmarks/deploy.py``), or a line saying they were not run;
+    ``capped``: a second run with PyTorch's oneDNN / MKL capped to AVX2 (``deploy_avx2/deploy.json``)."""
     out = ["## Deployment: ONNX Runtime, OpenVINO and int8", ""]
     if deploy is None:
         return out + ["Not measured in this run (`python -m benchmarks.deploy`, part of `make bench`).", ""]
@@ -263,6 +264,18 @@ def deploy_section(deploy: dict | None, image_name: str | None) -> list[str]:
     out += [f"### Targets (VGG-16 / CIFAR-10, P = 4, batch {batch})", "", D.targets_table(deploy), "",
             "### The export forms of the HetConv layers, per runtime (VGG-16; ms and ratio to `masked`)", "",
             D.forms_table(deploy), "", "### Checks against PyTorch", "", D.checks_table(deploy), ""]
+    if capped is not None:
+        cap = capped["machine"].get("isa_cap")
+        out += [f"### PyTorch's oneDNN / MKL capped to {cap}", "",
+                f"From `benchmarks/results/deploy_avx2/deploy.json`: `ONEDNN_MAX_CPU_ISA={cap} "
+                f"MKL_ENABLE_INSTRUCTIONS={cap} SPARSE_HETCONV_MAX_ISA={str(cap).lower()} {capped['command']}` "
+                f"({capped['seconds'] / 60:.1f} min), the same machine. The cap reaches PyTorch's kernels (eager, "
+                "compiled, int8 PT2E); ONNX Runtime's MLAS and OpenVINO choose their own kernels for the CPU they "
+                "find, so their rows are this CPU's.", ""]
+        for model in capped["config"]["models"]:
+            out += [f"{model}, batch {capped['config']['batch']} (ms):", "",
+                    D.latency_table(capped, model, capped["config"]["batch"]), ""]
+        out += ["Targets:", "", D.targets_table(capped), ""]
     return out
 
 
@@ -289,7 +302,10 @@ def write(result, path: Path, image: Path | None, deploy: dict | None = None) ->
         deploy_image = "performance_deploy.png"
         shutil.copyfile(RESULTS_DIR / "deploy.png", path.parent / deploy_image)
         written.append(path.parent / deploy_image)
-    text = page(result, image_name, layers_image) + "\n" + "\n".join(deploy_section(deploy, deploy_image)) + "\n"
+    capped_path = RESULTS_DIR / "deploy_avx2" / "deploy.json"
+    capped = json.loads(capped_path.read_text()) if deploy is not None and capped_path.is_file() else None
+    text = (page(result, image_name, layers_image) + "\n"
+            + "\n".join(deploy_section(deploy, deploy_image, capped)) + "\n")
     path.write_text(text)
     written.append(path)
     return written

@@ -6,7 +6,7 @@ The source is plain C++ (no PyTorch headers), compiled on first use into a per-u
 8-lane AVX2 vectors, each named by a hash of the source, the flags and the compiler, so a changed
 source or compiler builds afresh and concurrent processes never see a half-written file (each
 writes its own temporary file and renames it into place). Building takes a few seconds; ``make
-install`` does it once (``python -m sparse_hetconv.backends.fused --build``).
+install`` does it once (``python -m sparse_hetconv.backends --build``).
 
 Which build runs is the widest one this CPU supports, capped by ``SPARSE_HETCONV_MAX_ISA``
 (``"avx2"`` or ``"avx512"``; the benchmarks set it beside oneDNN's ``ONEDNN_MAX_CPU_ISA`` to measure

@@ -28,7 +28,7 @@ memory; the weights are laid out for it on every call, from the parameters as th
   ``layer.resolved_backend`` says so. ``backend="auto"`` only chooses ``fused`` where it runs and a
   timing on this machine confirms it (:mod:`sparse_hetconv.autotune`).
 
-Run ``python -m sparse_hetconv.backends.fused --build`` to compile ahead of first use.
+Run ``python -m sparse_hetconv.backends --build`` to compile ahead of first use.
 """
 
 from __future__ import annotations
@@ -340,25 +340,3 @@ def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor
         args = [None if t is None else t.float() for t in (input, weight_kxk, weight_1x1, bias)]
         out = _FusedHetConv.apply(*args, tuple(stride), pattern.part)
     return out if low is None else out.to(low)
-
-
-def _main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m sparse_hetconv.backends.fused",
-                                     description="Build the fused backend's CPU kernels ahead of first use.")
-    parser.add_argument("--build", action="store_true", help="compile (or find) the kernels and say where they are")
-    args = parser.parse_args(argv)
-    if not args.build:
-        parser.print_help()
-        return 0
-    lib = _cpu_build.load()
-    if lib is None:
-        print(f"fused backend unavailable: {_cpu_build.reason()}")
-        return 1
-    print(f"fused backend: {lib.isa} kernels at {lib.path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -274,3 +274,14 @@ def test_a_few_pixels_with_weights_in_place_or_laid_out(isa, dot, monkeypatch):
                                          (96, 48, 3, (1, 1), 3, 1), (40, 80, 8, (3, 7), 3, 2)):
             check_against_oracle(M, N, P, k, (stride, stride), 2, size, True, False, True, 3,
                                  f"{isa} dot={dot} {(M, N, P, size, k, stride)}")
+
+
+def test_build_command_finds_the_kernels_without_a_runpy_warning():
+    """``python -m sparse_hetconv.backends --build`` (what ``make install`` runs) reports the kernels it
+    loaded; run as a package ``__main__`` no module is executed twice (runpy warned about that when the
+    command was ``-m sparse_hetconv.backends.fused``)."""
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "sparse_hetconv.backends", "--build"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"fused backend: {fused._cpu_build.load().isa} kernels at "), done.stdout
+    assert "RuntimeWarning" not in done.stderr

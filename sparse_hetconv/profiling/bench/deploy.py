@@ -24,6 +24,7 @@ of a runtime: its time for the standard model (P = 1) times the useful-MAC ratio
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -272,6 +273,8 @@ def execute(args) -> tuple[dict, list[Path]]:
     info = machine_info()
     info["runtimes"] = {r: runtimes.available(r) for r in runtimes.RUNTIMES}
     info["versions"] = _versions()
+    # oneDNN / MKL capped (benchmarks/auto_isa.py's AVX2 run): PyTorch's kernels run that ISA.
+    info["isa_cap"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
     result = {"command": _command(), "machine": info, "seconds": time.time() - start,
               "config": {"parts": parts, "models": models, "batch": args.batch, "repeats": args.repeats,
                          "warmup": args.warmup, "variants": variants, "quick": args.quick},

@@ -44,7 +44,8 @@ def targets(result) -> list[dict]:
     batch = result["config"]["batch"]
     key = lambda v: ("vgg16_cifar", 4, batch, v)  # noqa: E731
     isa = result["machine"].get("isa", "")
-    fast_int8 = "AMX" in isa or "avx512_vnni" in result["machine"].get("isa_flags", [])
+    capped = result["machine"].get("isa_cap")
+    fast_int8 = not capped and ("AMX" in isa or "avx512_vnni" in result["machine"].get("isa_flags", []))
     out = [
         ("shipped export in ONNX Runtime over the published model's export", _ratio(index, key("ort"), key("ort_published")),
          1.3, ">= 1.3x"),
@@ -123,7 +124,8 @@ def checks_table(result) -> str:
 def machine_line(result) -> str:
     m = result["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
-    return f"{m['cpu']} ({m.get('isa', '?')}), {m['cores']} cores, {m['threads']} threads; {versions}"
+    cap = f", PyTorch's oneDNN / MKL capped to {m['isa_cap']}" if m.get("isa_cap") else ""
+    return f"{m['cpu']} ({m.get('isa', '?')}{cap}), {m['cores']} cores, {m['threads']} threads; {versions}"
 
 
 def markdown(result) -> str:
