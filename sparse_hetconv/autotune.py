@@ -122,13 +122,34 @@ def _memory_format(input: Tensor) -> str:
     return "channels_last" if channels_last(input) else "contiguous"
 
 
-def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...] | None = None
-              ) -> tuple:
-    """The key a choice is cached under (everything the choice may depend on)."""
+def _dense_layout(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill its storage span exactly once (some permutation of a
+    contiguous layout), so ``torch.empty_strided`` can reproduce it."""
+    expected = 1
+    for step, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _weight_strides(weights) -> tuple:
+    """The strides of the call's ``weight_kxk`` and ``weight_1x1`` where a timing can reproduce
+    them (non-overlapping and dense), else None: the kernels a backend runs can depend on the
+    weights' layout (``fused`` reads channels-last k x k weights in place for a few output pixels)."""
+    return tuple(tuple(w.stride()) if isinstance(w, Tensor) and _dense_layout(w) else None
+                 for w in tuple(weights)[:2])
+
+
+def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...] | None = None,
+              weights: tuple = ()) -> tuple:
+    """The key a choice is cached under (everything the choice may depend on); ``weights``: the
+    call's ``(weight_kxk, weight_1x1, ...)``, whose strides count."""
     if input is None:
         return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, None, bool(training))
     return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, stride, tuple(input.shape),
-            input.device.type, input.dtype, reduced_precision(input), _memory_format(input), bool(training))
+            input.device.type, input.dtype, reduced_precision(input), _memory_format(input), bool(training),
+            _weight_strides(weights))
 
 
 def candidates(device: torch.device | str, dims: int = 2) -> tuple[str, ...]:
@@ -226,7 +247,7 @@ def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool,
 
 
 def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None,
-           stride: tuple[int, ...] | None = None) -> str:
+           stride: tuple[int, ...] | None = None, weights: tuple = ()) -> str:
     """The backend ``"auto"`` uses for a layer of this pattern called on this input.
 
     Args:
@@ -238,6 +259,9 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
             ``torch.is_grad_enabled()``.
         stride (tuple of int, optional): the layer's stride (part of the signature; timings use
             it). Default: 1.
+        weights (tuple of Tensor, optional): the call's ``(weight_kxk, weight_1x1, ...)``: their
+            strides are part of the signature and a timing lays its random weights out the same way
+            (never their values). Default: contiguous weights.
 
     Returns:
         str: the name of a concrete backend of :mod:`sparse_hetconv.backends`.
@@ -256,7 +280,7 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         # Inside a torch.func transform (vmap, grad) nothing can be timed either (random data is
         # refused) and the weights may be wrapped: the model decides, without fused.
         return _model_choice(pattern, input, training, tuple(stride))
-    key = signature(pattern, input, training, tuple(stride))
+    key = signature(pattern, input, training, tuple(stride), weights)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
@@ -264,7 +288,8 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     if input is None:
         backend, how = "dense", "model"
     elif mode == "measure" or (mode == "confirm" and input.device.type != "cpu"):
-        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device, pattern.dims)), "measure"
+        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device, pattern.dims),
+                                        _weight_strides(weights)), "measure"
     else:
         backend, how = _model_choice(pattern, input, training, tuple(stride)), "model"
         if mode == "confirm" and backend != "dense":
@@ -273,15 +298,16 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
                 # A few output pixels (batch 1, deep layers): laying out the weights is most of the
                 # fused kernel's time, and blocked, which reads them in place, can be faster.
                 names += ("blocked",)
-            timed = _measured_choice(pattern, input, training, stride, names)
+            timed = _measured_choice(pattern, input, training, stride, names, _weight_strides(weights))
             backend, how = timed, "confirmed" if timed == backend else "refuted"
     _CHOICES[key] = (backend, how)
     return backend
 
 
 def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, stride: tuple[int, ...],
-                     names: tuple[str, ...], repeats: int = 3) -> str:
-    """Time each of ``names`` on random data of the call's signature; the fastest wins.
+                     names: tuple[str, ...], strides: tuple = (), repeats: int = 3) -> str:
+    """Time each of ``names`` on random data of the call's signature (``strides``: the weights',
+    from :func:`_weight_strides`); the fastest wins.
 
     The candidates are timed in interleaved rounds (each round calls every one once) after one
     warm-up call each, and compared by their best round, so a slow spell of a shared machine does
@@ -294,8 +320,9 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, str
         x = torch.randn(input.shape, **factory)
         if _memory_format(input) == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
-        kxk = torch.randn((pattern.out_channels, pattern.block_in) + pattern.kernel_size, **factory)
-        values = torch.randn((pattern.out_channels, pattern.num_1x1), **factory)
+        strides = tuple(strides) + (None, None)
+        kxk = _random((pattern.out_channels, pattern.block_in) + pattern.kernel_size, strides[0], factory)
+        values = _random((pattern.out_channels, pattern.num_1x1), strides[1], factory)
     sync = torch.cuda.synchronize if input.device.type == "cuda" else (lambda: None)
 
     def run(backend: str) -> None:
@@ -320,6 +347,13 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, str
             sync()
             timings[backend] = min(timings[backend], time.perf_counter() - start)
     return min(timings, key=timings.get) if timings else "dense"
+
+
+def _random(shape: tuple, strides: tuple | None, factory: dict) -> Tensor:
+    """Standard normal values of ``shape``, laid out with ``strides`` (when given)."""
+    if strides is None or len(strides) != len(shape):
+        return torch.randn(shape, **factory)
+    return torch.empty_strided(shape, strides, **factory).normal_()
 
 
 def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = False,

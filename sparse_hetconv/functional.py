@@ -42,7 +42,7 @@ def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None,
     to ``blocked``, which computes it in its own precision.
     """
     if backend == "auto":
-        backend = autotune.choose(pattern, input, grad, stride) if pattern.part > 1 else "dense"
+        backend = autotune.choose(pattern, input, grad, stride, weights) if pattern.part > 1 else "dense"
     if backend == "fused" and pattern.part > 1 and input is not None and not fused.runs(input, weights, pattern):
         return "blocked"
     return backend

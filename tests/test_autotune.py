@@ -67,7 +67,7 @@ def test_grouped_chosen_for_wide_groups_at_part_two(stock_only):
 def test_confirm_mode_times_only_the_models_non_dense_proposals(stock_only, monkeypatch, fastest, how):
     timed = []
 
-    def fake_timing(pattern, input, training, stride, names, repeats=3):
+    def fake_timing(pattern, input, training, stride, names, strides=(), repeats=3):
         timed.append(names)
         return fastest
 
@@ -93,7 +93,8 @@ def test_the_model_proposes_fused_where_it_computes_and_confirm_times_it(monkeyp
         pytest.skip(f"fused kernels unavailable here: {fused.unavailable_reason()}")
     timed = []
     monkeypatch.setattr(autotune, "_measured_choice",
-                        lambda pattern, input, training, stride, names, repeats=3: timed.append(names) or names[-1])
+                        lambda pattern, input, training, stride, names, strides=(), repeats=3:
+                        timed.append(names) or names[-1])
     pattern = HetConvPattern(64, 64, 4)
     x = torch.randn(4, 64, 8, 8)
     assert autotune.choose(pattern, x, training=False) == "fused"
@@ -182,3 +183,27 @@ def test_a_choice_under_autocast_is_not_served_without_it():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = autotune.signature(pattern, x, False, (1, 1))
     assert plain != mixed
+
+
+@pytest.mark.parametrize("weights_format", [CL, torch.contiguous_format])
+def test_the_timing_lays_out_its_weights_as_the_layer_has_them(monkeypatch, weights_format):
+    """A confirm timing runs on random weights with the layer's own strides, and the choice is kept
+    per weight layout: the fused kernel reads channels-last k x k weights in place for a few output
+    pixels and lays contiguous ones out first, so timing contiguous weights for a channels-last layer
+    (as it once did) measured the wrong kernel (blocked kept, 2.3x slower, at P = 2, batch 1)."""
+    made = []
+    original = autotune._random
+    monkeypatch.setattr(autotune, "_random", lambda *args: made.append(original(*args)) or made[-1])
+    layer = SparseHetConv2d(32, 32, part=2).to(memory_format=weights_format).eval()
+    x = torch.randn(1, 32, 2, 2).contiguous(memory_format=CL)
+    with torch.no_grad(), autotune.mode("measure"):  # (confirm times only where the model proposes)
+        layer(x)
+    assert [t.stride() for t in made] == [layer.weight_kxk.stride(), layer.weight_1x1.stride()], \
+        "the timing's random weights are laid out as the layer's"
+    key = autotune.signature(layer.pattern, x, False, (1, 1), (layer.weight_kxk, layer.weight_1x1))
+    assert key in autotune.choices()
+    other = layer.weight_kxk.contiguous(memory_format=torch.contiguous_format if weights_format == CL else CL)
+    assert autotune.signature(layer.pattern, x, False, (1, 1), (other, layer.weight_1x1)) != key, \
+        "another weight layout is another signature"
+    assert autotune._weight_strides((layer.weight_kxk[:, ::2], layer.weight_1x1)) == \
+        (None, layer.weight_1x1.stride()), "a layout empty_strided cannot reproduce is timed contiguous"

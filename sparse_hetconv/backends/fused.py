@@ -205,7 +205,8 @@ def _dot_applies(out_shape, weight_kxk: Tensor, weight_1x1: Tensor) -> bool:
     """A forward of at most :data:`DOT_PIXELS` output pixels whose k x k weights have contiguous
     input channels (channels-last, as the models keep them) and whose compact rows are contiguous."""
     pixels = out_shape[0] * out_shape[2] * out_shape[3]
-    return 0 < pixels <= DOT_PIXELS and weight_kxk.stride(1) == 1 and weight_1x1.stride(1) == 1
+    return (0 < pixels <= DOT_PIXELS and (weight_kxk.size(1) == 1 or weight_kxk.stride(1) == 1)
+            and (weight_1x1.size(1) <= 1 or weight_1x1.stride(1) == 1))
 
 
 def _out_shape(input_shape, cout: int, stride) -> tuple:
