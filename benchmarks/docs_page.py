@@ -270,8 +270,9 @@ def deploy_section(deploy: dict | None, image_name: str | None, capped: dict | N
                 f"From `benchmarks/results/deploy_avx2/deploy.json`: `ONEDNN_MAX_CPU_ISA={cap} "
                 f"MKL_ENABLE_INSTRUCTIONS={cap} SPARSE_HETCONV_MAX_ISA={str(cap).lower()} {capped['command']}` "
                 f"({capped['seconds'] / 60:.1f} min), the same machine. The cap reaches PyTorch's kernels (eager, "
-                "compiled, int8 PT2E); ONNX Runtime's MLAS and OpenVINO choose their own kernels for the CPU they "
-                "find, so their rows are this CPU's.", ""]
+                "compiled, int8 PT2E) and OpenVINO's CPU plugin, which reads the same oneDNN variable (compare its "
+                "P = 1 row with the native run's); ONNX Runtime's MLAS chooses its kernels by the CPU it finds, so "
+                "its rows are this CPU's own.", ""]
         for model in capped["config"]["models"]:
             out += [f"{model}, batch {capped['config']['batch']} (ms):", "",
                     D.latency_table(capped, model, capped["config"]["batch"]), ""]
