@@ -137,6 +137,16 @@ def _misses(result) -> list[str]:
     ]
 
 
+def _bf16_units(result) -> str:
+    """What runs oneDNN's bfloat16 kernels on the benchmark's CPU."""
+    flags = result["machine"].get("isa_flags", [])
+    if "amx_bf16" in flags or "AMX" in result["machine"].get("isa", ""):
+        return "AMX here"
+    if "avx512_bf16" in flags:
+        return "AVX-512-BF16 here"
+    return "this CPU has no bfloat16 instructions"
+
+
 def _profile(result, part, mode, variant) -> str:
     for p in result.get("profiles", []):
         if p["part"] == part and p["mode"] == mode and p["variant"] == variant:
@@ -218,7 +228,7 @@ def page(result, image_name: str | None, layers_image: str | None = None) -> str
         "`dense` and `grouped`. The choice is made once per call signature (shape, P, batch, dtype, memory "
         "format, training), so a CPU with other vector units or core counts makes its own (`python -m "
         "benchmarks.auto_isa` runs the model with oneDNN, MKL and the fused kernels capped to AVX2). bfloat16 "
-        "and autocast calls stay on oneDNN's bfloat16 kernels (AMX here); graph capture records stock "
+        f"and autocast calls stay on oneDNN's bfloat16 kernels ({_bf16_units(result)}); graph capture records stock "
         "operators. `layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` "
         "lists them (`pin=True` fixes them); `\"measure\"` times every candidate, `\"model\"` trusts the cost "
         "model alone. Per layer, against the fastest backend measured in this run (an entry in brackets "
