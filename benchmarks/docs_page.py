@@ -273,7 +273,9 @@ def deploy_section(deploy: dict | None, image_name: str | None, capped: dict | N
             out += [f"### {model}, batch {b} (ms)", "", D.latency_table(deploy, model, b), ""]
     out += [f"### Targets (VGG-16 / CIFAR-10, P = 4, batch {batch})", "", D.targets_table(deploy), "",
             "### The export forms of the HetConv layers, per runtime (VGG-16; ms and ratio to `masked`)", "",
-            D.forms_table(deploy), "", "### Checks against PyTorch", "", D.checks_table(deploy), ""]
+            D.forms_table(deploy), "", f"### ONNX Runtime's profile, VGG-16 P = 4, batch {batch}", "",
+            D.ort_profile_table(deploy), "", "### Misses explained", "", *(D.misses(deploy) or ["None in this run."]),
+            "", "### Checks against PyTorch", "", D.checks_table(deploy), ""]
     if capped is not None:
         cap = capped["machine"].get("isa_cap")
         out += [f"### PyTorch's oneDNN / MKL capped to {cap}", "",
@@ -286,7 +288,7 @@ def deploy_section(deploy: dict | None, image_name: str | None, capped: dict | N
         for model in capped["config"]["models"]:
             out += [f"{model}, batch {capped['config']['batch']} (ms):", "",
                     D.latency_table(capped, model, capped["config"]["batch"]), ""]
-        out += ["Targets:", "", D.targets_table(capped), ""]
+        out += ["Targets:", "", D.targets_table(capped), "", *D.misses(capped), ""]
     return out
 
 

@@ -175,6 +175,58 @@ def run_forms(args, parts) -> list[dict]:
     return rows
 
 
+def run_ort_profile(args, calibration, part: int = 4, runs: int = 10) -> dict | None:
+    """ONNX Runtime's own profile of VGG-16 at ``part``, batch ``args.batch``: the published model's
+    plain export, the shipped export (float32) and its QDQ int8 version; milliseconds per run by
+    operator, grouped convolutions apart (what the ONNX Runtime targets' misses are made of). None
+    where ONNX Runtime is not installed."""
+    from ...deploy import export_onnx, quantize_onnx, runtimes
+    from ...deploy.onnx_export import onnx_bytes
+
+    if not runtimes.available("onnxruntime"):
+        return None
+    import onnx
+    import onnxruntime as ort
+
+    size = MODELS["vgg16_cifar"]
+    masked = _build("vgg16_cifar", part)
+    x = torch.randn((args.batch,) + size, generator=torch.Generator().manual_seed(4)).numpy()
+    out = {"part": part, "batch": args.batch, "runs": runs, "ms": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        export_onnx(masked, tmp / "float32.onnx", size, check=("onnxruntime",))
+        quantize_onnx(tmp / "float32.onnx", tmp / "int8.onnx", calibration, size)
+        (tmp / "published.onnx").write_bytes(onnx_bytes(published_from_masked(masked).eval(), size))
+        for name in ("published", "float32", "int8"):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # (the optimized file's "hardware specific" warning)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.optimized_model_filepath = str(tmp / f"{name}.optimized.onnx")  # its node names
+            options.enable_profiling = True
+            options.profile_file_prefix = str(tmp / name)
+            session = ort.InferenceSession(str(tmp / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x}
+            warmup = max(args.warmup, 1)
+            for _ in range(warmup + runs):
+                session.run(None, feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+            timed_from = starts[warmup] if len(starts) > warmup else 0  # the warm-up runs are not counted
+            kinds = {}
+            for node in onnx.load(tmp / f"{name}.optimized.onnx").graph.node:
+                grouped = any(a.name == "group" and a.i > 1 for a in node.attribute)
+                kinds[node.name] = node.op_type + (" (grouped)" if grouped else "")
+            per_run = {}
+            for e in events:
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= timed_from:
+                    op = kinds.get(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"))
+                    per_run[op] = per_run.get(op, 0.0) + e["dur"] / 1e3 / runs
+            out["ms"][name] = dict(sorted(per_run.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def train_on_digits(model: torch.nn.Module, size, epochs: int = 6, seed: int = 0) -> torch.nn.Module:
     """Train ``model`` on the digits train split (SGD with momentum, batch 64, cosine schedule)."""
     from ...deploy import digits
@@ -249,6 +301,9 @@ def execute(args) -> tuple[dict, list[Path]]:
     rows, checks = [], []
     forms = [] if args.no_forms else run_forms(args, parts)
     accuracy = None if args.no_accuracy else run_accuracy(args)
+    ort_profile = None
+    if "int8_ort" in variants and 4 in parts and "vgg16_cifar" in models:
+        ort_profile = run_ort_profile(args, calibration_batches("digits", MODELS["vgg16_cifar"], batch=16, count=256))
     for name in models:
         size = MODELS[name]
         calibration = calibration_batches("digits", size, batch=16, count=128 if args.quick else 256)
@@ -278,7 +333,7 @@ def execute(args) -> tuple[dict, list[Path]]:
     result = {"command": _command(), "machine": info, "seconds": time.time() - start,
               "config": {"parts": parts, "models": models, "batch": args.batch, "repeats": args.repeats,
                          "warmup": args.warmup, "variants": variants, "quick": args.quick},
-              "rows": rows, "checks": checks, "forms": forms, "accuracy": accuracy}
+              "rows": rows, "checks": checks, "forms": forms, "accuracy": accuracy, "ort_profile": ort_profile}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deploy.json").write_text(json.dumps(result, indent=1) + "\n")
     from . import deploy_report
