@@ -68,7 +68,7 @@ def _layer_ideal(result, part: int) -> str:
 
 
 def _kernel_efficiency(result, part: int, mode: str) -> str:
-    """The fused kernel's effective GFLOP/s per layer shape, and as a share of the sgemm peak."""
+    """The fused kernel's effective GFLOP/s per layer shape, and as a share of the GEMM peak."""
     peak = result["machine"].get("sgemm_gflops")
     cells = []
     for shape in dict.fromkeys(r["shape"] for r in result["rows"] if r["level"] == "layer"):
@@ -97,7 +97,7 @@ def _misses(result) -> list[str]:
         "wastes little, so every ratio below that bound is the fused kernel running faster per useful MAC than "
         "oneDNN's grouped and 1 x 1 convolutions, and BatchNorm, ReLU, pooling (and in training the optimizer) "
         "do not shrink at all. The fused forward's effective GFLOP/s per layer at P = 4, "
-        f"{fwd} (in brackets the share of this machine's float32 sgemm peak, {peak_text}): "
+        f"{fwd} (in brackets the share of this machine's float32 GEMM peak, {peak_text}, the faster of MKL's torch.mm and oneDNN's 1 x 1 convolution): "
         f"{_kernel_efficiency(result, 4, fwd)}; at P = 64: {_kernel_efficiency(result, 64, fwd)}. Where the share "
         "is high, a faster kernel has little left to find; where it is low (few filters per group at P = 64, "
         "the 2 x 2 and 4 x 4 layers), each loaded value feeds too few multiplies.",

@@ -9,7 +9,7 @@ import torch
 
 from .malloc import mmap_threshold_pinned
 
-__all__ = ["cpu_isa", "machine_info", "sgemm_gflops"]
+__all__ = ["cpu_isa", "gemm_gflops", "machine_info", "sgemm_gflops"]
 
 # Instruction-set extensions that change which kernels oneDNN and MKL run, widest first.
 _ISA_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512_vnni", "avx512f", "avx2", "avx")
@@ -59,16 +59,35 @@ def machine_info() -> dict:
     }
 
 
-def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """The float32 GFLOP/s of one large square ``torch.mm`` (MKL) here, best of ``repeats``: the
-    practical peak against which a kernel's effective GFLOP/s are read (at this many threads)."""
+def _best_seconds(fn, repeats: int) -> float:
     import time
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
+    return best
+
+
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """float32 GFLOP/s here of the two large products PyTorch's CPU kernels run, best of
+    ``repeats`` each: a square ``torch.mm`` of ``size`` (MKL) and a channels-last 1 x 1 convolution
+    of ``size / 2`` channels (oneDNN). Either library can be the faster one: MKL does not run its
+    AVX-512 code on every vendor's CPU, and oneDNN's convolutions are tuned per ISA."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    mm = 2 * size ** 3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    channels = size // 2
+    x = torch.randn(8, channels, 32, 32).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 1, 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        seconds = _best_seconds(lambda: torch.nn.functional.conv2d(x, w), repeats)
+    conv = 2 * 8 * 32 * 32 * channels * channels / seconds / 1e9
+    return {"torch.mm (MKL)": round(mm, 1), "1x1 convolution (oneDNN)": round(conv, 1)}
+
+
+def sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The practical float32 peak against which a kernel's effective GFLOP/s are read (at this
+    many threads): the faster of :func:`gemm_gflops`'s two products."""
+    return max(gemm_gflops(size, repeats).values())

@@ -57,6 +57,8 @@ def test_onnx_runtime_profile_holds_every_model(tiny_run):
         assert ops and all(ms >= 0 for ms in ops.values()) and sum(ops.values()) > 0, name
     assert any(op.endswith("(grouped)") for op in profile["ms"]["float32"]), "grouped convolutions are told apart"
     assert any("QLinearConv" in op for op in profile["ms"]["int8"]), "the int8 model runs int8 convolutions"
+    assert all(profile["run_ms"][name] >= 0.5 * sum(profile["ms"][name].values()) for name in profile["ms"]), \
+        "a whole run holds its operators' kernels"
     table = D.ort_profile_table(result)
     assert "published export" in table and "shipped export, int8" in table
 

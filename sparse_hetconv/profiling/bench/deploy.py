@@ -191,7 +191,7 @@ def run_ort_profile(args, calibration, part: int = 4, runs: int = 10) -> dict | 
     size = MODELS["vgg16_cifar"]
     masked = _build("vgg16_cifar", part)
     x = torch.randn((args.batch,) + size, generator=torch.Generator().manual_seed(4)).numpy()
-    out = {"part": part, "batch": args.batch, "runs": runs, "ms": {}}
+    out = {"part": part, "batch": args.batch, "runs": runs, "ms": {}, "run_ms": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_onnx(masked, tmp / "float32.onnx", size, check=("onnxruntime",))
@@ -212,8 +212,9 @@ def run_ort_profile(args, calibration, part: int = 4, runs: int = 10) -> dict | 
             for _ in range(warmup + runs):
                 session.run(None, feed)
             events = json.loads(Path(session.end_profiling()).read_text())
-            starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
-            timed_from = starts[warmup] if len(starts) > warmup else 0  # the warm-up runs are not counted
+            whole = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+            timed_from = whole[warmup][0] if len(whole) > warmup else 0  # the warm-up runs are not counted
+            out["run_ms"][name] = statistics.median(dur / 1e3 for _, dur in whole[warmup:]) if whole[warmup:] else None
             kinds = {}
             for node in onnx.load(tmp / f"{name}.optimized.onnx").graph.node:
                 grouped = any(a.name == "group" and a.i > 1 for a in node.attribute)

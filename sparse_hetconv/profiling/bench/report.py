@@ -234,7 +234,10 @@ def machine_line(result) -> str:
     return (f"{m['cpu']}{isa}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
             f"Python {m['python']}, {m['platform']}; glibc mmap threshold pinned: {m['mmap_threshold_pinned']} "
             f"(MALLOC_MMAP_THRESHOLD_={m['mmap_threshold_env']})"
-            + (f"; float32 sgemm peak (one 2048^3 torch.mm): {m['sgemm_gflops']:.0f} GFLOP/s" if m.get("sgemm_gflops") else ""))
+            + (f"; float32 GEMM peak {m['sgemm_gflops']:.0f} GFLOP/s (the faster of "
+               + ", ".join(f"{k} {v:.0f}" for k, v in m["gemm_gflops"].items()) + ")" if m.get("gemm_gflops")
+               else f"; float32 sgemm peak (one 2048^3 torch.mm): {m['sgemm_gflops']:.0f} GFLOP/s"
+               if m.get("sgemm_gflops") else ""))
 
 
 def bench_markdown(result) -> str:
