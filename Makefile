@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
-# int8); about DEPLOY_TIME in all on 2 cores (BENCH_ARGS=--quick: a few min each). Writes
+# int8); about 20 min in all on 2 cores (BENCH_ARGS=--quick: a few min each). Writes
 # benchmarks/results/ (JSON, markdown, plots) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)

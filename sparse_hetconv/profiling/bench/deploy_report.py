@@ -199,6 +199,10 @@ def misses(result) -> list[str]:
                          "convolution works group by group, where its float32 one runs in the blocked NCHWc "
                          "kernels; a HetConv model spends most of its convolution time in exactly that part.")
             out.append(line)
+        elif t["target"].startswith("int8 (PT2E") and not result["machine"].get("isa_cap"):
+            out.append(f"* **int8 PT2E over float32 eager: {t['value']:.2f}x (goal {t['goal']}).** No profile of "
+                       "the int8 program is recorded by this benchmark; time it alone (notebooks/04_deploy.ipynb) "
+                       "to tell a slow spell of the machine from a slow kernel.")
         elif t["target"].startswith("int8 (PT2E"):
             out.append(f"* **int8 PT2E over float32 eager: {t['value']:.2f}x (goal {t['goal']}).** Capped to AVX2, "
                        "oneDNN's int8 convolutions have no VNNI instruction (AVX2 multiplies and sums int8 pairs in "
