@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser.set_defaults(out=RESULTS, deploy=True)
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
-    result, written = deploy.execute(args)
+    result, written = deploy.execute(args, progress=lambda line: print(line, file=sys.stderr))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     if args.out.resolve() == RESULTS.resolve():  # the repository's results: the docs page follows them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import nonnegative_int, positive_int
@@ -22,7 +23,7 @@ def run(args) -> int:
         from ..profiling.bench import deploy
 
         args.repeats = args.repeats or (3 if args.quick else 7)
-        result, written = deploy.execute(args)
+        result, written = deploy.execute(args, progress=lambda line: print(line, file=sys.stderr))
         print(f"wrote {', '.join(str(p) for p in written)} in {result['seconds']:.0f} s")
         return 0
     from ..profiling.bench.run import execute, summary

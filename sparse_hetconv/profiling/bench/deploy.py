@@ -146,7 +146,7 @@ def _check(fns: dict, reference, x) -> dict:
     return out
 
 
-def run_forms(args, parts) -> list[dict]:
+def run_forms(args, parts, progress=None) -> list[dict]:
     """The HetConv export forms against each other in each runtime (VGG-16, batch ``args.batch``)."""
     from ...deploy import FORMS, runtimes
 
@@ -170,8 +170,9 @@ def run_forms(args, parts) -> list[dict]:
                 ratio = statistics.median(a / b for a, b in zip(s["times_ms"], base))
                 rows.append({"part": part, "runtime": runtime, "form": form, "median_ms": s["median_ms"],
                              "vs_masked": ratio})
-            print(f"forms P={part} {runtime}: " + ", ".join(f"{f} {s['median_ms']:.1f} ms" for f, s in stats.items()),
-                  file=sys.stderr)
+            if progress:
+                progress(f"forms P={part} {runtime}: " + ", ".join(f"{f} {s['median_ms']:.1f} ms"
+                                                                  for f, s in stats.items()))
     return rows
 
 
@@ -287,8 +288,9 @@ def run_accuracy(args) -> dict:
     return result
 
 
-def execute(args) -> tuple[dict, list[Path]]:
-    """Run the deployment benchmark; write ``deploy.json`` and ``deploy.md`` into ``args.out``."""
+def execute(args, progress=None) -> tuple[dict, list[Path]]:
+    """Run the deployment benchmark; write ``deploy.json`` and ``deploy.md`` into ``args.out``.
+    ``progress``: called with one line per timed set (the command line prints them)."""
     from ...deploy import calibration_batches, runtimes
 
     check_output_folder(args.out)
@@ -300,7 +302,7 @@ def execute(args) -> tuple[dict, list[Path]]:
     models = args.models or (("vgg16_cifar",) if args.quick else tuple(MODELS))
     variants = tuple(args.deploy_variants or VARIANTS)
     rows, checks = [], []
-    forms = [] if args.no_forms else run_forms(args, parts)
+    forms = [] if args.no_forms else run_forms(args, parts, progress)
     accuracy = None if args.no_accuracy else run_accuracy(args)
     ort_profile = None
     if "int8_ort" in variants and 4 in parts and "vgg16_cifar" in models:
@@ -322,8 +324,9 @@ def execute(args) -> tuple[dict, list[Path]]:
                     rows.append({"model": name, "part": part, "batch": batch, "variant": variant,
                                  "median_ms": s["median_ms"], "q1_ms": s["q1_ms"], "q3_ms": s["q3_ms"],
                                  "useful_macs": useful * batch, "note": notes.get(variant, "")})
-                print(f"{name} P={part} batch {batch}: " + ", ".join(f"{v} {s['median_ms']:.1f}"
-                                                                     for v, s in stats.items()), file=sys.stderr)
+                if progress:
+                    progress(f"{name} P={part} batch {batch}: " + ", ".join(f"{v} {s['median_ms']:.1f}"
+                                                                             for v, s in stats.items()))
             del fns
     add_ratios(rows)
     info = machine_info()
