@@ -154,8 +154,8 @@ def _profile_gap(profile) -> str:
     runs = profile.get("run_ms", {})
     if runs.get("published") and runs.get("float32"):
         text += (f"; its whole runs take {runs['published']:.1f} and {runs['float32']:.1f} ms, so the difference "
-                 "between the two graphs lies outside their kernels (ONNX Runtime folds the BatchNorm after the "
-                 "published form's Add itself, leaving the same convolutions to compute)")
+                 "between the two graphs lies outside their kernels (the published graph's BatchNorms, after its "
+                 "Adds, show no time of their own once ONNX Runtime has optimized it)")
     return text + "."
 
 
