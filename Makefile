@@ -16,13 +16,15 @@ TIMING_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The package is built against the torch installed first (--no-build-isolation: pip would otherwise
+# fetch a second torch to build with), which compiles the operator's CPU kernels (sparse_hetconv/csrc,
+# about a minute; without a C++ compiler the package installs without them and says so).
+$(STAMP): pyproject.toml setup.py $(wildcard sparse_hetconv/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	# The fused backend's CPU kernels (a few seconds; without a compiler the stock backends serve).
-	$(PY) -m sparse_hetconv.backends --build || true
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -m sparse_hetconv.backends
 	touch $@
 
 demo: $(STAMP)

@@ -14,7 +14,7 @@ spconv layers (:mod:`sparse_hetconv.submanifold`) and the command line
 (:mod:`sparse_hetconv.cli`) are imported when asked for.
 """
 
-from . import _deprecated, _flop_formulas, autotune, backends, functional, models
+from . import _deprecated, _flop_formulas, autotune, backends, functional, models, ops
 from .checkpoint import ConvertReport, convert_checkpoint
 from .convert import ConversionReport, hetconvify, to_masked, to_sparse
 from .counting import LayerCount, ModelCounts, count_macs, count_model, count_params
@@ -52,6 +52,7 @@ __all__ = [
     "het_conv3d",
     "hetconvify",
     "models",
+    "ops",
     "shifted_mask",
     "shifted_to_block_permutation",
     "to_masked",

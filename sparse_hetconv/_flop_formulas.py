@@ -1,4 +1,4 @@
-"""FlopCounterMode formulas for the two operations of HetConv layers it has none for.
+"""FlopCounterMode formulas for the operations of HetConv layers it has none for.
 
 ``torch.utils.flop_counter`` imports triton where it is installed (about 0.3 s), so
 ``import sparse_hetconv`` does not import it: :func:`register_when_imported` registers the formulas
@@ -18,8 +18,18 @@ __all__ = ["register_flop_counter_formulas", "register_when_imported"]
 _COUNTER = "torch.utils.flop_counter"
 
 
+def _macs(batch, out_hw, cout, cin, part, kernel_size) -> int:
+    """The multiply-accumulates of the kernels that exist (docs/design.md §6)."""
+    m = cin // part
+    return batch * out_hw[0] * out_hw[1] * cout * (m * kernel_size[0] * kernel_size[1] + cin - m)
+
+
 def register_flop_counter_formulas() -> None:
-    """Teach ``FlopCounterMode`` the two operations of HetConv layers it has no formula for.
+    """Teach ``FlopCounterMode`` the operations of HetConv layers it has no formula for.
+
+    * ``torch.ops.sparse_hetconv.het_conv2d`` and its two backward operators: the multiply-adds of
+      the kernels that exist (``2 * MACs``, as the counter counts a convolution), whichever kernel
+      computes the call.
 
     * ``torch.ops.mkldnn._convolution_pointwise_.binary``: without autograd on the CPU the
       ``dense`` backend adds its 1 x 1 convolution straight into the k x k output with it. Counted
@@ -39,8 +49,23 @@ def register_flop_counter_formulas() -> None:
     def inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
         return mm_flop(a_shape, b_shape)
 
+    def het_conv_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * _macs(out_shape[0], out_shape[2:], out_shape[1], input_shape[1],
+                         input_shape[1] // weight_shape[1], weight_shape[2:])
+
+    def grad_input_flop(grad_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * _macs(grad_shape[0], grad_shape[2:], grad_shape[1], out_shape[1],
+                         out_shape[1] // weight_shape[1], weight_shape[2:])
+
+    def grad_weight_flop(grad_shape, input_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+        return 2 * _macs(grad_shape[0], grad_shape[2:], grad_shape[1], input_shape[1],
+                         input_shape[1] // out_shape[0][1], kernel_size)
+
+    ops = torch.ops.sparse_hetconv
     for packet, formula in ((getattr(torch.ops.mkldnn, "_convolution_pointwise_", None), fused_conv_flop),
-                            (torch.ops.aten.addmm_, inplace_addmm_flop)):
+                            (torch.ops.aten.addmm_, inplace_addmm_flop), (ops.het_conv2d, het_conv_flop),
+                            (ops.het_conv2d_grad_input, grad_input_flop),
+                            (ops.het_conv2d_grad_weight, grad_weight_flop)):
         if packet is not None and packet not in flop_registry:
             register_flop_formula(packet)(formula)
 

@@ -55,8 +55,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .backends import CONCRETE, available, fused, get
-from .backends._common import channels_last, eager_tensor, reduced_precision
+from . import ops
+from .backends import CONCRETE, Call, available, get
+from .backends._common import channels_last, eager_call, eager_tensor, reduced_precision
 from .pattern import HetConvPattern
 
 __all__ = ["MODES", "candidates", "choose", "choices", "clear", "estimate", "fused_proposed", "get_mode", "mode",
@@ -119,7 +120,7 @@ def choices() -> dict[tuple, tuple[str, str]]:
 
 
 def _memory_format(input: Tensor) -> str:
-    return "channels_last" if channels_last(input) else "contiguous"
+    return "channels_last" if eager_tensor(input) and channels_last(input) else "contiguous"
 
 
 def _dense_layout(t: Tensor) -> bool:
@@ -142,27 +143,31 @@ def _weight_strides(weights) -> tuple:
 
 
 def signature(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...] | None = None,
-              weights: tuple = ()) -> tuple:
+              weights: tuple = (), padding=None, dilation=None) -> tuple:
     """The key a choice is cached under (everything the choice may depend on); ``weights``: the
     call's ``(weight_kxk, weight_1x1, ...)``, whose strides count."""
     if input is None:
         return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, None, bool(training))
-    return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, stride, tuple(input.shape),
-            input.device.type, input.dtype, reduced_precision(input), _memory_format(input), bool(training),
-            _weight_strides(weights))
+    call = Call.of(pattern, stride, padding, dilation)
+    stride, padding, dilation = call.stride, call.padding, call.dilation
+    return (pattern.in_channels, pattern.out_channels, pattern.part, pattern.kernel_size, stride, padding, dilation,
+            tuple(input.shape), input.device.type, input.dtype, reduced_precision(input), _memory_format(input),
+            bool(training), _weight_strides(weights))
 
 
 def candidates(device: torch.device | str, dims: int = 2) -> tuple[str, ...]:
     """The backends timed on ``device`` for a ``dims``-D layer: every concrete backend available
-    there (``triton``: 2-D on CUDA only; under Triton's CPU interpreter it is exact but far too
-    slow to be a candidate; ``fused``: 2-D on the CPU, where its kernels built)."""
+    there (``fused``: 2-D, where the operator has a compiled kernel for the device: the CPU kernels
+    where they were built, the Triton kernel on CUDA; ``triton`` is the same operator, so it is not
+    timed twice, and under Triton's CPU interpreter it is exact but far too slow to be a candidate)."""
     device = torch.device(device)
 
     def timed(name: str) -> bool:
         if name == "triton":
-            return dims == 2 and device.type == "cuda" and available(name, device)
+            return False
         if name == "fused":
-            return dims == 2 and device.type == "cpu" and fused.available()
+            return dims == 2 and (ops.cpu_kernel() is not None if device.type == "cpu" else
+                                  device.type == "cuda" and ops.triton_kernel(device))
         return available(name, device)
 
     return tuple(name for name in CONCRETE if timed(name))
@@ -211,43 +216,43 @@ def fused_proposed(pattern: HetConvPattern, input: Tensor, training: bool) -> bo
     The compiled kernel multiplies only the useful weights, so on the shapes it was measured on
     (benchmarks/results/layers.md) it runs 0.5-1.0x the time of ``dense`` in most layers and up to
     ~1.15x in a few (groups of 16 filters at small ``P``, whose tiles hold one vector). The model
-    proposes it for every call it computes: a 2-D float32 eager CPU call outside graph capture
-    (bfloat16 and autocast calls would run in float32, where oneDNN has bfloat16 kernels), with the
-    kernels built; the timing of ``confirm`` keeps ``dense`` where it loses.
+    proposes it for every call it computes: a 2-D float32 CPU call (bfloat16 and autocast calls
+    would run in float32, where oneDNN has bfloat16 kernels), with the kernels built, in eager mode
+    or graph capture (the operator is one node of the graph), not inside a ``torch.func``
+    transform; the timing of ``confirm`` keeps ``dense`` where it loses.
     """
     if pattern.dims != 2 or input.device.type != "cpu" or input.dtype != torch.float32:
         return False
-    if reduced_precision(input) is not None or not eager_tensor(input):
-        return False  # (eager_tensor is False in graph capture and for torch.func-wrapped inputs)
-    if torch._C._functorch.maybe_current_level() is not None:
-        return False  # inside vmap / grad: the weights are wrapped tensors
-    return fused.available()
+    return reduced_precision(input) is None and ops.cpu_kernel() is not None
 
 
-def _output_pixels(input: Tensor, stride) -> int:
+def _output_pixels(input: Tensor, call: Call) -> int:
     pixels = input.shape[0]
-    for size, s in zip(input.shape[2:], stride):
-        pixels *= (size - 1) // s + 1
+    for size, k, s, p, d in zip(input.shape[2:], call.pattern.kernel_size, call.stride, call.padding, call.dilation):
+        pixels *= (size + 2 * p - d * (k - 1) - 1) // s + 1
     return pixels
 
 
-def _model_choice(pattern: HetConvPattern, input: Tensor | None, training: bool, stride: tuple[int, ...]) -> str:
+def _model_choice(call: Call, input: Tensor | None) -> str:
+    pattern, training = call.pattern, call.grad
     if input is None or input.device.type != "cpu" or input.dtype not in _FAST_DTYPES:
         return "dense"
     if fused_proposed(pattern, input, training):
         return "fused"
+    if not all(isinstance(size, int) for size in input.shape):
+        return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no pixel count to weigh
     if not torch._C._has_mkldnn:  # what mkldnn.is_available() returns; dynamo cannot call that one
         return "dense"
     if _memory_format(input) != "channels_last":
         # In NCHW oneDNN reorders grouped convolutions' data; only dense was measured to hold up.
         return "dense"
-    pixels = _output_pixels(input, stride)  # output pixels, as estimate counts them
+    pixels = _output_pixels(input, call)  # output pixels, as estimate counts them
     costs = estimate(pattern, max(pixels, 1), training)
     return "grouped" if costs["grouped"] < MARGIN * costs["dense"] else "dense"
 
 
 def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool | None = None,
-           stride: tuple[int, ...] | None = None, weights: tuple = ()) -> str:
+           stride: tuple[int, ...] | None = None, weights: tuple = (), *, padding=None, dilation=None) -> str:
     """The backend ``"auto"`` uses for a layer of this pattern called on this input.
 
     Args:
@@ -262,6 +267,11 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         weights (tuple of Tensor, optional): the call's ``(weight_kxk, weight_1x1, ...)``: their
             strides are part of the signature and a timing lays its random weights out the same way
             (never their values). Default: contiguous weights.
+        padding, dilation (tuple of int, optional): the layer's (default ``k // 2`` and 1).
+
+    Under graph capture, inside ``torch.func`` transforms and for fake or symbolic inputs (whatever
+    is not an ordinary eager tensor: nothing can be timed, and a compiled graph must not guard on the
+    cache that eager calls keep extending) the cost model decides alone.
 
     Returns:
         str: the name of a concrete backend of :mod:`sparse_hetconv.backends`.
@@ -270,17 +280,11 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
         training = torch.is_grad_enabled()
     if pattern.part == 1:
         return "dense"
-    if input is not None and not all(isinstance(size, int) for size in input.shape):
-        return "dense"  # symbolic sizes (torch.export, dynamic torch.compile): no signature to key on
-    if stride is None:
-        stride = (1,) * pattern.dims
-    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
-        # Traced: a pure function of the signature. Reading the cache would make the compiled graph
-        # guard on a global dict that eager calls keep extending (a recompilation every time).
-        # Inside a torch.func transform (vmap, grad) nothing can be timed either (random data is
-        # refused) and the weights may be wrapped: the model decides, without fused.
-        return _model_choice(pattern, input, training, tuple(stride))
-    key = signature(pattern, input, training, tuple(stride), weights)
+    call = Call.of(pattern, stride, padding, dilation, grad=training)
+    stride = call.stride
+    if input is not None and not eager_call(input, *weights):
+        return _model_choice(call, input)
+    key = signature(pattern, input, training, stride, weights, call.padding, call.dilation)
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit[0]
@@ -288,24 +292,23 @@ def choose(pattern: HetConvPattern, input: Tensor | None = None, training: bool 
     if input is None:
         backend, how = "dense", "model"
     elif mode == "measure" or (mode == "confirm" and input.device.type != "cpu"):
-        backend, how = _measured_choice(pattern, input, training, stride, candidates(input.device, pattern.dims),
+        backend, how = _measured_choice(call, input, candidates(input.device, pattern.dims),
                                         _weight_strides(weights)), "measure"
     else:
-        backend, how = _model_choice(pattern, input, training, tuple(stride)), "model"
+        backend, how = _model_choice(call, input), "model"
         if mode == "confirm" and backend != "dense":
             names = ("dense", backend)
-            if backend == "fused" and not training and _output_pixels(input, stride) <= FEW_PIXELS:
+            if backend == "fused" and not training and _output_pixels(input, call) <= FEW_PIXELS:
                 # A few output pixels (batch 1, deep layers): laying out the weights is most of the
                 # fused kernel's time, and blocked, which reads them in place, can be faster.
                 names += ("blocked",)
-            timed = _measured_choice(pattern, input, training, stride, names, _weight_strides(weights))
+            timed = _measured_choice(call, input, names, _weight_strides(weights))
             backend, how = timed, "confirmed" if timed == backend else "refuted"
     _CHOICES[key] = (backend, how)
     return backend
 
 
-def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, stride: tuple[int, ...],
-                     names: tuple[str, ...], strides: tuple = (), repeats: int = 3) -> str:
+def _measured_choice(call: Call, input: Tensor, names: tuple[str, ...], strides: tuple = (), repeats: int = 3) -> str:
     """Time each of ``names`` on random data of the call's signature (``strides``: the weights',
     from :func:`_weight_strides`); the fastest wins.
 
@@ -315,6 +318,7 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, str
     """
     if len(names) == 1:
         return names[0]
+    pattern, training = call.pattern, call.grad
     factory = {"device": input.device, "dtype": input.dtype}
     with torch.inference_mode(False), torch.no_grad():
         x = torch.randn(input.shape, **factory)
@@ -328,7 +332,7 @@ def _measured_choice(pattern: HetConvPattern, input: Tensor, training: bool, str
     def run(backend: str) -> None:
         with torch.enable_grad() if training else torch.no_grad():
             args = [t.detach().requires_grad_(training) for t in (x, kxk, values)]
-            out = get(backend)(args[0], args[1], args[2], None, stride, pattern, training)
+            out = get(backend)(args[0], args[1], args[2], None, call)
             if training:
                 out.backward(torch.ones_like(out))
 

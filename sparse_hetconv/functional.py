@@ -1,28 +1,30 @@
-"""The HetConv operation as pure functions: ``het_conv2d`` and ``het_conv3d``.
+"""The HetConv operation as pure functions, ``het_conv2d`` and ``het_conv3d``, and the one place a
+call is dispatched to a backend (:func:`dispatch`).
 
 HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A filter over ``M`` input
-channels has ``M/P`` k x k kernels (a grouped convolution, ``groups = P``, padding ``k // 2``) and
-``M - M/P`` 1 x 1 kernels, stored compactly as ``weight_1x1`` (``N x (M - M/P)``, row ``j`` in
-increasing channel order; docs/design.md §3). This module checks the arguments, resolves the
-backend (``"auto"`` in exactly one place, :func:`resolve_backend`) and hands a concrete backend of
-:mod:`sparse_hetconv.backends` the call. :class:`sparse_hetconv.SparseHetConv2d` wraps
-:func:`het_conv2d`.
+channels has ``M/P`` k x k kernels (a grouped convolution, ``groups = P``) and ``M - M/P`` 1 x 1
+kernels that read the input at the k x k kernels' centre tap, stored compactly as ``weight_1x1``
+(``N x (M - M/P)``, row ``j`` in increasing channel order; docs/design.md §3). This module checks
+the arguments, describes the call once (:class:`~sparse_hetconv.backends.Call`: geometry, whether
+autograd records it, whether its tensors are ordinary eager ones), resolves the backend (``"auto"``
+through :func:`sparse_hetconv.autotune.choose`) and hands the concrete backend of
+:mod:`sparse_hetconv.backends` the call. :class:`sparse_hetconv.SparseHetConv2d` wraps it.
 """
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from . import autotune
 from ._checks import check_input, check_tuple
-from .backends import BACKENDS, check_backend, fused, get
-from .backends._common import has_nonfinite, kxk_part, reduced_precision
+from .backends import BACKENDS, Call, check_backend, get
+from .backends._common import eager_call, has_nonfinite, kxk_part, onnx_export, reduced_precision, transformed
 from .pattern import HetConvPattern
 
-__all__ = ["BACKENDS", "het_conv", "het_conv2d", "het_conv3d", "needs_grad", "resolve_backend"]
+__all__ = ["BACKENDS", "dispatch", "het_conv", "het_conv2d", "het_conv3d", "needs_grad", "resolve_backend"]
 
 
 def needs_grad(input: Tensor, *weights: Tensor | None) -> bool:
@@ -32,47 +34,64 @@ def needs_grad(input: Tensor, *weights: Tensor | None) -> bool:
     return input.requires_grad or any(w is not None and w.requires_grad for w in weights)
 
 
-def resolve_backend(backend: str, pattern: HetConvPattern, input: Tensor | None, grad: bool,
-                    stride: tuple[int, ...] | None = None, weights: tuple = ()) -> str:
+def resolve_backend(backend: str, call: Call, input: Tensor | None, weights: tuple = ()) -> str:
     """The concrete backend a call uses: ``backend`` itself, or what ``"auto"`` resolves to.
 
-    The one place ``"auto"`` is resolved (:func:`sparse_hetconv.autotune.choose`); the layers and
-    :func:`het_conv` call it once per call. A call the ``fused`` kernel does not compute (see
-    :func:`sparse_hetconv.backends.fused.runs`; ``weights``: the call's parameter tensors) resolves
-    to ``blocked``, which computes it in its own precision.
+    ``fused`` and ``triton`` (the registered operator) take 2-D calls outside ``torch.func``
+    transforms (custom operators have no rule for ``torch.func.grad``; ``vmap`` alone would work,
+    but the choice is kept simple); other calls resolve to ``blocked``, which computes them in their
+    own precision. Under ``torch.onnx.export``, which has no translation of the operator, they
+    resolve to ``dense``.
     """
+    pattern = call.pattern
+    if pattern.part == 1:
+        return "dense"
     if backend == "auto":
-        backend = autotune.choose(pattern, input, grad, stride, weights) if pattern.part > 1 else "dense"
-    if backend == "fused" and pattern.part > 1 and input is not None and not fused.runs(input, weights, pattern):
-        return "blocked"
+        backend = autotune.choose(pattern, input, call.grad, call.stride, weights, padding=call.padding,
+                                  dilation=call.dilation)
+    if backend in ("fused", "triton"):
+        if onnx_export():
+            return "dense"  # ONNX has no translation of the operator; dense is a pair of convolutions
+        if pattern.dims != 2 or transformed():
+            return "blocked"
+    if backend == "torch_sparse" and torch.compiler.is_exporting():
+        raise ValueError(
+            "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "
+            "tensors; set the layers' backend to 'dense', 'grouped' or 'blocked' (the same numbers) first")
     return backend
 
 
-def _het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
-              stride: tuple[int, ...], pattern: HetConvPattern, backend: str, grad: bool) -> Tensor:
-    """:func:`het_conv` without argument checks; ``backend`` is concrete.
+def dispatch(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None,
+             pattern: HetConvPattern, backend: str, stride, padding=None, dilation=None) -> tuple[Tensor, str]:
+    """Compute a checked call with ``backend`` (``"auto"`` or concrete): the output and the concrete
+    backend that computed it. The one place a call is described and sent to a backend.
 
     A reduced-precision CPU call whose input holds ``inf`` or NaN is computed in float32 and rounded
     to its precision: oneDNN's bfloat16 kernels put NaN where the definition has none there (they
     multiply padding and partial tiles with the input; measured with torch 2.13 for inputs of up to
     five pixels along a dimension, forward and weight gradient), and float32 is exact
-    (docs/design.md §9).
+    (docs/design.md §9). ``dense`` reads the same sum: it must not multiply its stored zeros by an
+    ``inf``.
     """
+    weights = (weight_kxk, weight_1x1, bias)
+    if input.dtype != weight_kxk.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise ValueError(f"input has dtype {input.dtype}, expected the weights' dtype ({weight_kxk.dtype}); "
+                         "convert one of them, or run the call under torch.autocast")
+    call = Call.of(pattern, stride, padding, dilation, grad=needs_grad(input, *weights),
+                   eager=eager_call(input, *weights))
+    name = resolve_backend(backend, call, input, weights)
     low = reduced_precision(input)
-    # One sum of the input per call, read by the precision route and by ``dense`` (which must not
-    # multiply its stored zeros by an inf); the other backends never multiply a missing kernel.
-    dense_1x1 = backend == "dense" and pattern.part > 1
-    nonfinite = (low is not None or dense_1x1) and has_nonfinite(input)
-    if low is not None and nonfinite:
-        single = [None if t is None else t.float() for t in (weight_kxk, weight_1x1, bias)]
-        with torch.autocast("cpu", enabled=False):
-            out = _het_conv(input.float(), *single, stride, pattern, "blocked" if dense_1x1 else backend, grad)
-        return out.to(low)
+    if (low is not None or name == "dense" and pattern.part > 1) and has_nonfinite(input):
+        if low is not None:
+            single = [None if t is None else t.float() for t in weights]
+            with torch.autocast("cpu", enabled=False):
+                out, name = dispatch(input.float(), *single, pattern, "blocked" if name == "dense" else name,
+                                     call.stride, call.padding, call.dilation)
+            return out.to(low), name
+        call = dataclasses.replace(call, nonfinite=True)
     if pattern.part == 1:
-        return kxk_part(input, weight_kxk, bias, stride, pattern)
-    if dense_1x1:
-        return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad, nonfinite=nonfinite)
-    return get(backend)(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)
+        return kxk_part(input, weight_kxk, bias, call), name
+    return get(name)(input, weight_kxk, weight_1x1, bias, call), name
 
 
 def het_conv(
@@ -84,6 +103,7 @@ def het_conv(
     part: int = 1,
     backend: str = "dense",
     pattern: HetConvPattern | None = None,
+    dilation: int | tuple[int, ...] = 1,
 ) -> Tensor:
     """Heterogeneous-kernel convolution in 2-D or 3-D (the dimension follows ``weight_kxk``).
 
@@ -99,10 +119,10 @@ def het_conv(
         backend (str): one of :data:`BACKENDS` (``"auto"`` or a backend of
             :mod:`sparse_hetconv.backends`); all exact.
         pattern (HetConvPattern, optional): a prebuilt pattern for these shapes (skips checks).
+        dilation (int or tuple): of the k x k kernels; the padding is ``dilation * (k // 2)``.
 
     Returns:
-        Tensor[batch, out_channels, *out_spatial]: with ``out = floor((size - 1) / stride) + 1``,
-        in the memory format the k x k convolution produces (channels-last in, channels-last out).
+        Tensor[batch, out_channels, *out_spatial]: with ``out = floor((size - 1) / stride) + 1``.
 
     Raises:
         ValueError: a shape, part or backend that does not fit.
@@ -122,12 +142,9 @@ def het_conv(
                                  tuple(int(k) for k in weight_kxk.shape[2:]), dims)
         _check_weights(pattern, weight_kxk, weight_1x1, bias)
         check_input(input, pattern.in_channels, dims, "het_conv")
-        stride = check_tuple("stride", stride, dims)
-    else:
-        stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
-    grad = needs_grad(input, weight_kxk, weight_1x1, bias)
-    backend = resolve_backend(backend, pattern, input, grad, stride, (weight_kxk, weight_1x1, bias))
-    return _het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, backend, grad)
+    stride = check_tuple("stride", stride, dims)
+    dilation = check_tuple("dilation", dilation, dims)
+    return dispatch(input, weight_kxk, weight_1x1, bias, pattern, backend, stride, dilation=dilation)[0]
 
 
 def _check_weights(pattern: HetConvPattern, weight_kxk: Tensor, weight_1x1: Tensor | None, bias: Tensor | None) -> None:
@@ -144,25 +161,20 @@ def _check_weights(pattern: HetConvPattern, weight_kxk: Tensor, weight_1x1: Tens
             raise ValueError(f"weight_1x1 has shape {shape}, expected {expected} for {pattern}")
     if bias is not None and tuple(bias.shape) != (pattern.out_channels,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({pattern.out_channels},)")
+    for name, t in (("weight_1x1", weight_1x1), ("bias", bias)):
+        if t is not None and t.dtype != weight_kxk.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected weight_kxk's dtype ({weight_kxk.dtype})")
 
 
-def het_conv2d(input, weight_kxk, weight_1x1, bias=None, stride=1, part=1, backend="dense") -> Tensor:
+def het_conv2d(input, weight_kxk, weight_1x1, bias=None, stride=1, part=1, backend="dense", dilation=1) -> Tensor:
     """2-D :func:`het_conv`; ``input`` is ``Tensor[batch, in_channels, height, width]``."""
     if weight_kxk.dim() != 4:
         raise ValueError(f"het_conv2d expects a 4-D weight_kxk, got shape {tuple(weight_kxk.shape)}")
-    return het_conv(input, weight_kxk, weight_1x1, bias, stride, part, backend)
+    return het_conv(input, weight_kxk, weight_1x1, bias, stride, part, backend, dilation=dilation)
 
 
-def het_conv3d(input, weight_kxk, weight_1x1, bias=None, stride=1, part=1, backend="dense") -> Tensor:
+def het_conv3d(input, weight_kxk, weight_1x1, bias=None, stride=1, part=1, backend="dense", dilation=1) -> Tensor:
     """3-D :func:`het_conv`; ``input`` is ``Tensor[batch, in_channels, depth, height, width]``."""
     if weight_kxk.dim() != 5:
         raise ValueError(f"het_conv3d expects a 5-D weight_kxk, got shape {tuple(weight_kxk.shape)}")
-    return het_conv(input, weight_kxk, weight_1x1, bias, stride, part, backend)
-
-
-def __getattr__(name: str):
-    if name == "select_backend":  # 0.1 name of autotune.choose
-        warnings.warn("sparse_hetconv.functional.select_backend is deprecated; use sparse_hetconv.autotune.choose",
-                      DeprecationWarning, stacklevel=2)
-        return autotune.choose
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return het_conv(input, weight_kxk, weight_1x1, bias, stride, part, backend, dilation=dilation)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._base import _HetConvBase
 from ._probe import no_global_hooks, probe_input, quiet_copy
 from .backends._common import bf16_conv_is_wrong, conv_kxk, has_nonfinite
-from .functional import _het_conv, needs_grad
+from .functional import dispatch
 from .pattern import HetConvPattern
 
 __all__ = ["MaskedHetConv2d", "MaskedHetConv3d", "HetConvWeights", "NotAHetConvError", "dense_conv_weight",
@@ -101,7 +101,7 @@ class _MaskedHetConvNd(_HetConvBase):
 
     def _gwc(self, input: Tensor) -> Tensor:
         """``gwc(input)``, in float32 where oneDNN gets it wrong in bfloat16
-        (:func:`~sparse_hetconv.backends._common.bf16_conv_is_wrong`)."""
+        (:func:`~sparse_hetconv.ops.stock.bf16_conv_is_wrong`)."""
         gwc = self.gwc
         if not bf16_conv_is_wrong(input, self.stride):
             return gwc(input)  # through the module, so that its hooks (FLOP counters) see it
@@ -114,8 +114,7 @@ class _MaskedHetConvNd(_HetConvBase):
         bias = self.gwc.bias
         if self.pwc.bias is not None:
             bias = self.pwc.bias if bias is None else bias + self.pwc.bias
-        grad = needs_grad(input, self.gwc.weight, weight, bias)
-        return _het_conv(input, self.gwc.weight, values, bias, self.stride, self.pattern, "blocked", grad)
+        return dispatch(input, self.gwc.weight, values, bias, self.pattern, "blocked", self.stride)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint whose pwc diagonal is not zero (an "approximate HetConv" trained without

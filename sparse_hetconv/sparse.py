@@ -19,7 +19,7 @@ from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
 from ._checks import check_int
 from .backends import check_backend
-from .functional import _het_conv, needs_grad, resolve_backend
+from .functional import dispatch
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
 
 __all__ = ["SparseHetConv2d", "SparseHetConv3d", "check_reduce"]
@@ -91,15 +91,11 @@ class _SparseHetConvNd(_CompactHetConv):
         ``load_state_dict``, ``torch.func.functional_call``.
         """
         self._check_input(input)
-        if self.part == 1:
-            return _het_conv(input, self.weight_kxk, None, self.bias, self.stride, self.pattern, "dense", False)
-        grad = needs_grad(input, self.weight_kxk, self.weight_1x1, self.bias)
-        backend = resolve_backend(self._backend, self.pattern, input, grad, self.stride,
-                                  (self.weight_kxk, self.weight_1x1, self.bias))
-        if not torch.compiler.is_compiling():
+        out, backend = dispatch(input, self.weight_kxk, self.weight_1x1, self.bias, self.pattern, self._backend,
+                                self.stride)
+        if self.part > 1:
             self._resolved_backend = backend
-        return _het_conv(input, self.weight_kxk, self.weight_1x1, self.bias, self.stride, self.pattern,
-                         backend, grad)
+        return out
 
     def extra_repr(self) -> str:
         text = self._geometry_repr()

@@ -33,26 +33,36 @@ def one_by_one_channels(j: int, in_channels: int, out_channels: int, part: int) 
     return [c for c in range(in_channels) if c not in inside]
 
 
-def oracle(x, weight_kxk, weight_1x1, bias, stride, part):
+def oracle(x, weight_kxk, weight_1x1, bias, stride, part, padding=None, dilation=1):
     """HetConv by definition: ``y[b, j] = sum_c kernel(j, c) * x[b, c]`` (float64 recommended).
+
+    A 1 x 1 kernel reads the input where the k x k kernels' centre tap does: offset
+    ``dilation * (k // 2) - padding`` from the top-left corner, at the stride.
 
     Args:
         x: (B, M, *S); weight_kxk: (N, M/P, *k); weight_1x1: (N, M - M/P) or None; bias: (N,) or None.
+        padding: default ``dilation * (k // 2)``; dilation: of the k x k kernels.
     """
     dims = weight_kxk.dim() - 2
     conv = CONV[dims]
     in_channels, out_channels = x.shape[1], weight_kxk.shape[0]
     kernel = weight_kxk.shape[2:]
-    padding = tuple(k // 2 for k in kernel)
     stride = (stride,) * dims if isinstance(stride, int) else tuple(stride)
+    dilation = (dilation,) * dims if isinstance(dilation, int) else tuple(dilation)
+    if padding is None:
+        padding = tuple(d * (k // 2) for d, k in zip(dilation, kernel))
+    padding = (padding,) * dims if isinstance(padding, int) else tuple(padding)
     columns = []
     for j in range(out_channels):
         terms = []
         for t, c in enumerate(kxk_channels(j, in_channels, out_channels, part)):
-            terms.append(conv(x[:, c:c + 1], weight_kxk[j, t][None, None], None, stride, padding))
+            terms.append(conv(x[:, c:c + 1], weight_kxk[j, t][None, None], None, stride, padding, dilation))
+        size = conv(x[:, :1], weight_kxk[:1, :1], None, stride, padding, dilation).shape[2:]
+        at = (slice(None), slice(None)) + tuple(slice(d * (k // 2) - p, None) for d, k, p in zip(dilation, kernel, padding))
         for t, c in enumerate(one_by_one_channels(j, in_channels, out_channels, part)):
             one = weight_1x1[j, t].reshape((1, 1) + (1,) * dims)
-            terms.append(conv(x[:, c:c + 1], one, None, stride))
+            y = conv(x[at][:, c:c + 1], one, None, stride)
+            terms.append(y[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)])
         y = torch.stack(terms).sum(0)
         if bias is not None:
             y = y + bias[j]

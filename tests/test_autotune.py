@@ -6,7 +6,7 @@ The backends themselves are tested in tests/backends/. No timing is asserted any
 import pytest
 import torch
 
-from sparse_hetconv import SparseHetConv2d, autotune
+from sparse_hetconv import SparseHetConv2d, autotune, ops
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.pattern import HetConvPattern
 
@@ -18,11 +18,9 @@ pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 @pytest.fixture
 def stock_only(monkeypatch):
-    """The cost model of the stock kernels alone: the fused backend's kernels reported unbuilt (the
+    """The cost model of the stock kernels alone: the operator's CPU kernels reported unbuilt (the
     model proposes ``fused`` for every float32 2-D CPU call where they are; tested below)."""
-    from sparse_hetconv.backends import fused
-
-    monkeypatch.setattr(fused, "available", lambda: False)
+    monkeypatch.setattr(ops, "cpu_kernel", lambda: None)
 
 
 def test_choose_is_deterministic_cached_and_explained(stock_only):
@@ -67,7 +65,7 @@ def test_grouped_chosen_for_wide_groups_at_part_two(stock_only):
 def test_confirm_mode_times_only_the_models_non_dense_proposals(stock_only, monkeypatch, fastest, how):
     timed = []
 
-    def fake_timing(pattern, input, training, stride, names, strides=(), repeats=3):
+    def fake_timing(call, input, names, strides=(), repeats=3):
         timed.append(names)
         return fastest
 
@@ -85,15 +83,13 @@ def test_confirm_mode_times_only_the_models_non_dense_proposals(stock_only, monk
 
 
 def test_the_model_proposes_fused_where_it_computes_and_confirm_times_it(monkeypatch):
-    """Where the fused kernels run (2-D, float32, eager, CPU) the model proposes them; confirm times
-    the proposal against dense, in inference and in training; elsewhere the stock model decides."""
-    from sparse_hetconv.backends import fused
-
-    if not fused.available():
-        pytest.skip(f"fused kernels unavailable here: {fused.unavailable_reason()}")
+    """Where the CPU kernels run (2-D, float32, CPU) the model proposes them; confirm times the
+    proposal against dense, in inference and in training; elsewhere the stock model decides."""
+    if ops.cpu_kernel() is None:
+        pytest.skip(ops.kernel_info())
     timed = []
     monkeypatch.setattr(autotune, "_measured_choice",
-                        lambda pattern, input, training, stride, names, strides=(), repeats=3:
+                        lambda call, input, names, strides=(), repeats=3:
                         timed.append(names) or names[-1])
     pattern = HetConvPattern(64, 64, 4)
     x = torch.randn(4, 64, 8, 8)

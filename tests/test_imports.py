@@ -1,6 +1,6 @@
 """The package's imports run one way, and ``import sparse_hetconv`` loads the core only.
 
-Layers, from the bottom: index math and checks; the backends; the autotuner; the functional API;
+Layers, from the bottom: index math and checks; the registered operator and the backends; the autotuner; the functional API;
 the layers; converters, counting, fusion, FLOP tools and models; checkpoints and the spconv
 layers; the measuring tools and the CIFAR-10 experiment; the command line. A module may import
 modules of its own layer or below (never a cycle), never one above — imports inside functions
@@ -23,7 +23,7 @@ LAYERS = [
     ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0), ("sparse_hetconv._deprecated", 0),
     ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv._files", 0), ("sparse_hetconv.pattern", 0),
     ("sparse_hetconv._probe", 0), ("sparse_hetconv._report", 0), ("sparse_hetconv._frozen", 0),
-    ("sparse_hetconv.backends", 1),
+    ("sparse_hetconv.ops", 1), ("sparse_hetconv.backends", 1),
     ("sparse_hetconv.autotune", 2),
     ("sparse_hetconv.functional", 3),
     ("sparse_hetconv._base", 4), ("sparse_hetconv.masked", 4), ("sparse_hetconv._compact", 4),

@@ -9,19 +9,20 @@ part, device, dtype and memory format:
 * ``grouped`` (:mod:`.grouped`): ``P - 1`` grouped 1 x 1 convolutions, one per block offset.
 * ``blocked`` (:mod:`.blocked`): two matrix products per group over contiguous channel slices.
 * ``torch_sparse`` (:mod:`.torch_sparse`): the literal torch.sparse CSR matrix times the input.
-* ``fused`` (:mod:`.fused`): the whole 2-D layer as one compiled CPU kernel (C++, built on first
-  use) over only the kernels that exist, forward and backward; other calls it hands to ``blocked``.
-* ``triton`` (:mod:`.triton_conv`): the whole 2-D layer as one fused Triton kernel that multiplies
-  only the kernels that exist (CUDA; on the CPU under Triton's interpreter only). Imported on
-  first use: ``import sparse_hetconv`` does not load it or triton.
+* ``fused`` (:mod:`.fused`): the registered operator :mod:`sparse_hetconv.ops` (compiled CPU
+  kernels, the Triton kernel on CUDA, stock operations elsewhere) over only the kernels that exist,
+  forward and backward; 3-D calls and ``torch.func`` transforms resolve to ``blocked``.
+* ``triton``: the same operator with its Triton kernel required (CUDA; on the CPU under Triton's
+  interpreter only). ``import sparse_hetconv`` does not load triton.
 
-Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)``
-computing the whole layer for ``part > 1`` (``grad``: whether autograd records the call). Every call
+Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, call)`` computing the whole
+layer for ``part > 1``; :class:`Call` holds the call's geometry and what the dispatcher found out
+about it once (whether autograd records it, whether its tensors are ordinary eager ones). Every call
 reads the parameters as they are: nothing derived from them (a scattered matrix, packed panels)
 outlives the call, so no way of writing the weights (optimizer steps, fused or not, ``.data``,
 ``load_state_dict``, ``torch.func.functional_call``) can be missed. ``"auto"`` is not a backend: it is resolved to
 one of these by :func:`sparse_hetconv.autotune.choose`, in one place
-(:func:`sparse_hetconv.functional.resolve_backend`).
+(:func:`sparse_hetconv.functional.dispatch`).
 """
 
 from __future__ import annotations
@@ -31,15 +32,10 @@ from collections.abc import Callable
 import torch
 
 from . import blocked, dense, fused, grouped, torch_sparse
+from ._common import Call
 
-__all__ = ["BACKENDS", "CONCRETE", "available", "check_backend", "get"]
+__all__ = ["BACKENDS", "CONCRETE", "Call", "available", "check_backend", "get"]
 
-
-
-def _triton(input, weight_kxk, weight_1x1, bias, stride, pattern, grad):
-    from .triton_conv import het_conv2d_triton
-
-    return het_conv2d_triton(input, weight_kxk, weight_1x1, bias, tuple(stride), pattern.part)
 
 
 _REGISTRY: dict[str, Callable] = {
@@ -48,7 +44,7 @@ _REGISTRY: dict[str, Callable] = {
     "blocked": blocked.het_conv,
     "torch_sparse": torch_sparse.het_conv,
     "fused": fused.het_conv,
-    "triton": _triton,
+    "triton": fused.triton,
 }
 #: The backends, in the order the cost model and the tests list them.
 CONCRETE = tuple(_REGISTRY)
@@ -75,7 +71,6 @@ def available(name: str, device: torch.device | str = "cpu") -> bool:
     check_backend(name)
     if name != "triton":
         return True
-    from . import triton_conv
+    from .. import ops
 
-    device = torch.device(device)
-    return triton_conv.available() and (device.type == "cuda" or (device.type == "cpu" and triton_conv._INTERPRET))
+    return ops.triton_kernel(device)

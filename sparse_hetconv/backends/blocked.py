@@ -10,26 +10,25 @@ import math
 import torch
 from torch import Tensor
 
-from ..pattern import HetConvPattern
-from ._common import channels_last, eager_tensor, kxk_part, subsample
+from ._common import Call, centre, channels_last, kxk_part
 
 __all__ = ["het_conv"]
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
-    if grad and input.dim() in (4, 5) and not channels_last(input) and eager_tensor(input):
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+    pattern = call.pattern
+    if call.grad and call.eager and input.dim() in (4, 5) and not channels_last(input):
         # With autograd, the NCHW products below each save a copy of their channel slice of the
         # input (matmul folds the batch into the rows): P copies in all, 67x a P = 64 layer's input
         # in memory. One channels-last copy of the input instead, and the row products on it.
         input = input.contiguous(memory_format=torch.channels_last if input.dim() == 4 else torch.channels_last_3d)
-    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+    out = kxk_part(input, weight_kxk, bias, call)
     # In the output's dtype: under autocast the in-place products would not be cast for us.
-    x = subsample(input, stride).to(out.dtype)
+    x = centre(input, out, call).to(out.dtype)
     batch = x.shape[0]
     p, n, m = pattern.part, pattern.block_out, pattern.block_in
     blocks = weight_1x1.to(out.dtype).view(p, n, pattern.num_1x1)
-    if channels_last(x) and channels_last(out):
+    if call.eager and channels_last(x) and channels_last(out):
         # (B*L, M) and (B*L, N) views of channels-last tensors: channel slices are column blocks,
         # and each group's products are added straight into its columns of the output.
         rows = x.movedim(1, -1).reshape(-1, pattern.in_channels)

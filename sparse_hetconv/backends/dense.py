@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..pattern import HetConvPattern
 from . import blocked
-from ._common import CONV, channels_last, eager_tensor, has_nonfinite, kxk_part, rows, subsample
+from ._common import CONV, Call, centre, centre_origin, channels_last, crop, kxk_part, rows
 
 __all__ = ["het_conv", "SMALL_PRODUCT"]
 
@@ -39,27 +39,28 @@ def _weight(values: Tensor, pattern: HetConvPattern) -> Tensor:
     return pattern.scatter_1x1(values).view((pattern.out_channels, pattern.in_channels) + (1,) * pattern.dims)
 
 
-def _fusable(input: Tensor, out: Tensor) -> bool:
-    """Whether oneDNN can add the 1 x 1 convolution straight into ``out`` (no autograd path)."""
+def _fusable(input: Tensor, out: Tensor, call: Call) -> bool:
+    """Whether oneDNN can add the 1 x 1 convolution straight into ``out`` (an eager call without
+    autograd, in channels-last, reading the input from its first pixel)."""
     if input.dim() != 4 or input.device.type != "cpu" or input.numel() == 0 or out.numel() == 0:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not torch._C._has_mkldnn:
-        return False  # graph capture records stock operations only (jit.trace rejects this one)
-    if not torch.backends.mkldnn.enabled or out.dtype != input.dtype:
+    if not channels_last(input) or centre_origin(input, call) is not input:
+        return False
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled or out.dtype != input.dtype:
         return False  # (under autocast the k x k output is already in the lower precision)
     if input.dtype == torch.float32:
         return True
     return input.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetConvPattern,
-                      stride: tuple[int, ...]) -> Tensor | None:
+def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, call: Call) -> Tensor | None:
     """No-grad calls with little work: one ``addmm`` into the output's rows, or None if it does not apply.
 
     oneDNN's per-call overhead dominates a tiny 1 x 1 convolution (batch 1, deep layers), where one
     MKL product of the channels-last rows with the dense matrix is 2-3x faster.
     """
-    x = subsample(input, stride)
+    pattern = call.pattern
+    x = centre(input, out, call)
     pixels = x.shape[0] * math.prod(x.shape[2:])
     if pixels * pattern.in_channels * pattern.out_channels > SMALL_PRODUCT or x.numel() == 0:
         return None
@@ -72,23 +73,22 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, pattern: HetCo
     return out
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool, *,
-             nonfinite: bool | None = None) -> Tensor:
-    # ``nonfinite``: the caller has already summed the input (functional does, once per call).
-    if has_nonfinite(input) if nonfinite is None else nonfinite:  # 0 * inf: the zeros must not be multiplied
-        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, stride, pattern, grad)
-    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+    if call.nonfinite:  # 0 * inf: the zeros must not be multiplied (the dispatcher summed the input)
+        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, call)
+    pattern = call.pattern
+    out = kxk_part(input, weight_kxk, bias, call)
     # The in-place fast paths are for ordinary eager calls: graph capture records stock operations
     # only, and fake or torch.func-wrapped tensors are better served by the plain convolution.
-    fast = not grad and eager_tensor(input) and eager_tensor(weight_1x1)
+    fast = not call.grad and call.eager
     if fast:
-        small = _accumulate_small(out, input, weight_1x1, pattern, stride)
+        small = _accumulate_small(out, input, weight_1x1, call)
         if small is not None:
             return small
     weight = _weight(weight_1x1, pattern)
-    if fast and _fusable(input, out) and channels_last(input):
+    if fast and _fusable(input, out, call):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            out, input, weight, None, [0, 0], list(stride), [1, 1], 1, "add", None, None, [], None
+            out, input, weight, None, [0, 0], list(call.stride), [1, 1], 1, "add", None, None, [], None
         )
-    return out.add_(CONV[pattern.dims](input, weight, None, stride))
+    y = CONV[pattern.dims](centre_origin(input, call), weight, None, call.stride)
+    return out.add_(crop(y, out.shape[2:]))

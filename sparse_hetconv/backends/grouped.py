@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..pattern import HetConvPattern
-from ._common import CONV, kxk_part
+from ._common import CONV, Call, centre_origin, crop, kxk_part
 
 __all__ = ["het_conv"]
 
@@ -21,14 +21,15 @@ def _weights(values: Tensor, pattern: HetConvPattern) -> Tensor:
     return weight.view(weight.shape + (1,) * pattern.dims)
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
-    out = kxk_part(input, weight_kxk, bias, stride, pattern)
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+    pattern = call.pattern
+    out = kxk_part(input, weight_kxk, bias, call)
     weights = _weights(weight_1x1, pattern)
     p, n = pattern.part, pattern.block_out
     conv = CONV[pattern.dims]
+    x = centre_origin(input, call)
     for s in range(1, p):
-        y = conv(input, weights[s - 1], None, stride, 0, 1, p)
+        y = crop(conv(x, weights[s - 1], None, call.stride, 0, 1, p), out.shape[2:])
         split = (p - s) * n  # groups 0 .. P-s-1 read blocks s .. P-1; the others wrap around
         out[:, :split] += y[:, s * n:]
         out[:, split:] += y[:, :s * n]

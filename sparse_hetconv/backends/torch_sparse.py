@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..pattern import HetConvPattern, csr_tensor
-from ._common import kxk_part, subsample
+from ..pattern import csr_tensor
+from ._common import Call, centre, kxk_part
 
 __all__ = ["het_conv"]
 
@@ -52,14 +52,10 @@ class _CsrMatmul(torch.autograd.Function):
         return grad_values, grad_cols, None, None, None
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None,
-             stride: tuple[int, ...], pattern: HetConvPattern, grad: bool) -> Tensor:
-    if torch.compiler.is_exporting():
-        raise ValueError(
-            "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "
-            "tensors; set the layers' backend to 'dense', 'grouped' or 'blocked' (the same numbers) first")
-    out = kxk_part(input, weight_kxk, bias, stride, pattern)
-    x = subsample(input, stride)
+def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+    pattern = call.pattern
+    out = kxk_part(input, weight_kxk, bias, call)
+    x = centre(input, out, call)
     batch, spatial = x.shape[0], x.shape[2:]
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     cols = x.movedim(1, 0).reshape(pattern.in_channels, -1).to(compute)

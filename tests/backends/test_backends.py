@@ -416,7 +416,6 @@ def test_the_input_is_summed_once_per_call(monkeypatch, dtype, autocast):
         return _common.has_nonfinite(x)
 
     monkeypatch.setattr(functional, "has_nonfinite", counted)
-    monkeypatch.setattr(dense, "has_nonfinite", counted)
     layer = SparseHetConv2d(8, 8, 4, backend="dense").to(dtype).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         layer(torch.randn(1, 8, 5, 5, dtype=dtype))
@@ -438,4 +437,5 @@ def test_nchw_training_keeps_no_copy_per_group(backend):
             x, layer = x.contiguous(memory_format=CL), layer.to(memory_format=CL)
         x.requires_grad_(True)
         peaks[layout] = tensor_peak_bytes(lambda: layer(x).sum().backward())
-    assert peaks["nchw"] <= 1.6 * peaks["channels_last"], f"{backend}: peak bytes {peaks}"
+    copy = x.numel() * x.element_size()  # one channels-last copy of an NCHW input is what the kernels read
+    assert peaks["nchw"] <= peaks["channels_last"] + 1.1 * copy, f"{backend}: peak bytes {peaks}, input {copy}"

@@ -24,34 +24,53 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_agrees, oracle
-from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
-from sparse_hetconv.backends import _cpu_build, fused
+from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune, ops
 from sparse_hetconv.functional import het_conv2d
 
 CL = torch.channels_last
 pytestmark = [
-    pytest.mark.skipif(not fused.available(), reason=f"fused kernels unavailable: {fused.unavailable_reason()}"),
+    pytest.mark.skipif(ops.cpu_kernel() is None, reason=ops.kernel_info()),
     pytest.mark.usefixtures("fresh_choices"),
 ]
 TOL = 2e-5
 
 
+@contextlib.contextmanager
+def build(name: str):
+    """Run the CPU kernels of instruction set ``name`` (``avx512`` or ``avx2``) inside the block."""
+    saved = os.environ.get("SPARSE_HETCONV_MAX_ISA")
+    os.environ["SPARSE_HETCONV_MAX_ISA"] = name
+    try:
+        assert ops.cpu_kernel() == name, f"this CPU does not run the {name} kernels"
+        yield name
+    finally:
+        if saved is None:
+            del os.environ["SPARSE_HETCONV_MAX_ISA"]
+        else:
+            os.environ["SPARSE_HETCONV_MAX_ISA"] = saved
+
+
 def _isas() -> list[str]:
     """The builds this CPU runs (the widest first)."""
-    flags = _cpu_build._cpu_flags()
-    return [name for name in _cpu_build.ISAS if all(f in flags for f in _cpu_build._NEEDS[name])]
+    found = []
+    for name in ("avx512", "avx2"):
+        with build_cap(name):
+            if ops.cpu_kernel() == name:
+                found.append(name)
+    return found
 
 
 @contextlib.contextmanager
-def build(name: str):
-    """Run the fused backend on build ``name`` (``avx512`` or ``avx2``) inside the block."""
-    library = _cpu_build.Library(_cpu_build._build(name), name)
-    saved = _cpu_build._state.get("loaded")
-    _cpu_build._state["loaded"] = library
+def build_cap(name: str):
+    saved = os.environ.get("SPARSE_HETCONV_MAX_ISA")
+    os.environ["SPARSE_HETCONV_MAX_ISA"] = name
     try:
-        yield library
+        yield
     finally:
-        _cpu_build._state["loaded"] = saved
+        if saved is None:
+            del os.environ["SPARSE_HETCONV_MAX_ISA"]
+        else:
+            os.environ["SPARSE_HETCONV_MAX_ISA"] = saved
 
 
 def _scale(x, weight_kxk, weight_1x1, bias, stride, part):
@@ -180,15 +199,22 @@ def test_nonfinite_inputs_give_the_definitions_answer():
         assert_agrees(got, expected, f"{M}x{N}/{P} with inf and NaN", 1e-5)
 
 
-def test_calls_it_does_not_compute_resolve_to_blocked():
+def test_calls_it_does_not_compute_run_the_stock_formulation_or_blocked():
+    """float64 is computed by the operator's stock formulation (still the operator); 3-D layers and
+    torch.func transforms resolve to blocked; a meta tensor gets the fake kernel's shape."""
     layer = SparseHetConv2d(8, 8, 2, backend="fused", dtype=torch.float64)
     x = torch.randn(1, 8, 4, 4, dtype=torch.float64)
-    layer(x)
-    assert layer.resolved_backend == "blocked", "float64 is not the kernel's: blocked computes it"
+    expected = oracle(x, layer.weight_kxk, layer.weight_1x1, None, 1, 2)
+    assert_agrees(layer(x), expected, "float64 through the operator", 1e-12)
+    assert layer.resolved_backend == "fused"
     layer3 = SparseHetConv3d(8, 8, 2, backend="fused")
     layer3(torch.randn(1, 8, 3, 3, 3))
     assert layer3.resolved_backend == "blocked", "3-D layers are computed by blocked"
     layer = SparseHetConv2d(8, 8, 2, backend="fused")
+    params = dict(layer.named_parameters())
+    grads = torch.func.grad(lambda p, t: torch.func.functional_call(layer, p, (t,)).sum())(params, x.float())
+    assert layer.resolved_backend == "blocked", "torch.func.grad has no rule for custom operators: blocked"
+    assert grads["weight_1x1"].shape == layer.weight_1x1.shape
     with torch.device("meta"):
         assert layer.to("meta")(torch.empty(1, 8, 4, 4)).shape == (1, 8, 4, 4)
 
@@ -233,55 +259,24 @@ def test_auto_picks_fused_only_where_a_timing_confirms_it():
         assert autotune.choose(layer.pattern, x.bfloat16(), False) != "fused", "oneDNN has bfloat16 kernels"
 
 
-def test_graph_capture_records_stock_operations():
-    layer = SparseHetConv2d(16, 16, 4, backend="fused").eval()
-    x = torch.randn(1, 16, 6, 6)
-    program = torch.export.export(layer, (x,))
-    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert any("convolution" in t or "conv2d" in t for t in targets), f"exported {targets}"
-    torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-5, atol=1e-5)
-
-
-def test_without_a_compiler_the_backend_is_unavailable_and_auto_does_not_pick_it(tmp_path):
-    """A fresh process with no compiler on PATH and an empty build folder: nothing is built, the
-    reason says why, auto resolves to a stock backend and a pinned fused layer still computes."""
-    script = (
-        "import torch\n"
-        "from sparse_hetconv import SparseHetConv2d, autotune\n"
-        "from sparse_hetconv.backends import fused\n"
-        "assert not fused.available(), 'built without a compiler?'\n"
-        "assert 'compiler' in fused.unavailable_reason(), fused.unavailable_reason()\n"
-        "x = torch.randn(2, 16, 5, 5)\n"
-        "layer = SparseHetConv2d(16, 16, 4)\n"
-        "layer(x); assert layer.resolved_backend != 'fused', layer.resolved_backend\n"
-        "layer.backend = 'fused'; y = layer(x); assert layer.resolved_backend == 'blocked'\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, PATH=str(tmp_path), CXX="", SPARSE_HETCONV_BUILD_DIR=str(tmp_path / "build"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
-
-
 @pytest.mark.parametrize("isa", _isas())
 @pytest.mark.parametrize("dot", [True, False], ids=["in-place weights", "laid-out weights"])
-def test_a_few_pixels_with_weights_in_place_or_laid_out(isa, dot, monkeypatch):
-    """Forwards of at most DOT_PIXELS output pixels with channels-last k x k weights read the
-    weights where they lie (dot products over channels); both routes give the oracle's numbers."""
-    if not dot:
-        monkeypatch.setattr(fused, "DOT_PIXELS", 0)
+def test_a_few_pixels_with_weights_in_place_or_laid_out(isa, dot):
+    """Forwards of at most 64 output pixels whose k x k weights have contiguous input channels
+    (channels-last, as the models keep them) read the weights where they lie (dot products over
+    channels); NCHW weights are laid out as for any other call. Both routes give the oracle's numbers."""
     with build(isa):
         for M, N, P, size, k, stride in ((64, 128, 4, (4, 4), 3, 1), (48, 32, 16, (5, 3), 5, 2), (24, 24, 24, (2, 2), 3, 1),
                                          (96, 48, 3, (1, 1), 3, 1), (40, 80, 8, (3, 7), 3, 2)):
-            check_against_oracle(M, N, P, k, (stride, stride), 2, size, True, False, True, 3,
+            check_against_oracle(M, N, P, k, (stride, stride), 2, size, True, False, dot, 3,
                                  f"{isa} dot={dot} {(M, N, P, size, k, stride)}")
 
 
-def test_build_command_finds_the_kernels_without_a_runpy_warning():
-    """``python -m sparse_hetconv.backends --build`` (what ``make install`` runs) reports the kernels it
-    loaded; run as a package ``__main__`` no module is executed twice (runpy warned about that when the
-    command was ``-m sparse_hetconv.backends.fused``)."""
-    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "sparse_hetconv.backends", "--build"],
+def test_the_backends_command_says_which_kernels_this_install_has():
+    """``python -m sparse_hetconv.backends`` (what ``make install`` runs last) prints one line: the
+    CPU kernels this process runs, and no module is executed twice."""
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "sparse_hetconv.backends"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"fused backend: {fused._cpu_build.load().isa} kernels at "), done.stdout
-    assert "RuntimeWarning" not in done.stderr
+    assert done.stdout.startswith(f"sparse_hetconv CPU: {ops.cpu_kernel()} kernels;"), done.stdout
+    assert len(done.stdout.strip().splitlines()) == 1 and "RuntimeWarning" not in done.stderr

@@ -1,4 +1,5 @@
-"""Tests of the triton backend (``sparse_hetconv/backends/triton_conv.py``) against the oracle.
+"""The Triton kernels of the ``het_conv2d`` operator (``impl="triton"``, sparse_hetconv/ops/_triton.py)
+against the oracle.
 
 Without CUDA the kernels run in Triton's CPU interpreter (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1`` before triton is imported), which is slow: shapes stay tiny there (channels
@@ -22,8 +23,9 @@ pytest.importorskip("triton", reason="backend 'triton' needs the triton package 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from helpers import oracle  # noqa: E402
-from sparse_hetconv.backends import triton_conv  # noqa: E402
-from sparse_hetconv.backends.triton_conv import GRAD_IMPLS, available, check_supported, het_conv2d_triton  # noqa: E402
+from sparse_hetconv import ops  # noqa: E402
+from sparse_hetconv.ops import _triton as triton_conv  # noqa: E402
+from sparse_hetconv.ops._triton import available  # noqa: E402
 
 if not available():
     pytest.skip("backend 'triton' cannot run here: no CUDA device and TRITON_INTERPRET is not 1",
@@ -47,6 +49,14 @@ def ieee_float32():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def het_conv2d_triton(input, weight_kxk, weight_1x1, bias, stride, part):
+    """The operator with the Triton kernels required (the compact values of part 1 are (N, 0))."""
+    if weight_1x1 is None:
+        weight_1x1 = weight_kxk.new_zeros((weight_kxk.shape[0], 0))
+    padding = tuple(k // 2 for k in weight_kxk.shape[2:]) if weight_kxk.dim() == 4 else (1, 1)
+    return ops.het_conv2d(input, weight_kxk, weight_1x1, bias, stride, padding, (1, 1), part, "triton")
 
 
 @dataclass
@@ -121,25 +131,26 @@ def test_forward_matches_oracle(case):
 
 
 @settings(max_examples=BACKWARD_EXAMPLES)
-@given(case=cases(), grad_input=st.sampled_from(GRAD_IMPLS), grad_weight_1x1=st.sampled_from(GRAD_IMPLS))
-def test_backward_matches_oracle(case, grad_input, grad_weight_1x1):
+@given(case=cases())
+def test_backward_matches_oracle(case):
+    """The input gradient by the forward kernel on the transposed layer at stride 1, by the stock
+    formulation at stride 2; the weight gradients by the stock formulation."""
     tensors = _leaves(case.tensors())
-    y = het_conv2d_triton(*tensors, (case.stride, case.stride), case.part, grad_input=grad_input,
-                          grad_weight_1x1=grad_weight_1x1)
+    y = het_conv2d_triton(*tensors, (case.stride, case.stride), case.part)
     grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
     y.backward(grad)
     doubles = [_double(t) for t in tensors]
     oracle(*doubles, case.stride, case.part).backward(grad.double())
     for name, mine, ref in zip(("input", "weight_kxk", "weight_1x1", "bias"), tensors, doubles):
         if mine is not None:
-            check_close(mine.grad, ref.grad, f"grad of {name} ({grad_input}/{grad_weight_1x1}) for {case}", case.dtype)
+            check_close(mine.grad, ref.grad, f"grad of {name} for {case}", case.dtype)
 
 
 @pytest.mark.skipif(CUDA, reason="oneDNN's bfloat16 weight gradient: a CPU fault")
 @pytest.mark.parametrize("height, width, stride", [(1, 1, 2), (3, 1, 2), (1, 2, 3), (2, 2, 3)])
 def test_bfloat16_weight_gradient_where_onednn_is_wrong(height, width, stride):
     """oneDNN's bfloat16 weight gradient holds garbage where a spatial dimension is shorter than the
-    stride (backends/_common.py: bf16_conv_is_wrong; about 1 call in 10, so a few seeds each): the
+    stride (ops/stock.py: bf16_conv_is_wrong; about 1 call in 10, so a few seeds each): the
     k x k weight gradient is computed in float32 there."""
     for seed in range(6):
         case = Case(1, 4, 8, 2, 3, stride, height, width, False, torch.bfloat16)
@@ -153,22 +164,18 @@ def test_bfloat16_weight_gradient_where_onednn_is_wrong(height, width, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("impls", [("triton", "triton"), ("stock", "stock")])
-def test_gradients_against_finite_differences(stride, impls):
+def test_gradients_against_finite_differences(stride):
     """torch.autograd.gradcheck in float64 under the interpreter (its float64 tl.dot is exact);
     on a GPU, where the backend has no float64, a float32 central difference along one direction."""
-    grad_input, grad_weight_1x1 = impls
     dtype = torch.float32 if CUDA else torch.float64
     case = Case(2, 6, 6, 3, 3, stride, 5, 4, True, dtype)
     tensors = tuple(_leaves(case.tensors()))
 
     def layer(*args):
-        return het_conv2d_triton(*args, (stride, stride), case.part, grad_input=grad_input,
-                                 grad_weight_1x1=grad_weight_1x1)
+        return het_conv2d_triton(*args, (stride, stride), case.part)
 
     if not CUDA:
-        assert torch.autograd.gradcheck(layer, tensors, fast_mode=True), \
-            f"gradcheck failed for {impls}, stride {stride}"
+        assert torch.autograd.gradcheck(layer, tensors, fast_mode=True), f"gradcheck failed at stride {stride}"
         return
     directions = [torch.randn_like(t) for t in tensors]
     weights = torch.randn_like(layer(*tensors))
@@ -180,7 +187,7 @@ def test_gradients_against_finite_differences(stride, impls):
         minus = (layer(*[t - eps * d for t, d in zip(tensors, directions)]) * weights).sum()
     numeric = ((plus - minus) / (2 * eps)).item()
     assert abs(numeric - analytic) <= 1e-2 * max(1.0, abs(numeric)), \
-        f"directional derivative {analytic} from autograd, {numeric} by central differences ({impls}, stride {stride})"
+        f"directional derivative {analytic} from autograd, {numeric} by central differences (stride {stride})"
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
@@ -198,7 +205,7 @@ def test_input_layouts(layout):
 
 
 def test_empty_batch_launches_nothing(monkeypatch):
-    from sparse_hetconv.backends import _triton_kernels
+    from sparse_hetconv.ops import _triton_kernels
 
     monkeypatch.setattr(_triton_kernels, "_forward_kernel", None)  # a launch would raise TypeError
     case = Case(0, 8, 4, 2, 3, 2, 5, 5, True, torch.float32)
@@ -269,7 +276,7 @@ def test_torch_export_keeps_one_op():
     layer = Layer()
     program = torch.export.export(layer, (x,))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
-    assert targets == ["sparse_hetconv.het_conv2d_triton.default"], f"exported graph calls {targets}"
+    assert targets == ["sparse_hetconv.het_conv2d.default"], f"exported graph calls {targets}"
     torch.testing.assert_close(program.module()(x), layer(x), msg=lambda m: f"exported program: {m}")
 
 
@@ -277,8 +284,7 @@ def test_custom_op_registrations_agree():
     """Schema, fake (meta) implementation and autograd formula, checked by torch.library.opcheck."""
     case = Case(2, 6, 6, 3, 3, 2, 5, 4, True, torch.float64 if not CUDA else torch.float32)
     tensors = _leaves(case.tensors())
-    torch.library.opcheck(torch.ops.sparse_hetconv.het_conv2d_triton.default,
-                          (*tensors, [2, 2], 3, "triton", "triton"))
+    torch.library.opcheck(torch.ops.sparse_hetconv.het_conv2d.default, (*tensors, [2, 2], [1, 1], [1, 1], 3, "triton"))
 
 
 def test_fake_output_is_channels_last():
@@ -286,15 +292,15 @@ def test_fake_output_is_channels_last():
 
     with FakeTensorMode():
         x = torch.empty(3, 8, 9, 7, device=DEVICE)
-        y = torch.ops.sparse_hetconv.het_conv2d_triton(x, torch.empty(6, 4, 5, 5, device=DEVICE),
-                                                       torch.empty(6, 4, device=DEVICE), None, [2, 2], 2,
-                                                       "triton", "stock")
+        y = torch.ops.sparse_hetconv.het_conv2d(x, torch.empty(6, 4, 5, 5, device=DEVICE),
+                                                torch.empty(6, 4, device=DEVICE), None, [2, 2], [2, 2], [1, 1], 2,
+                                                "triton")
     assert y.shape == (3, 6, 5, 4), f"fake output shape {tuple(y.shape)}, expected (3, 6, 5, 4)"
     assert y.is_contiguous(memory_format=torch.channels_last), f"fake output strides {y.stride()}"
 
 
 def test_float32_precision_follows_cudnn_allow_tf32(monkeypatch):
-    from sparse_hetconv.backends import _triton_kernels
+    from sparse_hetconv.ops import _triton_kernels
 
     monkeypatch.setattr(_triton_kernels, "INTERPRET", False)
     for allow, expected in ((True, "tf32"), (False, "ieee")):
@@ -327,17 +333,17 @@ def _bad(**changes):
 
 
 BAD_CALLS = {
-    "3-D input": (dict(input=torch.randn(1, 8, 4, 4, 4)), "input has shape .* expected a 4-D tensor"),
+    "3-D input": (dict(input=torch.randn(1, 8, 4, 4, 4)), "het_conv2d expects 4-D input and weight_kxk"),
     "even kernel": (dict(weight_kxk=torch.randn(4, 4, 2, 2)), r"kernel size \(2, 2\), expected odd"),
-    "int dtype": (dict(input=torch.zeros(1, 8, 4, 4, dtype=torch.int32)),
-                  "input has dtype torch.int32, expected one of"),
+    "int dtype": (dict(input=torch.zeros(1, 8, 4, 4, dtype=torch.int32), weight_kxk=torch.zeros(4, 4, 3, 3, dtype=torch.int32),
+                       weight_1x1=torch.zeros(4, 4, dtype=torch.int32), bias=None),
+                  "impl 'triton' cannot compute this call: dtype torch.int32"),
     "mixed dtypes": (dict(weight_kxk=torch.randn(4, 4, 3, 3, dtype=torch.float16)),
-                     r"weight_kxk has dtype torch.float16, expected the input's dtype \(torch.float32\)"),
-    "zero stride": (dict(stride=(0, 1)), r"stride \(\(0, 1\)\) must be a tuple of two ints >= 1"),
-    "part": (dict(part=3), r"in_channels \(8\) must be divisible by part \(3\)"),
+                     r"weight_kxk has dtype torch.float16, expected input's dtype \(torch.float32\)"),
+    "zero stride": (dict(stride=(0, 1)), r"stride \(\[0, 1\]\) must be two ints >= 1"),
+    "part": (dict(part=3), r"channels \(8 in, 4 out\) must be divisible by part \(3\)"),
     "weight_1x1 shape": (dict(weight_1x1=torch.randn(4, 3)), r"weight_1x1 has shape \(4, 3\), expected \(4, 4\)"),
     "bias shape": (dict(bias=torch.randn(5)), r"bias has shape \(5,\), expected \(4,\)"),
-    "grad switch": (dict(grad_input="cudnn"), r"grad_input \('cudnn'\) must be one of \('triton', 'stock'\)"),
 }
 
 
@@ -351,15 +357,13 @@ def test_bad_calls_raise_value_error(name):
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(triton_conv, "_INTERPRET", False)
-    with pytest.raises(ValueError, match=r"input is on cpu, expected a CUDA tensor"):
-        check_supported(torch.randn(1, 8, 4, 4), torch.randn(4, 4, 3, 3), (1, 1))
-    with pytest.raises(ValueError, match=r"input has dtype torch.float64, expected one of float16, bfloat16, float32"):
-        check_supported(torch.randn(1, 8, 4, 4, dtype=torch.float64), torch.randn(4, 4, 3, 3), (1, 1))
+    with pytest.raises(ValueError, match=r"impl 'triton' cannot compute this call: cpu \(Triton runs on CUDA"):
+        het_conv2d_triton(**_bad())
 
 
-def test_non_tensor_input_is_a_type_error():
-    with pytest.raises(TypeError, match="input must be a torch.Tensor, got list"):
-        check_supported([[1.0]], torch.randn(4, 4, 3, 3), (1, 1))
+def test_non_tensor_input_is_refused_naming_the_argument():
+    with pytest.raises((TypeError, RuntimeError), match="input"):
+        het_conv2d_triton(**_bad(input=[[1.0]]))
 
 
 @pytest.mark.slow
@@ -368,7 +372,7 @@ def test_vgg_sized_layer(stride):
     """A VGG-16 layer's channel count (64 -> 64, P = 4) at 16 x 16, forward and backward."""
     case = Case(2, 64, 64, 4, 3, stride, 16, 16, False, torch.float32)
     tensors = _leaves(case.tensors())
-    y = het_conv2d_triton(*tensors, (stride, stride), 4, grad_input="triton", grad_weight_1x1="triton")
+    y = het_conv2d_triton(*tensors, (stride, stride), 4)
     grad = torch.randn_like(y)
     y.backward(grad)
     doubles = [_double(t) for t in tensors]
@@ -383,7 +387,7 @@ _COMPILE_FOR_HOPPER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sparse_hetconv.backends import _triton_kernels as K
+from sparse_hetconv.ops import _triton_kernels as K
 
 POINTERS = {"x", "wk", "w1", "bias", "y", "dy"}
 
@@ -401,7 +405,6 @@ for dtype, precision in (("bf16", "ieee"), ("fp32", "tf32")):
         ptx = compile(K._forward_kernel, config, dtype, dict(flags, KH=3, KW=5, STRIDE_H=2, STRIDE_W=1,
                                                              HAS_1X1=True, HAS_BIAS=True)).asm["ptx"]
         assert "mma" in ptx, f"forward {dtype} {config}: no tensor-core MMA in the PTX"
-    compile(K._wgrad_kernel, K._WGRAD_CONFIGS[0], dtype, dict(flags, STRIDE_H=2, STRIDE_W=2))
 print("compiled")
 """
 
@@ -430,8 +433,9 @@ def test_kernels_compile_for_hopper():
 @pytest.mark.skipif(CUDA, reason="a float64 CPU layer runs only under the interpreter; on CUDA gpu_check's "
                     "VGG-16 pins every layer to triton through the registry")
 def test_layer_backend_triton_through_the_registry():
-    """``SparseHetConv2d(backend="triton")`` goes through the registry to the fused op, forward and
-    backward; "auto" never times it on the CPU (the interpreter is exact but slow); 3-D refuses."""
+    """``SparseHetConv2d(backend="triton")`` goes through the registry to the operator with the Triton
+    kernels, forward and backward; "auto" never times it on the CPU (the interpreter is exact but
+    slow); a 3-D layer resolves to blocked."""
     from sparse_hetconv import SparseHetConv2d, SparseHetConv3d, autotune
     from sparse_hetconv.backends import available as backend_available
     from helpers import oracle_of
@@ -450,8 +454,9 @@ def test_layer_backend_triton_through_the_registry():
     torch.testing.assert_close(x.grad, ref_x.grad, msg=lambda m: f"triton layer input gradient: {m}")
     assert backend_available("triton", "cpu") == triton_conv._INTERPRET
     assert "triton" not in autotune.candidates("cpu"), "the interpreter must not be a candidate of auto"
-    with pytest.raises(ValueError, match="2-D HetConv only"):
-        SparseHetConv3d(4, 4, 2, backend="triton", dtype=torch.float64)(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
+    layer3 = SparseHetConv3d(4, 4, 2, backend="triton", dtype=torch.float64)
+    layer3(torch.randn(1, 4, 3, 3, 3, dtype=torch.float64))
+    assert layer3.resolved_backend == "blocked"
 
 
 def test_a_strided_bias_is_read_by_its_strides():

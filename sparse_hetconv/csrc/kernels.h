@@ -1,5 +1,5 @@
-// The `fused` CPU backend of sparse_hetconv: a HetConv layer computed over only the kernels that
-// exist, as implicit GEMMs that read the activations where they lie.
+// The CPU kernels of sparse_hetconv's `het_conv2d` operator: a HetConv layer computed over only the
+// kernels that exist, as implicit GEMMs that read the activations where they lie.
 //
 // HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. See docs/design.md §11.
 //
@@ -17,6 +17,8 @@
 //                       + sum_{t != centre} sum_c' x[p + t][g*m + c'] K[j][c'][t]   ("side taps")
 //
 // multiplies exactly the N (k^2 m + M - m) useful weights per output pixel: no zero, no mask.
+// Taps that fall outside the image read zeros, as the definition's zero padding does (so an inf
+// weight there gives NaN, in every tiling).
 //
 // Two ways to tile it, both over NHWC float32 activations:
 //
@@ -36,27 +38,35 @@
 //   rows (a dense GEMM, chunks spanning groups freely).
 //
 // The weight gradient of the side taps is the same sum read the other way (a reduction over
-// pixels, in either tiling); the centre rows' gradient is one dense product X^T dY (the caller's
-// BLAS), split here into the compact 1 x 1 gradient and the centre taps' (shc_unpack_centre). The
+// pixels, in either tiling); the centre rows' gradient is one dense product X^T dY (BLAS, by the
+// caller), split here into the compact 1 x 1 gradient and the centre taps' (unpack_centre). The
 // input gradient at stride 1 is the forward of the transposed layer, again a HetConv (Cout inputs,
 // Cin filters, the same P, taps flipped): `transposed` packing.
 //
-// The file is compiled twice, with SHC_AVX512 (16-lane vectors) and with SHC_AVX2 (8 lanes);
-// each build exports its functions with the ISA's suffix. Pure C ABI, no PyTorch headers:
-// the package loads it with ctypes. Threads: OpenMP (the runtime PyTorch has already loaded).
+// This header is compiled once per instruction set (kernels_avx512.cpp: 16-lane vectors,
+// kernels_avx2.cpp: 8 lanes), each with its own compiler flags; ops.cpp picks one at run time
+// from the CPU's own feature test. Everything here lives in an anonymous namespace and every
+// container has an allocator type of this translation unit, so no function compiled with one
+// ISA's instructions can be merged with a same-named one of another translation unit (which the
+// linker would otherwise be free to pick for a CPU without those instructions); the only external
+// symbol is the table getter at the end. Threads: the caller's pool (PyTorch's parallel_for),
+// reached through the function pointer it hands over.
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
+#include "kernels_api.h"
+
 #if defined(SHC_AVX512)
-#define SHC_SUFFIX(name) name##_avx512
+#define SHC_TABLE shc_kernels_avx512
 #elif defined(SHC_AVX2)
-#define SHC_SUFFIX(name) name##_avx2
+#define SHC_TABLE shc_kernels_avx2
 #else
 #error "define SHC_AVX512 or SHC_AVX2"
 #endif
@@ -147,8 +157,78 @@ struct V {
 typedef V::t vec;
 typedef V::m vmask;
 
+// std::vector with an allocator of this translation unit (see the header comment).
+template <class T>
+struct LocalAllocator {
+  using value_type = T;
+  LocalAllocator() = default;
+  template <class U>
+  LocalAllocator(const LocalAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(alignof(T)))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(alignof(T))); }
+  bool operator==(const LocalAllocator&) const { return true; }
+  bool operator!=(const LocalAllocator&) const { return false; }
+};
+template <class T>
+using Array = std::vector<T, LocalAllocator<T>>;
+
+// ---- threads and errors: the caller's ----------------------------------------------------------
+
+shc::ParallelFn g_parallel = nullptr;
+shc::FailFn g_fail = nullptr;
+
 int threads_for(int64_t items, int nthreads) {
   return (int)std::max<int64_t>(1, std::min<int64_t>(nthreads, items));
+}
+
+// f(t) for t in [0, tasks), each task on one thread of the caller's pool (fewer threads run
+// several tasks in turn).
+template <class F>
+void tasks(int64_t ntasks, const F& f) {
+  if (ntasks <= 1) {
+    if (ntasks == 1) f((int64_t)0);
+    return;
+  }
+  g_parallel(
+      ntasks,
+      [](int64_t begin, int64_t end, void* ctx) {
+        const F& fn = *static_cast<const F*>(ctx);
+        for (int64_t t = begin; t < end; ++t) fn(t);
+      },
+      const_cast<void*>(static_cast<const void*>(&f)));
+}
+
+// The items [lo, hi) of task t when n items are split statically among nt tasks.
+inline void slice(int64_t t, int nt, int64_t n, int64_t& lo, int64_t& hi) {
+  lo = n * t / nt;
+  hi = n * (t + 1) / nt;
+}
+
+// f(i) for i in [0, n): a static split over at most `nthreads` threads.
+template <class F>
+void pfor(int64_t n, int nthreads, const F& f) {
+  const int nt = threads_for(n, nthreads);
+  tasks(nt, [&](int64_t t) {
+    int64_t lo, hi;
+    slice(t, nt, n, lo, hi);
+    for (int64_t i = lo; i < hi; ++i) f(i);
+  });
+}
+
+// f(i) for i in [0, n), handed out one at a time (for items of uneven cost).
+template <class F>
+void pfor_dynamic(int64_t n, int nthreads, const F& f) {
+  std::atomic<int64_t> next(0);
+  tasks(threads_for(n, nthreads), [&](int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+  });
+}
+
+// A tile configuration with no code (the planner in ops.cpp never asks for one): an error, not a crash.
+template <class Fn>
+Fn checked(Fn f, const char* what) {
+  if (f == nullptr) g_fail(what);
+  return f;
 }
 
 // ---- geometry ------------------------------------------------------------------------------
@@ -172,14 +252,14 @@ Geo read_geo(const int64_t* g) {
   o.kh = g[6]; o.kw = g[7]; o.sh = g[8]; o.sw = g[9];
   o.centre = g[10] != 0;
   o.side = g[11] != 0;
-  o.Ho = (o.H - 1) / o.sh + 1;
-  o.Wo = (o.W - 1) / o.sw + 1;
+  o.Ho = o.H > 0 ? (o.H - 1) / o.sh + 1 : 0;  // (an empty input has no output pixel)
+  o.Wo = o.W > 0 ? (o.W - 1) / o.sw + 1 : 0;
   return o;
 }
 
 // The side taps (all but the centre) in row-major order.
-std::vector<int64_t> side_taps(const Geo& geo) {
-  std::vector<int64_t> taps;
+Array<int64_t> side_taps(const Geo& geo) {
+  Array<int64_t> taps;
   for (int64_t t = 0; t < geo.T(); ++t)
     if (t != geo.centre_tap()) taps.push_back(t);
   return taps;
@@ -190,8 +270,8 @@ struct Chunk {
   int64_t j0, j1, g0, G, offset, rows;  // offset: float index of its panel; rows: panel rows
 };
 
-std::vector<Chunk> plan(const Geo& geo, int NR) {
-  std::vector<Chunk> chunks;
+Array<Chunk> plan(const Geo& geo, int NR) {
+  Array<Chunk> chunks;
   const int64_t n = geo.n(), m = geo.m(), ntaps = geo.T() - 1;
   int64_t offset = 0;
   for (int64_t j0 = 0; j0 < geo.Cout; j0 += NR) {
@@ -284,19 +364,18 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
   const auto taps = side_taps(geo);
   const int64_t T = geo.T(), ntaps = (int64_t)taps.size();
   const int64_t M = w.M, N = w.N, m = M / w.P, n = N / w.P;  // the forward layer's sizes
-#pragma omp parallel for num_threads(threads_for((int64_t)chunks.size(), nthreads)) schedule(dynamic, 1)
-  for (int64_t q = 0; q < (int64_t)chunks.size(); ++q) {
+  pfor_dynamic((int64_t)chunks.size(), nthreads, [&](int64_t q) {
     const Chunk& ch = chunks[q];
     float* dst = out + ch.offset;
     std::memset(dst, 0, sizeof(float) * ch.rows * NR);
     const int64_t width = ch.j1 - ch.j0, gm = geo.m(), gn = geo.n();
     float* side = dst + (geo.centre ? geo.Cin * NR : 0);
     if (geo.centre) {
-      std::vector<int64_t> filter(width);
+      Array<int64_t> filter(width);
       for (int64_t l = 0; l < width; ++l) filter[l] = ch.j0 + l;
       fill_centre(w, transposed, filter.data(), width, dst, NR);
     }
-    if (!geo.side) continue;
+    if (!geo.side) return;
     for (int64_t gi = 0; gi < ch.G; ++gi) {
       const int64_t g = ch.g0 + gi, l0 = std::max<int64_t>(0, g * gn - ch.j0), l1 = std::min(width, (g + 1) * gn - ch.j0);
       for (int64_t s = 0; s < ntaps; ++s) {
@@ -317,7 +396,7 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
         }
       }
     }
-  }
+  });
 }
 
 // ---- pixel tables ----------------------------------------------------------------------------
@@ -325,7 +404,7 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
 // For a run of output pixels [p0, p0 + np): per tap row r (row 0 the centre, then the side taps
 // in order) the address of the pixel's input channel 0, or of a zero row outside the image.
 void fill_table(const Geo& geo, const float* x, const float* zeros, int64_t p0, int64_t np,
-                const std::vector<int64_t>& taps, const float** tab, int64_t ld) {
+                const Array<int64_t>& taps, const float** tab, int64_t ld) {
   const int64_t HoWo = geo.Ho * geo.Wo, ph = geo.kh / 2, pw = geo.kw / 2;
   const int64_t nrows = (int64_t)taps.size() + 1;
   int64_t dy[64], dx[64];  // kernels of up to 64 taps (the package checks)
@@ -359,8 +438,8 @@ struct Seg {
   int32_t row, off, len, group;
 };
 
-std::vector<Seg> segments(const Geo& geo, const Chunk& ch) {
-  std::vector<Seg> segs;
+Array<Seg> segments(const Geo& geo, const Chunk& ch) {
+  Array<Seg> segs;
   if (geo.centre) segs.push_back({0, 0, (int32_t)geo.Cin, -1});
   if (!geo.side) return segs;
   const int64_t m = geo.m(), ntaps = geo.T() - 1;
@@ -901,20 +980,43 @@ gv_wgrad_fn gv_wgrad_kernel(int no, int r) {
   return nullptr;
 }
 
-}  // namespace
+// out[i] = the sum over the nt copies of work (total floats each), in a fixed order.
+void reduce_work(const float* work, int64_t total, int nt, float* out, int nthreads) {
+  pfor((total + 4095) / 4096, nthreads, [&](int64_t block) {
+    for (int64_t i = block * 4096; i < std::min(total, block * 4096 + 4096); ++i) {
+      float s = 0.f;
+      for (int t = 0; t < nt; ++t) s += work[total * t + i];
+      out[i] = s;
+    }
+  });
+}
 
-extern "C" {
+// Whether every one of n floats is finite (v * 0 is 0 for finite v, NaN for inf and NaN).
+bool all_finite(const float* p, int64_t n) {
+  vec a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+  const vec z = V::zero();
+  int64_t i = 0;
+  for (; i + 4 * V::L <= n; i += 4 * V::L) {
+    a0 = V::fma(V::load(p + i), z, a0);
+    a1 = V::fma(V::load(p + i + V::L), z, a1);
+    a2 = V::fma(V::load(p + i + 2 * V::L), z, a2);
+    a3 = V::fma(V::load(p + i + 3 * V::L), z, a3);
+  }
+  float rest = 0.f;
+  for (; i < n; ++i) rest += p[i] * 0.f;
+  return V::sum(V::add(V::add(a0, a1), V::add(a2, a3))) + rest == 0.f;
+}
 
-int SHC_SUFFIX(shc_lanes)() { return V::L; }
+// ---- the entry points (reached through the table at the end) -----------------------------------
 
 // ---- OV ----------------------------------------------------------------------------------------
 
 // float32 elements of the OV panels of `g` at this vector width.
-int64_t SHC_SUFFIX(shc_panel_floats)(const int64_t* g, int nv) { return panel_floats(read_geo(g), nv * V::L); }
+int64_t panel_floats_of(const int64_t* g, int nv) { return panel_floats(read_geo(g), nv * V::L); }
 
 // Pack the OV panels of layer `g` (transposed = 1: of its input gradient; then g describes the
 // transposed layer). wk, w1: the forward layer's parameters with element strides sk, s1.
-void SHC_SUFFIX(shc_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
+void pack_panels(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
                           int nv, int transposed, float* out, int nthreads) {
   const Geo geo = read_geo(g);
   pack(read_weights(wk, sk, w1, s1, geo, transposed != 0), geo, nv * V::L, transposed != 0, out, nthreads);
@@ -922,7 +1024,7 @@ void SHC_SUFFIX(shc_pack)(const float* wk, const int64_t* sk, const float* w1, c
 
 // y[p][j] (NHWC, Cout channels) = the panel rows applied to x (NHWC, Cin channels), plus bias
 // (or nullptr); accumulate = 1 adds to y instead of overwriting it.
-void SHC_SUFFIX(shc_forward)(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
+void forward(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
                              int nv, int mr, int64_t pp, int accumulate, int nthreads) {
   const Geo geo = read_geo(g);
   const int NR = nv * V::L;
@@ -933,26 +1035,25 @@ void SHC_SUFFIX(shc_forward)(const float* x, const float* panels, const float* b
   pp = std::max<int64_t>(mr, std::min<int64_t>(pp, L));
   const int64_t npanel = (L + pp - 1) / pp, nchunk = (int64_t)chunks.size();
   const int64_t T = geo.T();
-  std::vector<float> zeros(geo.Cin, 0.f);
+  Array<float> zeros(geo.Cin, 0.f);
   // Work items: (panel, chunk), panel-major; with few panels the chunks are shared out too.
   const int64_t per_panel = npanel >= 2 * nthreads ? nchunk : 1;
   const int64_t items = npanel * (nchunk / per_panel);
   const int nt = threads_for(items, nthreads);
-  const forward_fn full = forward_kernel(nv, mr);
-  std::vector<std::vector<Seg>> segs(nchunk);
-  std::vector<std::vector<vmask>> tails(nchunk), gmasks(nchunk);
+  const forward_fn full = checked(forward_kernel(nv, mr), "forward tile");
+  Array<Array<Seg>> segs(nchunk);
+  Array<Array<vmask>> tails(nchunk), gmasks(nchunk);
   for (int64_t q = 0; q < nchunk; ++q) {
     segs[q] = segments(geo, chunks[q]);
     tails[q].resize(nv);
     gmasks[q].resize(nv * chunks[q].G);
     chunk_masks(geo, chunks[q], nv, tails[q].data(), gmasks[q].data());
   }
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<const float*> tab(T * pp);
-    int64_t current = -1;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
+  tasks(nt, [&](int64_t t) {
+    Array<const float*> tab(T * pp);
+    int64_t current = -1, lo, hi;
+    slice(t, nt, items, lo, hi);
+    for (int64_t item = lo; item < hi; ++item) {
       const int64_t panel = per_panel == nchunk ? item : item / nchunk;
       const int64_t q0 = per_panel == nchunk ? 0 : item % nchunk, q1 = q0 + per_panel;
       const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
@@ -966,18 +1067,18 @@ void SHC_SUFFIX(shc_forward)(const float* x, const float* panels, const float* b
         const float* b = bias ? bias + ch.j0 : nullptr;
         for (int64_t i0 = 0; i0 < np; i0 += mr) {
           const int r = (int)std::min<int64_t>(mr, np - i0);
-          const forward_fn f = r == mr ? full : forward_kernel(nv, r);
+          const forward_fn f = r == mr ? full : checked(forward_kernel(nv, r), "forward tile");
           f(segs[q].data(), (int)segs[q].size(), tab.data() + i0, pp, pan, y + (p0 + i0) * geo.Cout + ch.j0, geo.Cout,
             b, accumulate != 0, tails[q].data(), gmasks[q].data());
         }
       }
     }
-  }
+  });
 }
 
 // Whether shc_wgrad wants `work` (nthreads panels of scratch: it splits the pixels among the
 // threads, each summing into its own copy) or shares out the chunks instead (nullptr).
-int SHC_SUFFIX(shc_wgrad_needs_work)(const int64_t* g, int nv, int nthreads) {
+int wgrad_needs_work(const int64_t* g, int nv, int nthreads) {
   const Geo geo = read_geo(g);
   return (int64_t)plan(geo, nv * V::L).size() < 2 * nthreads && nthreads > 1;
 }
@@ -985,7 +1086,7 @@ int SHC_SUFFIX(shc_wgrad_needs_work)(const int64_t* g, int nv, int nthreads) {
 // The weight gradient of the panel rows of `g`, in the panel layout: grad[q][row][lane] = sum over
 // output pixels of (the row's input value) * dy[p][j0 + lane]. Lanes of a side-tap row outside its
 // group hold sums nobody reads.
-void SHC_SUFFIX(shc_wgrad)(const float* x, const float* dy, float* grad, const int64_t* g, int nv, int rw, int64_t pp,
+void wgrad(const float* x, const float* dy, float* grad, const int64_t* g, int nv, int rw, int64_t pp,
                            float* work, int nthreads) {
   const Geo geo = read_geo(g);
   const int NR = nv * V::L;
@@ -996,19 +1097,18 @@ void SHC_SUFFIX(shc_wgrad)(const float* x, const float* dy, float* grad, const i
   if (L == 0) return;
   pp = std::max<int64_t>(1, std::min<int64_t>(pp, L));
   const int64_t npanel = (L + pp - 1) / pp, nchunk = (int64_t)chunks.size();
-  std::vector<float> zeros(geo.Cin + rw, 0.f);
+  Array<float> zeros(geo.Cin + rw, 0.f);
   const bool split_pixels = work != nullptr;
   const int nt = split_pixels ? threads_for(npanel, nthreads) : threads_for(nchunk, nthreads);
   if (split_pixels) std::memset(work, 0, sizeof(float) * total * nt);
-  const wgrad_fn full = wgrad_kernel(nv, rw);
-  std::vector<std::vector<Seg>> segs(nchunk);
+  const wgrad_fn full = checked(wgrad_kernel(nv, rw), "weight-gradient tile");
+  Array<Array<Seg>> segs(nchunk);
   for (int64_t q = 0; q < nchunk; ++q) segs[q] = segments(geo, chunks[q]);
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num();
+  std::atomic<int64_t> next(0);
+  tasks(nt, [&](int64_t tid) {
     float* mine = split_pixels ? work + total * tid : grad;
-    std::vector<const float*> tab(T * pp);
-    std::vector<vmask> tail(nv);
+    Array<const float*> tab(T * pp);
+    Array<vmask> tail(nv);
     auto run = [&](int64_t panel, int64_t q) {
       const Chunk& ch = chunks[q];
       const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
@@ -1018,22 +1118,22 @@ void SHC_SUFFIX(shc_wgrad)(const float* x, const float* dy, float* grad, const i
       for (const Seg& sg : segs[q]) {
         for (int c0 = 0; c0 < sg.len; c0 += rw) {
           const int r = std::min(rw, sg.len - c0);
-          const wgrad_fn f = r == rw ? full : wgrad_kernel(nv, r);
+          const wgrad_fn f = r == rw ? full : checked(wgrad_kernel(nv, r), "weight-gradient tile");
           f(tab.data() + sg.row * pp, sg.off + c0, np, d, geo.Cout, tail.data(), gp, NR);
           gp += (int64_t)r * NR;
         }
       }
     };
     if (split_pixels) {
-#pragma omp for schedule(static)
-      for (int64_t panel = 0; panel < npanel; ++panel) {
+      int64_t lo, hi;
+      slice(tid, nt, npanel, lo, hi);
+      for (int64_t panel = lo; panel < hi; ++panel) {
         const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
         fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
         for (int64_t q = 0; q < nchunk; ++q) run(panel, q);
       }
     } else {
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t q = 0; q < nchunk; ++q) {
+      for (int64_t q = next.fetch_add(1); q < nchunk; q = next.fetch_add(1)) {
         for (int64_t panel = 0; panel < npanel; ++panel) {
           const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
           fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
@@ -1041,28 +1141,20 @@ void SHC_SUFFIX(shc_wgrad)(const float* x, const float* dy, float* grad, const i
         }
       }
     }
-  }
-  if (split_pixels) {
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < total; ++i) {
-      float s = 0.f;
-      for (int t = 0; t < nt; ++t) s += work[total * t + i];
-      grad[i] = s;
-    }
-  }
+  });
+  if (split_pixels) reduce_work(work, total, nt, grad, nthreads);
 }
 
 // The side-tap rows of an OV gradient (geo with side rows only) into gk[j][c'][t] (N x m x T,
 // contiguous; the centre taps are left alone). Lanes in blocks of VL, so that each pass reads one
 // line per row and writes each lane's taps side by side.
-void SHC_SUFFIX(shc_unpack_side)(const float* grad, const int64_t* g, int nv, float* gk, int nthreads) {
+void unpack_side(const float* grad, const int64_t* g, int nv, float* gk, int nthreads) {
   const Geo geo = read_geo(g);
   const int NR = nv * V::L;
   const auto chunks = plan(geo, NR);
   const auto taps = side_taps(geo);
   const int64_t n = geo.n(), m = geo.m(), T = geo.T(), ntaps = (int64_t)taps.size();
-#pragma omp parallel for num_threads(threads_for((int64_t)chunks.size(), nthreads)) schedule(static)
-  for (int64_t q = 0; q < (int64_t)chunks.size(); ++q) {
+  pfor((int64_t)chunks.size(), nthreads, [&](int64_t q) {
     const Chunk& ch = chunks[q];
     const float* src = grad + ch.offset;
     for (int64_t gi = 0; gi < ch.G; ++gi) {
@@ -1075,23 +1167,22 @@ void SHC_SUFFIX(shc_unpack_side)(const float* grad, const int64_t* g, int nv, fl
           for (int64_t l = l0; l < l1; ++l) gk[((ch.j0 + l) * m + c) * T + taps[s]] = row[l];
         }
     }
-  }
+  });
 }
 
 // The centre rows' gradient, dense[j][c] = sum_p dy[p][j] x[p][c] (N x M, row-major), into the
 // compact g1[j][i] (N x (M - m)) and the centre taps of gk[j][c'][t] (N x m x T).
-void SHC_SUFFIX(shc_unpack_centre)(const float* dense, const int64_t* g, float* gk, float* g1, int nthreads) {
+void unpack_centre(const float* dense, const int64_t* g, float* gk, float* g1, int nthreads) {
   const Geo geo = read_geo(g);
   const int64_t M = geo.Cin, N = geo.Cout, m = geo.m(), n = geo.n(), T = geo.T(), c = geo.centre_tap();
-#pragma omp parallel for num_threads(threads_for(N, nthreads)) schedule(static)
-  for (int64_t j = 0; j < N; ++j) {
+  pfor(N, nthreads, [&](int64_t j) {
     const int64_t lo = (j / n) * m;
     const float* row = dense + j * M;
     float* out = g1 + j * (M - m);
     std::memcpy(out, row, sizeof(float) * lo);
     std::memcpy(out + lo, row + lo + m, sizeof(float) * (M - lo - m));
     for (int64_t cc = 0; cc < m; ++cc) gk[(j * m + cc) * T + c] = row[lo + cc];
-  }
+  });
 }
 
 // ---- direct ------------------------------------------------------------------------------------
@@ -1102,7 +1193,7 @@ void SHC_SUFFIX(shc_unpack_centre)(const float* dense, const int64_t* g, float* 
 // vectors wide.
 // It applies to groups of one or two vectors of filters (wider groups tile better across pixels,
 // NV = 4) in rows of at least 8 output pixels (a tile holds one row).
-static bool direct_shape(const Geo& geo, int& nv, int& groups) {
+bool direct_shape(const Geo& geo, int& nv, int& groups) {
   const int64_t n = geo.n();
   if (geo.sh != 1 || geo.sw != 1 || (geo.kw != 3 && geo.kw != 5) || geo.Wo < 8) return false;
   if (n == 2 * V::L) nv = 2, groups = 1;
@@ -1112,21 +1203,21 @@ static bool direct_shape(const Geo& geo, int& nv, int& groups) {
   return true;
 }
 
-int SHC_SUFFIX(shc_direct_applies)(const int64_t* g) {
+int direct_applies(const int64_t* g) {
   int nv, groups;
   return direct_shape(read_geo(g), nv, groups);
 }
 
-static int64_t direct_chunk_floats(const Geo& geo, int nv) { return (geo.Cin + (geo.T() - 1) * geo.m()) * nv * V::L; }
+int64_t direct_chunk_floats(const Geo& geo, int nv) { return (geo.Cin + (geo.T() - 1) * geo.m()) * nv * V::L; }
 
-int64_t SHC_SUFFIX(shc_direct_panel_floats)(const int64_t* g) {
+int64_t direct_panel_floats(const int64_t* g) {
   const Geo geo = read_geo(g);
   int nv, groups;
   if (!direct_shape(geo, nv, groups)) return 0;
   return geo.Cout / (nv * V::L) * direct_chunk_floats(geo, nv);
 }
 
-void SHC_SUFFIX(shc_direct_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
+void direct_pack(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
                                  const int64_t* g, int transposed, float* out, int nthreads) {
   const Geo geo = read_geo(g);
   int nv, groups;
@@ -1135,10 +1226,9 @@ void SHC_SUFFIX(shc_direct_pack)(const float* wk, const int64_t* sk, const float
   const int64_t NR = nv * V::L, chunks = geo.Cout / NR, vpg = NR / groups, T = geo.T(), kw = geo.kw;
   const int64_t n = w.N / w.P, m = w.M / w.P;  // the forward layer's
   const int64_t gm = geo.m(), gn = geo.n(), ph = geo.kh / 2, pw = geo.kw / 2;
-#pragma omp parallel for num_threads(threads_for(chunks, nthreads)) schedule(static)
-  for (int64_t q = 0; q < chunks; ++q) {
+  pfor(chunks, nthreads, [&](int64_t q) {
     float* dst = out + q * direct_chunk_floats(geo, nv);
-    std::vector<int64_t> filter(NR);
+    Array<int64_t> filter(NR);
     for (int64_t l = 0; l < NR; ++l) filter[l] = q * NR + l;
     fill_centre(w, transposed != 0, filter.data(), NR, dst, NR);
     float* side = dst + geo.Cin * NR;
@@ -1162,10 +1252,10 @@ void SHC_SUFFIX(shc_direct_pack)(const float* wk, const int64_t* sk, const float
             side += vpg;
           }
         }
-  }
+  });
 }
 
-void SHC_SUFFIX(shc_direct_forward)(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
+void direct_forward(const float* x, const float* panels, const float* bias, float* y, const int64_t* g,
                                     int nthreads) {
   const Geo geo = read_geo(g);
   int nv, groups;
@@ -1174,25 +1264,25 @@ void SHC_SUFFIX(shc_direct_forward)(const float* x, const float* panels, const f
   const int mr = (int)std::min<int64_t>(direct_mr(nv, groups, (int)geo.kw), geo.Wo);
   const int64_t tiles = (geo.Wo + mr - 1) / mr, cf = direct_chunk_floats(geo, nv);
   const int64_t items = rows * tiles;
-  std::vector<vmask> tail(nv);
+  Array<vmask> tail(nv);
   for (int v = 0; v < nv; ++v) tail[v] = V::lanes(0, V::L);
-#pragma omp parallel for num_threads(threads_for(items * nchunk, nthreads)) schedule(static) collapse(2)
-  for (int64_t item = 0; item < items; ++item)
-    for (int64_t q = 0; q < nchunk; ++q) {
+  pfor(items * nchunk, nthreads, [&](int64_t it) {
+      const int64_t item = it / nchunk, q = it % nchunk;
       const int64_t row = item / tiles, wo0 = (item % tiles) * mr, b = row / geo.Ho, ho = row % geo.Ho;
       const int r = (int)std::min<int64_t>(mr, geo.Wo - wo0);
       const int64_t coff = (q * NR / geo.n()) * m;
-      direct_kernel(nv, groups, (int)geo.kw, r)(x, geo.H, geo.W, geo.Cin, b, ho, wo0, (int)geo.kh, m, coff,
-                                                panels + q * cf, y + ((b * geo.Ho + ho) * geo.Wo + wo0) * geo.Cout + q * NR,
-                                                geo.Cout, bias ? bias + q * NR : nullptr, tail.data());
-    }
+      checked(direct_kernel(nv, groups, (int)geo.kw, r), "direct tile")(
+          x, geo.H, geo.W, geo.Cin, b, ho, wo0, (int)geo.kh, m, coff, panels + q * cf,
+          y + ((b * geo.Ho + ho) * geo.Wo + wo0) * geo.Cout + q * NR, geo.Cout, bias ? bias + q * NR : nullptr,
+          tail.data());
+  });
 }
 
 // ---- dot -----------------------------------------------------------------------------------------
 
 // y (NHWC) = layer `g` (the forward layer) on x (NHWC) with the weights read in place: wk with
 // contiguous input channels (sk[1] == 1, e.g. channels-last), w1 with contiguous rows (s1[1] == 1).
-void SHC_SUFFIX(shc_dot_forward)(const float* x, const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
+void dot_forward(const float* x, const float* wk, const int64_t* sk, const float* w1, const int64_t* s1,
                                  const float* bias, float* y, const int64_t* g, int nthreads) {
   const Geo geo = read_geo(g);
   const int64_t L = geo.pixels(), M = geo.Cin, N = geo.Cout, m = geo.m(), n = geo.n(), T = geo.T();
@@ -1200,12 +1290,11 @@ void SHC_SUFFIX(shc_dot_forward)(const float* x, const float* wk, const int64_t*
   const auto taps = side_taps(geo);
   const int nj = n % 4 == 0 ? 4 : n % 2 == 0 ? 2 : 1;
   const int64_t tiles = N / nj;
-  std::vector<float> zeros(M, 0.f);
-  std::vector<const float*> tab(T * L);
+  Array<float> zeros(M, 0.f);
+  Array<const float*> tab(T * L);
   fill_table(geo, x, zeros.data(), 0, L, taps, tab.data(), L);
   auto toff = [&](int64_t t) { return (t / geo.kw) * sk[2] + (t % geo.kw) * sk[3]; };
-#pragma omp parallel for num_threads(threads_for(tiles, nthreads)) schedule(static)
-  for (int64_t q = 0; q < tiles; ++q) {
+  pfor(tiles, nthreads, [&](int64_t q) {
     const int64_t j0 = q * nj, grp = j0 / n, lo = grp * m;
     // The filter's channels in order: before its block (w1), its block at the centre (kxk), after
     // it (w1), then the side taps of its block (kxk).
@@ -1223,33 +1312,34 @@ void SHC_SUFFIX(shc_dot_forward)(const float* x, const float* wk, const int64_t*
     }
     for (int64_t i0 = 0; i0 < L; i0 += DOT_MR) {
       const int r = (int)std::min<int64_t>(DOT_MR, L - i0);
-      dot_kernel(nj, r)(segs, nseg, tab.data() + i0, L, w1rows, kxkrows, sk[0], s1[0], y + i0 * N + j0, N,
-                        bias ? bias + j0 : nullptr);
+      checked(dot_kernel(nj, r), "dot tile")(segs, nseg, tab.data() + i0, L, w1rows, kxkrows, sk[0], s1[0],
+                                             y + i0 * N + j0, N, bias ? bias + j0 : nullptr);
     }
-  }
+  });
 }
 
 // ---- GV ----------------------------------------------------------------------------------------
 
 // out[p][c'][g] = x[p][g*b + c'] for `pixels` pixels of C = P * b channels (b = 1: a copy).
-void SHC_SUFFIX(shc_gv_transpose)(const float* x, int64_t pixels, int64_t C, int64_t P, float* out, int nthreads) {
+void gv_transpose(const float* x, int64_t pixels, int64_t C, int64_t P, float* out, int nthreads) {
   const int64_t b = C / P;
-#pragma omp parallel for num_threads(threads_for(pixels / 64 + 1, nthreads)) schedule(static)
-  for (int64_t p = 0; p < pixels; ++p) {
-    const float* src = x + p * C;
-    float* dst = out + p * C;
-    for (int64_t c = 0; c < b; ++c) {
-      const float* s = src + c;
-      float* d = dst + c * P;
-      for (int64_t g = 0; g < P; ++g) d[g] = s[g * b];
+  pfor((pixels + 63) / 64, nthreads, [&](int64_t block) {
+    for (int64_t p = block * 64; p < std::min(pixels, block * 64 + 64); ++p) {
+      const float* src = x + p * C;
+      float* dst = out + p * C;
+      for (int64_t c = 0; c < b; ++c) {
+        const float* s = src + c;
+        float* d = dst + c * P;
+        for (int64_t g = 0; g < P; ++g) d[g] = s[g * b];
+      }
     }
-  }
+  });
 }
 
 // The GV side-tap weights of layer `g`: kt[s][ci][co][g] (ci < m inputs, co < n outputs of g's
 // blocks). Forward: K[g*n + co][ci][t_s]; transposed (g is the input gradient's layer, whose
 // inputs are forward filters): K[g*mi + ci][co][flip t_s] with the forward layer's indices.
-void SHC_SUFFIX(shc_gv_pack)(const float* wk, const int64_t* sk, const int64_t* g, int transposed, float* kt) {
+void gv_pack(const float* wk, const int64_t* sk, const int64_t* g, int transposed, float* kt) {
   const Geo geo = read_geo(g);
   const auto taps = side_taps(geo);
   const int64_t P = geo.P, mi = geo.m(), no = geo.n(), T = geo.T(), ntaps = (int64_t)taps.size();
@@ -1283,37 +1373,36 @@ struct GvoPlan {
   int64_t chunks() const { return blocks * halves; }
 };
 
-int64_t SHC_SUFFIX(shc_gvo_panel_floats)(const int64_t* g) {
+int64_t gvo_panel_floats(const int64_t* g) {
   const Geo geo = read_geo(g);
   const GvoPlan pl(geo);
   return pl.chunks() * geo.Cin * pl.width;
 }
 
 // The centre rows of layer `g` in GVO lane order (transposed = 1: of its input gradient).
-void SHC_SUFFIX(shc_gvo_pack)(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
+void gvo_pack(const float* wk, const int64_t* sk, const float* w1, const int64_t* s1, const int64_t* g,
                               int transposed, float* out, int nthreads) {
   const Geo geo = read_geo(g);
   const Weights w = read_weights(wk, sk, w1, s1, geo, transposed != 0);
   const GvoPlan pl(geo);
   const int64_t P = geo.P;
-#pragma omp parallel for num_threads(threads_for(pl.chunks(), nthreads)) schedule(static)
-  for (int64_t q = 0; q < pl.chunks(); ++q) {
+  pfor(pl.chunks(), nthreads, [&](int64_t q) {
     const int64_t block = q / pl.halves, h = q % pl.halves;
     float* dst = out + q * geo.Cin * pl.width;
     std::memset(dst, 0, sizeof(float) * geo.Cin * pl.width);
-    std::vector<int64_t> filter(pl.width);
+    Array<int64_t> filter(pl.width);
     for (int64_t lane = 0; lane < pl.width; ++lane) {
       const int64_t v = lane / V::L, l = lane % V::L, gv = v / pl.no, co = v % pl.no;
       const int64_t grp = block * pl.per + gv * V::L + l;
       filter[lane] = grp < P ? grp * pl.n + h * pl.no + co : -1;  // the layer's filter
     }
     fill_centre(w, transposed != 0, filter.data(), pl.width, dst, pl.width);
-  }
+  });
 }
 
 // y (NHWC, Cout channels) = layer `g` on x (NHWC) with xt = x in GV layout (the same tensor when
 // m = 1), centre panels from shc_gvo_pack, side weights kt from shc_gv_pack, plus bias.
-void SHC_SUFFIX(shc_gvo_forward)(const float* x, const float* xt, const float* panels, const float* kt,
+void gvo_forward(const float* x, const float* xt, const float* panels, const float* kt,
                                  const float* bias, float* y, const int64_t* g, int64_t pp, int nthreads) {
   const Geo geo = read_geo(g);
   const auto taps = side_taps(geo);
@@ -1325,18 +1414,19 @@ void SHC_SUFFIX(shc_gvo_forward)(const float* x, const float* xt, const float* p
   const int64_t nchunk = pl.chunks();
   pp = std::max<int64_t>(mr, std::min<int64_t>(pp, L));
   const int64_t npanel = (L + pp - 1) / pp;
-  std::vector<float> zeros(geo.Cin + V::L, 0.f);
-  std::vector<V::idx> gidx(pl.no);
+  Array<float> zeros(geo.Cin + V::L, 0.f);
+  Array<V::idx> gidx(pl.no);
   gv_indices(pl.no, gidx.data());
   const int64_t per_panel = npanel >= 2 * nthreads ? nchunk : 1;
   const int64_t items = npanel * (nchunk / per_panel);
-#pragma omp parallel num_threads(threads_for(items, nthreads))
-  {
-    std::vector<const float*> tab(T * pp), ttab(xt == x ? 0 : T * pp);
+  const gvo_fn full = checked(gvo_kernel(pl.no, pl.gvn, mr), "GVO tile");
+  const int nt = threads_for(items, nthreads);
+  tasks(nt, [&](int64_t t) {
+    Array<const float*> tab(T * pp), ttab(xt == x ? 0 : T * pp);
     const float* const* side = xt == x ? tab.data() : ttab.data();
-    int64_t current = -1;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
+    int64_t current = -1, lo, hi;
+    slice(t, nt, items, lo, hi);
+    for (int64_t item = lo; item < hi; ++item) {
       const int64_t panel = per_panel == nchunk ? item : item / nchunk;
       const int64_t q0 = per_panel == nchunk ? 0 : item % nchunk, q1 = q0 + per_panel;
       const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
@@ -1359,18 +1449,18 @@ void SHC_SUFFIX(shc_gvo_forward)(const float* x, const float* xt, const float* p
         const float* b = bias ? bias + G0 * pl.n + co0 : nullptr;
         for (int64_t i0 = 0; i0 < np; i0 += mr) {
           const int r = (int)std::min<int64_t>(mr, np - i0);
-          gvo_kernel(pl.no, pl.gvn, r)(tab.data() + i0, side + i0, pp, cin, ntaps, mi, P, pan, kt, G0, gm, valid,
-                                       gidx.data(), b, y + (p0 + i0) * geo.Cout + G0 * pl.n + co0, geo.Cout, co0,
-                                       pl.n);
+          const gvo_fn f = r == mr ? full : checked(gvo_kernel(pl.no, pl.gvn, r), "GVO tile");
+          f(tab.data() + i0, side + i0, pp, cin, ntaps, mi, P, pan, kt, G0, gm, valid, gidx.data(), b,
+            y + (p0 + i0) * geo.Cout + G0 * pl.n + co0, geo.Cout, co0, pl.n);
         }
       }
     }
-  }
+  });
 }
 
 // The GV side-tap weight gradient of layer `g` (forward layer): gkt[s][ci][co][g] = sum over
 // pixels of xt[p + t_s][ci][g] * dyt[p][co][g]. `work`: nthreads * (T - 1) * m * n * P floats.
-void SHC_SUFFIX(shc_gv_wgrad)(const float* xt, const float* dyt, float* gkt, const int64_t* g, int64_t pp,
+void gv_wgrad(const float* xt, const float* dyt, float* gkt, const int64_t* g, int64_t pp,
                               float* work, int nthreads) {
   const Geo geo = read_geo(g);
   const auto taps = side_taps(geo);
@@ -1384,20 +1474,20 @@ void SHC_SUFFIX(shc_gv_wgrad)(const float* xt, const float* dyt, float* gkt, con
   const int64_t npanel = (L + pp - 1) / pp, nvec = (P + V::L - 1) / V::L;
   const int nt = threads_for(npanel, nthreads);
   std::memset(work, 0, sizeof(float) * total * nt);
-  std::vector<float> zeros(geo.Cin + V::L, 0.f);
+  Array<float> zeros(geo.Cin + V::L, 0.f);
   // The side-tap rows (s, ci) as (table row, channel), in the kt order.
   const int64_t nrows = (int64_t)ntaps * mi;
-  std::vector<int32_t> rows(nrows), chans(nrows);
+  Array<int32_t> rows(nrows), chans(nrows);
   for (int64_t r = 0; r < nrows; ++r) {
     rows[r] = (int32_t)(r / mi + 1);
     chans[r] = (int32_t)(r % mi);
   }
-#pragma omp parallel num_threads(nt)
-  {
-    float* mine = work + total * omp_get_thread_num();
-    std::vector<const float*> tab(T * pp);
-#pragma omp for schedule(static)
-    for (int64_t panel = 0; panel < npanel; ++panel) {
+  tasks(nt, [&](int64_t tid) {
+    float* mine = work + total * tid;
+    Array<const float*> tab(T * pp);
+    int64_t lo, hi;
+    slice(tid, nt, npanel, lo, hi);
+    for (int64_t panel = lo; panel < hi; ++panel) {
       const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
       fill_table(geo, xt, zeros.data(), p0, np, taps, tab.data(), pp);
       for (int64_t v = 0; v < nvec; ++v) {
@@ -1405,22 +1495,18 @@ void SHC_SUFFIX(shc_gv_wgrad)(const float* xt, const float* dyt, float* gkt, con
         const vmask gm = V::lanes(0, (int)std::min<int64_t>(V::L, P - gv0));
         for (int64_t r0 = 0; r0 < nrows; r0 += rw) {
           const int r = (int)std::min<int64_t>(rw, nrows - r0);
-          gv_wgrad_kernel(no, r)(tab.data(), pp, rows.data() + r0, chans.data() + r0, P, np,
-                                 dyt + p0 * geo.Cout, geo.Cout, gv0, gm, mine + r0 * no * P);
+          checked(gv_wgrad_kernel(no, r), "GV weight-gradient tile")(
+              tab.data(), pp, rows.data() + r0, chans.data() + r0, P, np, dyt + p0 * geo.Cout, geo.Cout, gv0, gm,
+              mine + r0 * no * P);
         }
       }
     }
-  }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t i = 0; i < total; ++i) {
-    float s = 0.f;
-    for (int t = 0; t < nt; ++t) s += work[total * t + i];
-    gkt[i] = s;
-  }
+  });
+  reduce_work(work, total, nt, gkt, nthreads);
 }
 
 // gkt[s][ci][co][g] of shc_gv_wgrad into gk[g*n + co][ci][t_s] (N x m x T, contiguous).
-void SHC_SUFFIX(shc_gv_unpack)(const float* gkt, const int64_t* g, float* gk) {
+void gv_unpack(const float* gkt, const int64_t* g, float* gk) {
   const Geo geo = read_geo(g);
   const auto taps = side_taps(geo);
   const int64_t P = geo.P, mi = geo.m(), no = geo.n(), T = geo.T(), ntaps = (int64_t)taps.size();
@@ -1432,4 +1518,16 @@ void SHC_SUFFIX(shc_gv_unpack)(const float* gkt, const int64_t* g, float* gk) {
       }
 }
 
-}  // extern "C"
+}  // namespace
+
+const shc::KernelTable* SHC_TABLE(shc::ParallelFn parallel, shc::FailFn fail) {
+  g_parallel = parallel;
+  g_fail = fail;
+  static const shc::KernelTable table = {
+      V::L,          all_finite,      panel_floats_of,  pack_panels,     forward,        wgrad_needs_work,
+      wgrad,         unpack_side,     unpack_centre,    direct_applies,  direct_panel_floats,
+      direct_pack,   direct_forward,  dot_forward,      gv_transpose,    gv_pack,        gvo_panel_floats,
+      gvo_pack,      gvo_forward,     gv_wgrad,         gv_unpack,
+  };
+  return &table;
+}
