@@ -14,7 +14,6 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import errno
-import importlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
+from ._checks import import_object
 from ._files import atomic_write, check_output_file
 from .convert import to_sparse
 from .counting import count_params
@@ -187,19 +187,7 @@ def resolve_model(model: str):
             raise ValueError(f"model ({model!r}) is not registered; available: {', '.join(list_models())}; "
                              "or give your own factory as 'package.module:function'")
         return partial(create_model, model)
-    module_name, _, attribute = model.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"model ({model!r}) must be a registered name or 'package.module:function'")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"model ({model!r}): cannot import {module_name!r} ({error}); is its folder on the "
-                         "Python path (PYTHONPATH)?") from error
-    for name in attribute.split("."):
-        if not hasattr(target, name):
-            raise ValueError(f"model ({model!r}): {getattr(target, '__name__', module_name)!r} has no attribute "
-                             f"{name!r}")
-        target = getattr(target, name)
+    target = import_object(model, "model")
     if not callable(target):
         raise TypeError(f"model ({model!r}) names a {type(target).__name__}, expected a function or class that "
                         "returns an nn.Module")
