@@ -344,8 +344,9 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
         >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
         >>> type(to_sparse(masked)[0]).__name__
         'SparseHetConv2d'
-        >>> type(to_sparse(nn.Sequential(MyHetConv(16, 16)), probe=[MyHetConv])[0]).__name__  # any code
-        'SparseHetConv2d'
+        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)  # any HetConv code
+        >>> report.probed  # the paths of the MyHetConv modules, now SparseHetConv2d layers
+        ['features.3', 'features.7']
     """
 
     check_backend(backend)

@@ -20,8 +20,8 @@ translation-equivariant: it *is* one convolution, whose weights its responses gi
    blocks are kept beside the block-pattern layer (and absorbed by the neighbours, docs/design.md §8).
 
 It all runs on a copy without hooks: the module is never changed and no hook fires. The copy is in
-float64, or in float32 for a float32 (or half) module on the CPU, whose float64 convolutions are
-about 5x slower; impulses of 2**20 keep a bias from rounding the taps away, a float64 reading is
+float64, or in float32 for a float32 (or half) module on the CPU, at a third of the cost or less
+(docs/conversion.md); impulses of 2**20 keep a bias from rounding the taps away, a float64 reading is
 the fallback for anything a float32 one cannot read, and the converters check the result in float64.
 """
 
@@ -97,7 +97,7 @@ class Probe:
         for name in ("kernel_size", "stride"):
             value = getattr(self, name)
             if value is not None:
-                check_tuple(name, value, len(value) if isinstance(value, (tuple, list)) else 1)
+                check_tuple(name, value, max(1, len(value)) if isinstance(value, (tuple, list)) else 1)
 
 
 class ProbeTargets:
@@ -141,8 +141,8 @@ class ProbeTargets:
 
 
 # -- reading the convolution ---------------------------------------------------------------------------
-def read_convolution(module: nn.Module, where: str, in_channels: int | None = None, kernel_size=None,
-                     stride=None, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+def read_convolution(module: nn.Module, where: str, in_channels: int | None = None, kernel_size=None, stride=None,
+                     dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
     """The convolution ``module`` computes, read from its responses (module notes, steps 1-3).
 
     Args:
@@ -179,7 +179,8 @@ def read_convolution(module: nn.Module, where: str, in_channels: int | None = No
 
     scalar = torch.zeros((), dtype=dtype, device=device)
     channels = _in_channels(module, run, in_channels, kernel, scalar, where)
-    zero = run(scalar.new_zeros((1, channels) + (_ZERO,) * dims))
+    blank = scalar.new_zeros((1, channels) + (_ZERO,) * dims)
+    zero = run(blank)
     changed = [name for name, buffer in quiet.named_buffers() if not torch.equal(buffer, state[name])]
     if changed:
         owner = type(quiet.get_submodule(changed[0].rpartition(".")[0])).__name__
@@ -189,8 +190,8 @@ def read_convolution(module: nn.Module, where: str, in_channels: int | None = No
     bias = zero.flatten(2)[0, :, 0].double()
     spread = float((zero.double() - bias.view((-1,) + (1,) * dims)).abs().max())
     if spread > _TOLERANCE[dtype] * float(bias.abs().max()):
-        _refuse(where, run, scalar.new_zeros(zero.shape[:1] + (channels,) + zero.shape[2:]), zero,
-                "its output for a zero input differs from position to position: it is not translation-invariant")
+        _refuse(where, run, blank, zero, "its output for a zero input differs from position to position: it is "
+                "not translation-invariant")
     weight = _impulse_responses(run, scalar, channels, bias, kernel, stride, where)
     if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
         raise ValueError(f"{where}: its responses hold inf or NaN (non-finite weights?); fix or drop them first")
