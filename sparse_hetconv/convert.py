@@ -371,7 +371,8 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
         try:
             read = read_hetconv_weights(module, path)
         except NotAHetConvError as error:
-            report.skipped[path] = str(error)
+            report.skipped[path] = (f"{error} (if it computes a HetConv another way, probe=[{type(module).__name__}] "
+                                    "reads it from its responses)")
             return None
         new = _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
         _verify(path, module, new)

@@ -8,6 +8,7 @@ are refused with one error naming their path, the model untouched.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 
 import pytest
@@ -133,6 +134,9 @@ def test_the_report_says_which_layers_were_read_by_layout_and_which_by_probing()
     converted, report = to_sparse(model, probe=[BranchHetConv], return_report=True)
     assert report.replaced == ["0", "2"] and report.probed == ["2"], report
     assert "replaced 0\n" in str(report) + "\n" and "replaced 2 (probed)" in str(report), str(report)
+    with pytest.warns(UserWarning, match="no layer to convert"):
+        _, plain = to_sparse(nn.Sequential(ShuffledPair(8, 8, 2)), return_report=True)
+    assert "probe=[ShuffledPair] reads it from its responses" in plain.skipped["0"], "the skip says what to do"
 
 
 def test_a_layout_module_probed_gives_the_weights_its_layout_gives():
@@ -338,7 +342,8 @@ def test_convert_command_probes_the_named_class_and_load_model_reads_it_back(tmp
     assert cli.main(args + ["--probe", "probe_forms:BranchHetConv,stride=2,part=4"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "converted 1 layers (1 by probing); channel permutations left at run time: none" in out, out
-    loaded, info = load_model(target, "probe_forms:net", model_kwargs={"stride": 2}, probe=["probe_forms:BranchHetConv"])
+    loaded, info = load_model(target, "probe_forms:net", model_kwargs={"stride": 2},
+                              probe=["probe_forms:BranchHetConv"])
     assert info["form"] == "sparse" and info["part"] == 4 and isinstance(loaded[3], SparseHetConv2d)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -350,4 +355,4 @@ def test_convert_command_probes_the_named_class_and_load_model_reads_it_back(tmp
         assert cli.main(args + ["--force", "--probe", probe]) == 2, probe
         err = capsys.readouterr().err
         assert err.startswith("sparse-hetconv convert: error: ") and "Traceback" not in err, err
-        assert err.count("\n") == 1 and __import__("re").search(message, err), err
+        assert err.count("\n") == 1 and re.search(message, err), err

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         description="Read a checkpoint (a state_dict, bare or wrapped under 'state_dict', 'model', 'net', ...; "
                     "keys with or without DataParallel's 'module.' prefix; loaded with torch.load(weights_only=True)), "
                     "load it into the model it belongs to, convert every HetConv layer exactly (shifted-pattern "
-                    "layers included, and the modules named by --probe, read from their responses), check the result against the source model on a random batch and write the "
+                    "layers included, and the modules named by --probe, read from their responses), check the "
+                    "result against the source model on a random batch and write the "
                     "sparse model's state_dict in the checkpoint's dtype. Load it with "
                     "sparse_hetconv.checkpoint.load_model(OUT, MODEL, model_kwargs=...). See docs/conversion.md.")
     parser.add_argument("source", metavar="IN", help="the checkpoint (.pt / .pth)")
