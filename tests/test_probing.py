@@ -302,6 +302,21 @@ def test_read_convolution_and_find_groups_on_their_own():
     assert part == 2 and p_in.tolist() == list(range(8)) and p_out.tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
 
 
+def test_zeroed_kernels_still_fit_and_a_given_part_is_kept():
+    torch.manual_seed(0)
+    module = MaskedDense(16, 16, 4).double()
+    with torch.no_grad():
+        module.conv.weight[5] = 0  # a pruned filter: linked to no channel
+        module.conv.weight[:, 2, :, :] = 0  # a channel no filter reads
+    converted = to_sparse(module, probe=[MaskedDense], memory_format=None)
+    forced = to_sparse(module, probe=[Probe(MaskedDense, part=2)], memory_format=None)
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    for new, part in ((converted, 4), (forced, 2)):
+        assert pieces(new, 16, 16)[0].part == part, new
+        with torch.no_grad():
+            assert relative(new(x), module(x)) <= 1e-12, f"part {part}"
+
+
 # -- properties ------------------------------------------------------------------------------------------
 @given(part=st.sampled_from([2, 3, 4]), blocks_in=st.integers(1, 3), blocks_out=st.integers(1, 3),
        kernel=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), bias=st.booleans(),
