@@ -46,9 +46,9 @@ from .sparse import dropped_taps
 __all__ = ["Probe", "block_weights", "find_groups", "read_convolution"]
 
 _CONV = {2: F.conv2d, 3: F.conv3d}
-_ZERO = 24  # size of the zero input that shows bias and stride: strides 1 to 6 give distinct output sizes
+_ZERO = 24  # size of the zero input that shows bias and stride: strides 1 to 5 give distinct output sizes
 _BUDGET = 1 << 23  # input elements per impulse call (64 MiB in float64)
-_IMPULSE = 2.0 ** 20  # an exact power of two, large enough that a bias adds no rounding to the taps read
+_IMPULSE = 2.0 ** 20  # an exact power of two, large enough that a bias does not swamp the taps in float32
 # relative difference between a module and the convolution read from it, by the dtype it was read in
 _TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
