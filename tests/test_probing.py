@@ -317,6 +317,16 @@ def test_zeroed_kernels_still_fit_and_a_given_part_is_kept():
             assert relative(new(x), module(x)) <= 1e-12, f"part {part}"
 
 
+def test_a_stride_the_output_size_cannot_tell_must_be_given():
+    module = MaskedDense(8, 8, 4, stride=6).double()
+    with pytest.raises(ValueError, match=r"returns 4x4, which several strides give; pass stride"):
+        to_sparse(module, probe=[MaskedDense])
+    converted = to_sparse(module, probe=[Probe(MaskedDense, stride=6)], memory_format=None)
+    x = torch.randn(1, 8, 13, 13, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative(converted(x), module(x)) <= 1e-12
+
+
 # -- properties ------------------------------------------------------------------------------------------
 @given(part=st.sampled_from([2, 3, 4]), blocks_in=st.integers(1, 3), blocks_out=st.integers(1, 3),
        kernel=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), bias=st.booleans(),
