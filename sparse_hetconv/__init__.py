@@ -7,6 +7,7 @@ Three forms of one layer: the definition (tests only), the published masked dens
 (:class:`MaskedHetConv2d`) and the sparse form (:class:`SparseHetConv2d`), which stores only the
 kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models exactly;
 :func:`from_shifted` / :func:`to_shifted` handle the paper's shifted pattern (docs/conversion.md);
+any other HetConv code converts by probing (``to_sparse(model, probe=[MyHetConv])``, :class:`Probe`);
 :func:`hetconvify` turns standard CNNs into HetConv ones; :func:`count_macs` counts the paper's
 way. This import loads the layers and their tools only; the measuring tools
 (:mod:`sparse_hetconv.profiling`), the CIFAR-10 experiment (:mod:`sparse_hetconv.cifar`), the
@@ -23,6 +24,7 @@ from .fuse import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation
+from .probing import Probe
 from .shifted import from_shifted, shifted_mask, to_shifted
 from .sparse import SparseHetConv2d, SparseHetConv3d
 
@@ -37,6 +39,7 @@ __all__ = [
     "MaskedHetConv2d",
     "MaskedHetConv3d",
     "ModelCounts",
+    "Probe",
     "SparseHetConv2d",
     "SparseHetConv3d",
     "autotune",

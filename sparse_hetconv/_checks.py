@@ -6,12 +6,13 @@ that was given and what was expected.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
 import torch
 
 __all__ = ["MissingExtraError", "check_bool", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd",
-           "check_input"]
+           "check_input", "import_object"]
 
 
 class MissingExtraError(ImportError):
@@ -105,3 +106,26 @@ def check_input(input: object, in_channels: int | None, dims: int, who: str) -> 
             f"{who} expects input with {in_channels} channels (dim 1), got {input.shape[1]} "
             f"(input shape {tuple(input.shape)})"
         )
+
+
+def import_object(spec: str, name: str) -> object:
+    """The object ``spec`` names as ``"package.module:attribute"`` (``"pkg.mod:obj.attr"`` too), imported
+    here; ``name`` is the argument it was given as, for the messages.
+
+    Raises:
+        ValueError: not of that form, a module that cannot be imported or an attribute it does not have.
+    """
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{name} ({spec!r}) must be 'package.module:name'")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"{name} ({spec!r}): cannot import {module_name!r} ({error}); is its folder on the "
+                         "Python path (PYTHONPATH)?") from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{name} ({spec!r}): {getattr(target, '__name__', module_name)!r} has no attribute "
+                             f"{part!r}")
+        target = getattr(target, part)
+    return target

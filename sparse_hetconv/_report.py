@@ -37,6 +37,8 @@ class ConversionReport:
             paths (weight tying, a block reused twice); it was converted once and stays shared.
         hooks (list of str): paths of replaced modules whose forward / backward hooks were moved
             onto the replacement.
+        probed (list of str): paths of the replaced modules read by probing (``to_sparse``'s
+            ``probe``); the others were read by their layout.
     """
 
     converter: str
@@ -50,6 +52,7 @@ class ConversionReport:
     permutations: list[str] = field(default_factory=list)
     shared: dict[str, list[str]] = field(default_factory=dict)
     hooks: list[str] = field(default_factory=list)
+    probed: list[str] = field(default_factory=list)
 
     @property
     def reduction(self) -> float:
@@ -75,7 +78,9 @@ class ConversionReport:
         settings = ""
         if self.part is not None or self.form is not None:
             settings = f"(part={self.part}, form={self.form!r})"
-        lines = [f"{self.converter}{settings}: replaced {len(self.replaced)} layers, skipped {len(self.skipped)}; "
+        probed = f" ({len(self.probed)} by probing)" if self.probed else ""
+        lines = [f"{self.converter}{settings}: replaced {len(self.replaced)} layers{probed}, "
+                 f"skipped {len(self.skipped)}; "
                  f"parameters {self.params_before:,} -> {self.params_after:,} ({self.reduction:.1%})"]
         if self.exact:
             lines.append("  exact: no weight was dropped")
@@ -89,7 +94,7 @@ class ConversionReport:
         return "\n".join(lines)
 
     def _detail(self, name: str) -> str:
-        text = ""
+        text = " (probed)" if name in self.probed else ""
         if name in self.dropped:
             dropped, change = self.dropped[name]
             text += f" (dropped |w| <= {dropped:.3g}, relative change {change:.3g})"

@@ -14,7 +14,6 @@ leaves a half-written file behind.
 from __future__ import annotations
 
 import errno
-import importlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -25,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
+from ._checks import import_object
 from ._files import atomic_write, check_output_file
 from .convert import to_sparse
 from .counting import count_params
 from .models import create_model, list_models
+from .permutation import ChannelPermutation
 from .shifted import from_shifted
 
 __all__ = ["ConvertReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_form",
@@ -187,19 +188,7 @@ def resolve_model(model: str):
             raise ValueError(f"model ({model!r}) is not registered; available: {', '.join(list_models())}; "
                              "or give your own factory as 'package.module:function'")
         return partial(create_model, model)
-    module_name, _, attribute = model.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"model ({model!r}) must be a registered name or 'package.module:function'")
-    try:
-        target = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(f"model ({model!r}): cannot import {module_name!r} ({error}); is its folder on the "
-                         "Python path (PYTHONPATH)?") from error
-    for name in attribute.split("."):
-        if not hasattr(target, name):
-            raise ValueError(f"model ({model!r}): {getattr(target, '__name__', module_name)!r} has no attribute "
-                             f"{name!r}")
-        target = getattr(target, name)
+    target = import_object(model, "model")
     if not callable(target):
         raise TypeError(f"model ({model!r}) names a {type(target).__name__}, expected a function or class that "
                         "returns an nn.Module")
@@ -274,15 +263,17 @@ def _check_finite(state: dict[str, Tensor], path, allow: bool) -> bool:
     return True
 
 
-def _to_sparse_form(net: nn.Module):
+def _to_sparse_form(net: nn.Module, probe=None):
     """The pipeline a checkpoint goes through: shifted-pattern layers to block ones (their
-    permutations absorbed), then every block HetConv to the sparse form. Returns the model and
-    the paths converted, and the permutations left."""
+    permutations absorbed), then every block HetConv, and the modules ``probe`` names, to the
+    sparse form. Returns the model, the paths converted, the permutations left, the paths skipped
+    (and why) and the paths read by probing."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"(from_shifted|to_sparse): the model has no layer to convert")
         net, shifted = from_shifted(net, memory_format=None, return_report=True)
-        net, sparse = to_sparse(net, memory_format=None, inplace=True, return_report=True)  # (a copy already)
-    return net, shifted.replaced + sparse.replaced, shifted.permutations, {**shifted.skipped, **sparse.skipped}
+        net, sparse = to_sparse(net, memory_format=None, inplace=True, return_report=True, probe=probe)  # a copy
+    left = [path for path, m in net.named_modules() if isinstance(m, ChannelPermutation) and not m.is_identity()]
+    return net, shifted.replaced + sparse.replaced, left, {**shifted.skipped, **sparse.skipped}, sparse.probed
 
 
 def _parts(net: nn.Module) -> list[int]:
@@ -290,7 +281,7 @@ def _parts(net: nn.Module) -> list[int]:
 
 
 def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Tensor] | None = None,
-               model_kwargs: dict | None = None) -> tuple[nn.Module, dict]:
+               model_kwargs: dict | None = None, probe=None) -> tuple[nn.Module, dict]:
     """Build the model a checkpoint belongs to, in the form it holds, and load the checkpoint.
 
     A registered ``model``: the form and part come from the weights (:func:`infer_form`), the
@@ -305,6 +296,7 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
         model (str): the registered model, or a factory, the weights belong to.
         state (dict, optional): an already extracted ``state_dict`` (``path`` then only names it).
         model_kwargs (dict, optional): keyword arguments of the constructor.
+        probe (optional): the modules :func:`convert_checkpoint` read by probing (its ``probe``).
 
     Returns:
         (nn.Module, dict): the model in eval mode, and ``{"model", "form", "part", "num_classes"}``
@@ -329,7 +321,7 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
         _fit(net, state, path, model)
         form = "source"
     except ValueError as as_source:
-        net, *_ = _to_sparse_form(net.eval())
+        net, *_ = _to_sparse_form(net.eval(), probe)
         try:
             _fit(net, state, path, f"{model} converted to the sparse form")
         except ValueError:
@@ -376,7 +368,8 @@ class ConvertReport:
     ``masked_params`` are the parameters the source model stores (for a registered model its
     masked form, zeros included), ``sparse_params`` those of the converted model, and
     ``useful_params`` the useful ones (the same in both). ``max_abs_diff`` and ``relative_diff``
-    compare the two models' outputs on a random batch, computed in float64.
+    compare the two models' outputs on a random batch, computed in float64. ``converted`` lists the
+    layers converted, ``probed`` those of them read by probing.
     """
 
     source: Path
@@ -396,6 +389,7 @@ class ConvertReport:
     source_form: str = "masked"
     converted: list[str] = field(default_factory=list)
     permutations: list[str] = field(default_factory=list)
+    probed: list[str] = field(default_factory=list)
     input_size: tuple[int, ...] = (3, 32, 32)
 
     def __str__(self) -> str:
@@ -403,7 +397,8 @@ class ConvertReport:
         src = self.source_form
         lines = [
             f"{name}: {self.source} ({src}) -> {self.target} (sparse, {self.dtype})",
-            f"converted {len(self.converted)} layers; channel permutations left at run time: "
+            f"converted {len(self.converted)} layers{f' ({len(self.probed)} by probing)' * bool(self.probed)}; "
+            "channel permutations left at run time: "
             f"{', '.join(self.permutations) or 'none'}",
             f"parameters stored: {src} {self.masked_params:,} -> sparse {self.sparse_params:,} "
             f"({1 - self.sparse_params / max(self.masked_params, 1):.1%} fewer; {self.useful_params:,} useful in both)",
@@ -452,7 +447,7 @@ def _compare(source: nn.Module, converted: nn.Module, shape: tuple[int, ...], se
 
 def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg16_cifar", force: bool = False,
                        batch: int = 8, seed: int = 0, *, model_kwargs: dict | None = None, input_size=None,
-                       allow_nonfinite: bool = False) -> ConvertReport:
+                       allow_nonfinite: bool = False, probe=None) -> ConvertReport:
     """Convert a checkpoint of any HetConv model into the sparse model's ``state_dict`` (exact).
 
     The source model is built from ``model`` (a registered name, whose part, form and classes are
@@ -478,6 +473,9 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
             first convolution's input channels at 32 x 32 (16^3).
         allow_nonfinite (bool): convert a checkpoint holding inf or NaN (with a warning) instead of
             refusing it.
+        probe (optional): modules to convert by probing, as for :func:`~sparse_hetconv.to_sparse`
+            (a class, ``"package.module:Class"``, a module path or a
+            :class:`~sparse_hetconv.probing.Probe`, or a list of them).
 
     Returns:
         ConvertReport: what was converted, parameter counts, file sizes, the output difference.
@@ -518,7 +516,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
         source_form = "masked"
     net.eval()
     shape = (batch,) + _input_size(net, input_size)
-    converted, paths, permutations, skipped = _to_sparse_form(net)
+    converted, paths, permutations, skipped, probed = _to_sparse_form(net, probe)
     if not paths:
         why = "".join(f"; {p or '<root>'}: {reason}" for p, reason in skipped.items())
         raise ValueError(f"{source}: model {model} has no HetConv layer to convert{why}")
@@ -532,7 +530,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
         info["num_classes"] or (converted.get_submodule(head).out_features if head else None),
         count_params(net, stored=True), count_params(converted, stored=True), count_params(converted),
         source.stat().st_size, target.stat().st_size, max_abs, batch, relative,
-        str(dtype).replace("torch.", ""), source_form, paths, permutations, shape[1:])
+        str(dtype).replace("torch.", ""), source_form, paths, permutations, probed, shape[1:])
 
 
 def __getattr__(name: str):

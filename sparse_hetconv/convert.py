@@ -51,6 +51,8 @@ from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, prob
 from ._report import ConversionReport
 from .backends import check_backend
 from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
+from .permutation import between_permutations, permutation_finisher
+from .probing import ProbeTargets, read_probed
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd, check_reduce
 
 __all__ = ["ConversionReport", "hetconvify", "to_masked", "to_sparse"]
@@ -274,7 +276,7 @@ def _convert(model, build, inplace: bool, what: str, memory_format=None, return_
 
 
 def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
-              memory_format=torch.channels_last, return_report: bool = False) -> nn.Module:
+              memory_format=torch.channels_last, return_report: bool = False, probe=None) -> nn.Module:
     """Turn every HetConv in ``model`` that is computed as a sum of convolutions into a
     :class:`SparseHetConv2d` (or ``3d``), exactly.
 
@@ -292,6 +294,19 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
       all with bias) and the like. A module with such children whose forward is something else
       (a depthwise-separable ``pw(dw(x))`` has the same children) is left alone and listed in
       ``report.skipped`` with the reason.
+    * With ``probe``: the modules it names (a class, ``"package.module:Class"``, a module path
+      such as ``"features.3"``, or a :class:`~sparse_hetconv.probing.Probe` with what is known of
+      the module), **read by probing**: any module that computes a HetConv up to a permutation of
+      its channels, whatever its code (:mod:`sparse_hetconv.probing`). Its convolution is read
+      from its responses to a batch of unit impulses (stride and bias from its output on a zero
+      input), checked on random inputs, and split into the largest ``P`` blocks that hold its
+      k x k taps; the channel permutations this needs are absorbed by the neighbouring layers as
+      :func:`~sparse_hetconv.shifted.from_shifted` does, or kept as
+      :class:`~sparse_hetconv.ChannelPermutation` modules around the layer (listed in
+      ``report.permutations``; always, around a module with hooks, which then see what they saw).
+      A named module that is not linear, has state (a BatchNorm in training mode), is random, is
+      no convolution, or has no HetConv pattern (a dense, grouped or depthwise convolution) is a
+      ``ValueError`` naming its path and what was found. ``report.probed`` lists these layers.
 
     The coefficients of the sum are found on a probe, and every converted module is checked
     against its replacement on a random float64 input run on a hook-free copy, so no user hook
@@ -309,39 +324,65 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
             and buffer of the result; ``torch.channels_last`` (default) makes the activations
             channels-last end to end, the fast layout on the CPU; None leaves them as they are.
         return_report (bool): also return a :class:`ConversionReport` (replaced, skipped and why,
-            shared, hooks moved; ``report.exact`` is always True here).
+            shared, hooks moved, which layers were read by probing; ``report.exact`` is always True
+            here).
+        probe (optional): a module class, a str or a :class:`~sparse_hetconv.probing.Probe`, or a
+            list of them: the modules to convert by probing (see above). A path the model does not
+            have is a ``ValueError``; a target that matches nothing, a warning.
 
     Returns:
         nn.Module: the converted model (with ``return_report``: ``(model, report)``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: a masked or ``gwc``/``pwc`` module that is not an exact HetConv, a replaced
-            module that shares a tensor with one that is not replaced, a hook that cannot be
-            carried over; the message names the path, and ``model`` is left untouched.
+        ValueError: a masked or ``gwc``/``pwc`` module that is not an exact HetConv, a probed module
+            that is not one, a replaced module that shares a tensor with one that is not replaced,
+            a hook that cannot be carried over; the message names the path, and ``model`` is left
+            untouched.
 
     Example:
         >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
         >>> type(to_sparse(masked)[0]).__name__
         'SparseHetConv2d'
+        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)  # any HetConv code
+        >>> report.probed  # the paths of the MyHetConv modules, now SparseHetConv2d layers
+        ['features.3', 'features.7']
     """
 
     check_backend(backend)
+    _check_model(model)
+    targets = None if probe is None else ProbeTargets(probe, model)
     report = ConversionReport("to_sparse", form="sparse")
+    wrappers: set[int] = set()
 
     def build(path, module):
+        spec = None if targets is None else targets.match(path, module)
+        if spec is not None:
+            read, p_in, p_out = read_probed(module, _where(path, module), spec)
+            layer = _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
+            new = between_permutations(p_in, layer, torch.argsort(p_out))
+            _verify(path, module, new, channels=read.pattern.in_channels, kernel_size=read.pattern.kernel_size)
+            report.probed.append(path)
+            if new is not layer:
+                wrappers.add(id(new))
+            return new
         if hetconv_kind(module) is None:
             return None
         try:
             read = read_hetconv_weights(module, path)
         except NotAHetConvError as error:
-            report.skipped[path] = str(error)
+            report.skipped[path] = (f"{error} (if it computes a HetConv another way, probe=[{type(module).__name__}] "
+                                    "reads it from its responses)")
             return None
         new = _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend).train(module.training)
         _verify(path, module, new)
         return new
 
-    return _convert(model, build, inplace, "to_sparse", memory_format, return_report, report=report)
+    result = _convert(model, build, inplace, "to_sparse", memory_format, return_report, report=report,
+                      finish=permutation_finisher(wrappers, []))
+    if targets is not None:
+        targets.warn_unused("to_sparse")
+    return result
 
 
 def to_masked(model: nn.Module, inplace: bool = False, memory_format=torch.channels_last,

@@ -18,6 +18,7 @@ tensor and that nothing else reads the tensors between them).
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, fx, nn
 from ._base import _HetConvBase
 from ._probe import hook_names, no_global_hooks, silenced
 
-__all__ = ["ChannelPermutation", "absorb_permutations"]
+__all__ = ["ChannelPermutation", "absorb_permutations", "between_permutations", "permutation_finisher"]
 
 
 class ChannelPermutation(nn.Module):
@@ -505,3 +506,55 @@ def absorb_permutations(model: nn.Module, protected=()) -> tuple[list[str], list
             module.perm.copy_(perm.to(module.perm.device))
         (removed if module.is_identity() else left).append(node.path)
     return sorted(set(removed)), sorted(set(left) - set(removed))
+
+
+# -- layers between two permutations: what the converters build, and the step that tidies them up -------
+def between_permutations(before: Tensor, layer: nn.Module, after: Tensor) -> nn.Module:
+    """``layer`` between two channel permutations, ``Sequential(permute_in, layer, permute_out)``
+    with the identities left out (``layer`` itself if both are), on ``layer``'s device and in its
+    train/eval mode."""
+    parts = OrderedDict()
+    device = next(layer.parameters()).device
+    for name, perm in (("permute_in", before), ("layer", None), ("permute_out", after)):
+        if perm is None:
+            parts[name] = layer
+        elif not torch.equal(perm, torch.arange(perm.numel())):
+            parts[name] = ChannelPermutation(perm).to(device)
+    return layer if len(parts) == 1 else nn.Sequential(parts).train(layer.training)
+
+
+def permutation_finisher(wrappers: set[int], protected: list[nn.Module]):
+    """A converter's last step (``finish(model, report)``) after it built the
+    :func:`between_permutations` modules whose ids are ``wrappers``: absorb the permutations
+    (``protected`` as for :func:`absorb_permutations`), drop the identities they leave in the
+    wrappers and in those an earlier conversion left (a wrapper with hooks stays whole: its hooks see
+    what the replaced module saw), and list the permutations left in ``report.permutations``."""
+
+    def finish(model: nn.Module, report) -> nn.Module:
+        if not wrappers:
+            return model
+        absorb_permutations(model, protected)
+        paths: dict[int, list[str]] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            names = set(module._modules)
+            if id(module) in wrappers or (type(module) is nn.Sequential and "layer" in names and
+                                          names <= {"permute_in", "layer", "permute_out"}):
+                paths.setdefault(id(module), []).append(path)
+        for where in reversed(paths.values()):  # inner wrappers first: replacing them moves no other path
+            wrapper = model.get_submodule(where[0])
+            kept = OrderedDict((name, child) for name, child in wrapper.named_children()
+                               if not (isinstance(child, ChannelPermutation) and child.is_identity()))
+            if len(kept) == len(wrapper._modules) or hook_names(wrapper, state=False):
+                continue
+            new = kept["layer"] if len(kept) == 1 else nn.Sequential(kept).train(wrapper.training)
+            for path in where:
+                if not path:
+                    model = new
+                    break
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, name, new)
+        report.permutations = [path for path, module in model.named_modules(remove_duplicate=False)
+                               if isinstance(module, ChannelPermutation) and not module.is_identity()]
+        return model
+
+    return finish

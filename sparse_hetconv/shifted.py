@@ -16,7 +16,6 @@ like VGG nothing is permuted at run time; :func:`to_shifted` goes the other way.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +24,14 @@ from torch import Tensor, nn
 from ._base import _HetConvBase
 from ._checks import check_bool, check_int
 from ._memory_format import check_memory_format
-from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
 from .backends import check_backend
 from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
 from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_hetconv_weights
 from .pattern import HetConvPattern, shifted_to_block_permutation
-from .permutation import ChannelPermutation, absorb_permutations
-from .sparse import _SparseHetConvNd, dropped_taps
+from .permutation import ChannelPermutation, between_permutations, permutation_finisher
+from .probing import Probe, block_weights, read_probed
+from .sparse import _SparseHetConvNd
 
 __all__ = ["ChannelPermutation", "from_shifted", "shifted_mask", "to_shifted"]
 
@@ -128,128 +127,9 @@ def _per_filter_layout(module: nn.Module, where: str) -> _PerFilter | None:
                       any(c.bias is not None for c in convs))
 
 
-def _read_per_filter(module: nn.Module, layout: _PerFilter, where: str) -> tuple[Tensor, Tensor | None]:
-    """The dense ``(N, M, *k)`` weight and bias (float64) of a module that computes a stride-1
-    convolution, read from its responses to unit impulses and checked on a random input (with its
-    real weights: a non-finite one makes the reading fail)."""
-    quiet = quiet_copy(module)
-    device = next(quiet.parameters()).device
-    k, m_in, n_out, dims = layout.kernel_size, layout.in_channels, layout.out_channels, layout.dims
-    size = tuple(2 * kk - 1 for kk in k)
-    pad = tuple(kk // 2 for kk in k)
-    window = (slice(None), slice(None)) + tuple(slice(p, p + kk) for p, kk in zip(pad, k))
-    spatial = tuple(range(2, 2 + dims))
-    weight = torch.zeros((n_out, m_in) + k, dtype=torch.float64, device=device)
-    try:
-        with torch.no_grad(), no_global_hooks():
-            zero = quiet(torch.zeros((1, m_in) + size, dtype=torch.float64, device=device))
-            if not isinstance(zero, Tensor) or tuple(zero.shape) != (1, n_out) + size:
-                raise ValueError(f"returns {tuple(zero.shape) if isinstance(zero, Tensor) else type(zero).__name__}")
-            bias = zero[(0, slice(None)) + tuple(kk - 1 for kk in k)]
-            for first in range(0, m_in, 64):
-                count = min(64, m_in - first)
-                impulses = torch.zeros((count, m_in) + size, dtype=torch.float64, device=device)
-                impulses[(torch.arange(count), torch.arange(first, first + count)) + tuple(kk - 1 for kk in k)] = 1
-                response = quiet(impulses)[window].flip(spatial) - bias.reshape((1, n_out) + (1,) * dims)
-                weight[:, first:first + count] = response.transpose(0, 1)
-            x = probe_input(m_in, k, device)
-            conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
-            change = relative_change(conv(x, weight, bias, padding=pad), quiet(x))
-    except Exception as failure:
-        raise ValueError(f"{where} is made of per-filter convolutions but could not be read as one stride-1 "
-                         f"convolution over {m_in} channels ({type(failure).__name__}: {failure})") from failure
-    if not change <= 1e-9:
-        raise ValueError(f"{where} is made of per-filter convolutions, but its forward is not a convolution over "
-                         f"{m_in} channels (relative difference {change:.3g} on a test input)")
-    return weight, (bias if layout.bias else None)
-
-
-def _pattern_of(weight: Tensor, part: int) -> str | None:
-    """``"shifted"`` or ``"block"``: the pattern whose k x k kernels hold every non-zero
-    non-centre tap of a dense ``(N, M, *k)`` weight (shifted first); None if neither does."""
-    n_out, n_in = weight.shape[:2]
-    taps = weight.abs().flatten(2).clone()
-    taps[..., taps.shape[-1] // 2] = 0
-    used = taps.amax(-1) > 0
-    j = torch.arange(n_out, device=weight.device)[:, None]
-    c = torch.arange(n_in, device=weight.device)[None, :]
-    if not (used & ((c - j) % part != 0)).any():
-        return "shifted"
-    if n_out % part == 0 and not (used & (c // (n_in // part) != j // (n_out // part))).any():
-        return "block"
-    return None
-
-
-def _to_block(weight: Tensor, bias: Tensor | None, part: int, layout: str, stride, dims: int, dtype, where: str):
-    """Block-pattern weights of a dense shifted (or block) layer, the permutations around them and
-    the largest dropped weight."""
-    n_out, n_in = weight.shape[:2]
-    for name, channels in (("in_channels", n_in), ("out_channels", n_out)):
-        if channels % part:
-            raise ValueError(f"{where}: {name} ({channels}) must be divisible by part ({part}) to reorder it into "
-                             "the block pattern")
-    identity = (torch.arange(n_in), torch.arange(n_out))
-    p_in, p_out = identity if layout == "block" else (shifted_to_block_permutation(n_in, part),
-                                                     shifted_to_block_permutation(n_out, part))
-    block = weight[p_out.to(weight.device)][:, p_in.to(weight.device)]
-    pattern = HetConvPattern(n_in, n_out, part, tuple(weight.shape[2:]), dims)
-    p, n, m = part, pattern.block_out, pattern.block_in
-    index = torch.arange(p, device=weight.device)
-    kxk = block.view((p, n, p, m) + pattern.kernel_size)[index, :, index].reshape((n_out, m) + pattern.kernel_size)
-    centre = (slice(None), slice(None)) + pattern.centre
-    dense = block[centre].masked_fill(~pattern.mask_1x1(weight.device), 0)
-    new_bias = None if bias is None else bias[p_out.to(bias.device)].to(dtype)
-    read = HetConvWeights(pattern, tuple(stride), kxk.to(dtype), dense.to(dtype), new_bias)
-    return read, p_in, p_out, dropped_taps(block, pattern)
-
-
-def _wrap(before: Tensor, layer: nn.Module, after: Tensor) -> nn.Module:
-    """``layer`` between two channel permutations (identities left out)."""
-    parts = OrderedDict()
-    if not torch.equal(before, torch.arange(before.numel())):
-        parts["permute_in"] = ChannelPermutation(before).to(_device(layer))
-    parts["layer"] = layer
-    if not torch.equal(after, torch.arange(after.numel())):
-        parts["permute_out"] = ChannelPermutation(after).to(_device(layer))
-    return layer if len(parts) == 1 else nn.Sequential(parts)
-
-
-def _device(module: nn.Module):
-    return next(module.parameters()).device
-
-
 def _layer(read: HetConvWeights, form: str, backend: str, training: bool) -> nn.Module:
     layer = _SPARSE_BY_DIMS[read.pattern.dims]._from_weights(read, backend)
     return (layer if form == "sparse" else layer.to_masked()).train(training)
-
-
-def _finisher(wrappers: set[int], protected: list[nn.Module]):
-    """Absorb the permutations, then drop the identities they leave in the wrappers."""
-
-    def finish(model: nn.Module, report: ConversionReport) -> nn.Module:
-        if not wrappers:
-            return model
-        absorb_permutations(model, protected)
-        paths: dict[int, list[str]] = {}
-        for path, module in model.named_modules(remove_duplicate=False):
-            if id(module) in wrappers:
-                paths.setdefault(id(module), []).append(path)
-        for key, where in paths.items():
-            wrapper = model.get_submodule(where[0])
-            kept = OrderedDict((name, child) for name, child in wrapper.named_children()
-                               if not (isinstance(child, ChannelPermutation) and child.is_identity()))
-            new = kept["layer"] if len(kept) == 1 else nn.Sequential(kept)
-            for path in where:
-                if not path:
-                    model = new
-                    break
-                parent, _, name = path.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, name, new)
-        report.permutations = [path for path, module in model.named_modules(remove_duplicate=False)
-                               if isinstance(module, ChannelPermutation) and not module.is_identity()]
-        return model
-
-    return finish
 
 
 def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool = False, skip_first: bool = True,
@@ -262,11 +142,12 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
     * **Per-filter modules** (sxpro's ``HetConv2d`` and ``HetConv2d_v2``, and the like): a module
       whose descendants are only containers and convolutions with one output channel, one
       container per filter, the convolutions of each reading ``M`` input channels together
-      (``M / P`` of them through k x k kernels), stride 1. The module's forward is read as one
-      dense convolution from its responses to unit impulses (run on a float64 copy without hooks)
-      and checked on a random input; its part comes from its structure, and its k x k kernels
-      must lie in the shifted pattern (or the block pattern, which needs no permutation). A bias
-      on every small convolution adds up to one bias per filter. Always exact.
+      (``M / P`` of them through k x k kernels), stride 1. Its part comes from its structure; its
+      forward is read as one dense convolution by probing (:mod:`sparse_hetconv.probing`: unit
+      impulses on a copy without hooks, checked on a random input), and its k x k kernels must
+      form the HetConv pattern of that part up to a channel permutation (the shifted pattern, the
+      block pattern, or any other). A bias on every small convolution adds up to one bias per
+      filter. Always exact.
     * With ``part``: **dense ``nn.Conv2d`` / ``nn.Conv3d``** layers trained under a shifted mask
       (:func:`shifted_mask`; the naive implementation), chosen as by
       :func:`~sparse_hetconv.hetconvify` (``skip_first``, ``include``, channels divisible by
@@ -305,7 +186,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
 
     Raises:
         TypeError / ValueError: bad arguments; a per-filter module that is not a convolution or
-            whose kernels are in neither pattern, channels not divisible by its part, a hook on a
+            whose kernels form no HetConv pattern, channels not divisible by its part, a hook on a
             replaced module (the message names the path); ``model`` is left untouched.
 
     Example:
@@ -336,22 +217,17 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
     def build(path, module):
         where = _where(path, module)
         layout = _per_filter_layout(module, where)
-        if layout is not None:
-            weight, bias = _read_per_filter(module, layout, where)
-            kind = _pattern_of(weight, layout.part)
-            if kind is None:
-                raise ValueError(f"{where} has per-filter k x k kernels (part {layout.part}) in neither the shifted "
-                                 "nor the block pattern; it cannot be converted exactly")
-            dtype = next(module.parameters()).dtype
-            read, p_in, p_out, dropped = _to_block(weight, bias, layout.part, kind, (1,) * layout.dims, layout.dims,
-                                                   dtype, where)
+        if layout is not None:  # its part from the structure, its weights and permutations by probing
+            spec = Probe(type(module), layout.in_channels, layout.kernel_size, 1, layout.part)
+            (read, p_in, p_out), dropped = read_probed(module, where, spec), 0.0
         elif part is not None and type(module) in _CONV_TYPES.values():
             dims = _dense_candidate(path, module, part, skip_first, include, seen_first, report)
             if dims is None:
                 return None
             bias = None if module.bias is None else module.bias.detach().double()
-            read, p_in, p_out, dropped = _to_block(module.weight.detach().double(), bias, part, "shifted",
-                                                   module.stride, dims, module.weight.dtype, where)
+            p_in, p_out = (shifted_to_block_permutation(c, part) for c in (module.in_channels, module.out_channels))
+            read, dropped = block_weights(module.weight.detach().double(), bias, part, p_in, p_out, module.stride,
+                                          module.weight.dtype)
             if dropped and not approximate:
                 report.skipped[path] = (f"weights outside the shifted pattern (largest |w| {dropped:.3g}); "
                                         "approximate=True drops them")
@@ -359,17 +235,17 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
         else:
             return None
         layer = _layer(read, form, backend, module.training)
-        new = _wrap(p_in, layer, torch.argsort(p_out))
-        change = _verify(path, module, new, exact=not (layout is None and dropped), channels=read.pattern.in_channels,
+        new = between_permutations(p_in, layer, torch.argsort(p_out))
+        change = _verify(path, module, new, exact=not dropped, channels=read.pattern.in_channels,
                          kernel_size=read.pattern.kernel_size)
-        if layout is None and dropped:
+        if dropped:
             report.dropped[path] = (dropped, change)
         if new is not layer:
             wrappers.add(id(new))
         return new
 
     return _convert(model, build, inplace, "from_shifted", memory_format, return_report, report=report,
-                    carry_hooks=False, finish=_finisher(wrappers, []))
+                    carry_hooks=False, finish=permutation_finisher(wrappers, []))
 
 
 def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.channels_last,
@@ -431,7 +307,7 @@ def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.c
             if read.bias is not None:
                 conv.bias[p_out] = read.bias
         conv.train(module.training)
-        new = _wrap(torch.argsort(p_in).cpu(), conv, p_out.cpu())
+        new = between_permutations(torch.argsort(p_in).cpu(), conv, p_out.cpu())
         _verify(path, module, new, channels=pattern.in_channels, kernel_size=pattern.kernel_size)
         if new is not conv:
             wrappers.add(id(new))
@@ -439,4 +315,4 @@ def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.c
         return new
 
     return _convert(model, build, inplace, "to_shifted", memory_format, return_report, report=report,
-                    carry_hooks=False, finish=_finisher(wrappers, protected))
+                    carry_hooks=False, finish=permutation_finisher(wrappers, protected))

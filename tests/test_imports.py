@@ -30,7 +30,7 @@ LAYERS = [
     ("sparse_hetconv.sparse", 4),
     ("sparse_hetconv.convert", 5), ("sparse_hetconv.counting", 5), ("sparse_hetconv.fuse", 5),
     ("sparse_hetconv.flop_tools", 5), ("sparse_hetconv.models", 5), ("sparse_hetconv.shifted", 5),
-    ("sparse_hetconv.permutation", 5),
+    ("sparse_hetconv.permutation", 5), ("sparse_hetconv.probing", 5),
     ("sparse_hetconv.checkpoint", 6), ("sparse_hetconv.submanifold", 6),
     ("sparse_hetconv.profiling", 7), ("sparse_hetconv.cifar", 7), ("sparse_hetconv.deploy", 7),
     ("sparse_hetconv.cli", 8), ("sparse_hetconv.__main__", 8),

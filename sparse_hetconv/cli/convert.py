@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         description="Read a checkpoint (a state_dict, bare or wrapped under 'state_dict', 'model', 'net', ...; "
                     "keys with or without DataParallel's 'module.' prefix; loaded with torch.load(weights_only=True)), "
                     "load it into the model it belongs to, convert every HetConv layer exactly (shifted-pattern "
-                    "layers included), check the result against the source model on a random batch and write the "
+                    "layers included, and the modules named by --probe, read from their responses), check the "
+                    "result against the source model on a random batch and write the "
                     "sparse model's state_dict in the checkpoint's dtype. Load it with "
                     "sparse_hetconv.checkpoint.load_model(OUT, MODEL, model_kwargs=...). See docs/conversion.md.")
     parser.add_argument("source", metavar="IN", help="the checkpoint (.pt / .pth)")
@@ -31,6 +32,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="convert a checkpoint holding inf or NaN (with a warning) instead of refusing it")
+    parser.add_argument("--probe", metavar="TARGET[,KEY=INT...]", action="append", default=[],
+                        help="convert these modules by probing (any code that computes a HetConv up to a channel "
+                             "permutation): a class as package.module:Class or a module path such as features.3, "
+                             "optionally with in_channels, kernel_size, stride or part, e.g. "
+                             "mynets:BranchHetConv,stride=2; repeatable")
     parser.set_defaults(func=run)
 
 
@@ -57,6 +63,26 @@ def model_kwargs(text: str | None, pairs: list[str]) -> dict:
     return kwargs
 
 
+def probes(texts: list[str]) -> list:
+    """``--probe`` values as :class:`~sparse_hetconv.probing.Probe` objects."""
+    from ..probing import Probe
+
+    settings = ("in_channels", "kernel_size", "stride", "part")
+    found = []
+    for text in texts:
+        target, *pairs = text.split(",")
+        kwargs = {}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key not in settings:
+                raise ValueError(f"--probe ({text!r}): unknown setting {key!r}; expected {', '.join(settings)}")
+            if not value.lstrip("-").isdigit():
+                raise ValueError(f"--probe ({text!r}): {key} must be an int, got {value!r}")
+            kwargs[key] = int(value)
+        found.append(Probe(target, **kwargs))
+    return found
+
+
 def input_size(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
@@ -73,6 +99,7 @@ def run(args) -> int:
         sys.path.insert(0, os.getcwd())
     report = convert_checkpoint(args.source, args.target, model=args.model, force=args.force,
                                 model_kwargs=model_kwargs(args.model_kwargs, args.model_arg),
-                                input_size=input_size(args.input_size), allow_nonfinite=args.allow_nonfinite)
+                                input_size=input_size(args.input_size), allow_nonfinite=args.allow_nonfinite,
+                                probe=probes(args.probe) or None)
     print(report)
     return 0
