@@ -111,6 +111,29 @@ struct V {
     out[3] = _mm512_castpd_ps(_mm512_permutex2var_pd(h01, hi64, h23));
   }
   static constexpr bool has_interleave = true;
+  // r[i] = row i of a 16 x 16 tile -> r[i] = column i.
+  static inline void transpose(t* r) {
+    t a[16];
+    for (int i = 0; i < 16; i += 2) {
+      a[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      a[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+      for (int k = 0; k < 2; ++k) {
+        const __m512d x = _mm512_castps_pd(a[i + k]), y = _mm512_castps_pd(a[i + k + 2]);
+        r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+        r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+      }
+    for (int i = 0; i < 16; i += 8)
+      for (int k = 0; k < 4; ++k) {
+        a[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+        a[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+      }
+    for (int k = 0; k < 8; ++k) {
+      r[k] = _mm512_shuffle_f32x4(a[k], a[k + 8], 0x88);
+      r[k + 8] = _mm512_shuffle_f32x4(a[k], a[k + 8], 0xdd);
+    }
+  }
   static inline m lanes(int lo, int hi) {  // lanes [lo, hi) of [0, L)
     lo = std::max(lo, 0);
     hi = std::min(hi, L);
@@ -146,6 +169,24 @@ struct V {
   static inline t gather(const float* base, idx i) { return _mm256_i32gather_ps(base, i, 4); }
   static inline void interleave(const t*, int, t*) {}
   static constexpr bool has_interleave = false;
+  // r[i] = row i of an 8 x 8 tile -> r[i] = column i.
+  static inline void transpose(t* r) {
+    t a[8], b[8];
+    for (int i = 0; i < 8; i += 2) {
+      a[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      a[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      b[i] = _mm256_shuffle_ps(a[i], a[i + 2], 0x44);
+      b[i + 1] = _mm256_shuffle_ps(a[i], a[i + 2], 0xEE);
+      b[i + 2] = _mm256_shuffle_ps(a[i + 1], a[i + 3], 0x44);
+      b[i + 3] = _mm256_shuffle_ps(a[i + 1], a[i + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+      r[k] = _mm256_permute2f128_ps(b[k], b[k + 4], 0x20);
+      r[k + 4] = _mm256_permute2f128_ps(b[k], b[k + 4], 0x31);
+    }
+  }
   static inline m lanes(int lo, int hi) {
     alignas(32) int32_t v[8];
     for (int i = 0; i < 8; ++i) v[i] = (i >= lo && i < hi) ? -1 : 0;
@@ -328,6 +369,44 @@ Weights read_weights(const float* wk, const int64_t* sk, const float* w1, const 
 void fill_centre(const Weights& w, bool transposed, const int64_t* filter, int64_t width, float* dst, int64_t ld) {
   const int64_t M = w.M, N = w.N, m = M / w.P, n = N / w.P, centre = w.toff(w.centre);
   const int64_t s1 = w.s1[1], sk1 = w.sk[1];
+  if (!transposed && s1 == 1 && (sk1 == 1 || m == 1)) {
+    // Channel runs are contiguous in the weights: VL lanes x VL channels at a time, each lane's run
+    // loaded as a vector (or gathered where it straddles its block's edge), transposed in registers.
+    alignas(64) float tmp[V::L];
+    for (int64_t l0 = 0; l0 < width; l0 += V::L)
+      for (int64_t c0 = 0; c0 < M; c0 += V::L) {
+        const int nc = (int)std::min<int64_t>(V::L, M - c0);
+        vec rows[V::L];
+        for (int l = 0; l < V::L; ++l) {
+          const int64_t j = l0 + l < width ? filter[l0 + l] : -1;
+          if (j < 0) {
+            rows[l] = V::zero();
+            continue;
+          }
+          const int64_t lo = (j / n) * m;
+          const float* r1 = w.w1 + j * w.s1[0];
+          const float* k1 = w.wk + j * w.sk[0] + centre;
+          const vmask k = V::lanes(0, nc);
+          if (c0 + nc <= lo) {
+            rows[l] = V::loadm(r1 + c0, k);
+          } else if (c0 >= lo && c0 + nc <= lo + m) {
+            rows[l] = V::loadm(k1 + (c0 - lo), k);
+          } else if (c0 >= lo + m) {
+            rows[l] = V::loadm(r1 + (c0 - m), k);
+          } else {
+            for (int i = 0; i < V::L; ++i) {
+              const int64_t c = c0 + i;
+              tmp[i] = i >= nc ? 0.f : c < lo ? r1[c] : c < lo + m ? k1[c - lo] : r1[c - m];
+            }
+            rows[l] = V::load(tmp);
+          }
+        }
+        V::transpose(rows);
+        const vmask lanes = V::lanes(0, (int)std::min<int64_t>(V::L, width - l0));
+        for (int i = 0; i < nc; ++i) V::storem(dst + (c0 + i) * ld + l0, rows[i], lanes);
+      }
+    return;
+  }
   if (!transposed) {
     for (int64_t c0 = 0; c0 < M; c0 += 16) {
       const int64_t c1 = std::min<int64_t>(M, c0 + 16);
@@ -343,11 +422,22 @@ void fill_centre(const Weights& w, bool transposed, const int64_t* filter, int64
     }
     return;
   }
+  bool consecutive = width > 0 && filter[0] >= 0;
+  for (int64_t l = 1; l < width && consecutive; ++l) consecutive = filter[l] == filter[0] + l;
   for (int64_t jf = 0; jf < N; ++jf) {
     float* row = dst + jf * ld;
     const int64_t lo = (jf / n) * m;
     const float* k1 = w.wk + jf * w.sk[0] + centre;
     const float* r1 = w.w1 + jf * w.s1[0];
+    const int64_t c0 = filter[0];
+    if (s1 == 1 && (sk1 == 1 || m == 1) && consecutive) {
+      // consecutive channels: at most three contiguous runs (before, inside, after the block)
+      const int64_t c1 = c0 + width, a = std::min(c1, std::max(c0, lo)), b = std::min(c1, std::max(c0, lo + m));
+      if (a > c0) std::memcpy(row, r1 + c0, sizeof(float) * (a - c0));
+      if (b > a) std::memcpy(row + (a - c0), k1 + (a - lo), sizeof(float) * (b - a));
+      if (c1 > b) std::memcpy(row + (b - c0), r1 + (b - m), sizeof(float) * (c1 - b));
+      continue;
+    }
     for (int64_t l = 0; l < width; ++l) {
       const int64_t c = filter[l];
       if (c < 0) continue;
@@ -367,8 +457,9 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
   pfor_dynamic((int64_t)chunks.size(), nthreads, [&](int64_t q) {
     const Chunk& ch = chunks[q];
     float* dst = out + ch.offset;
-    std::memset(dst, 0, sizeof(float) * ch.rows * NR);
     const int64_t width = ch.j1 - ch.j0, gm = geo.m(), gn = geo.n();
+    // Lanes no filter of the chunk fills (a partial chunk, or another group's side taps) hold zeros.
+    if (width < NR || (geo.side && ch.G > 1)) std::memset(dst, 0, sizeof(float) * ch.rows * NR);
     float* side = dst + (geo.centre ? geo.Cin * NR : 0);
     if (geo.centre) {
       Array<int64_t> filter(width);
@@ -379,7 +470,24 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
     for (int64_t gi = 0; gi < ch.G; ++gi) {
       const int64_t g = ch.g0 + gi, l0 = std::max<int64_t>(0, g * gn - ch.j0), l1 = std::min(width, (g + 1) * gn - ch.j0);
       for (int64_t s = 0; s < ntaps; ++s) {
-        if (!transposed) {
+        if (!transposed && (w.sk[1] == 1 || m == 1)) {
+          // Each lane's channels are contiguous at a tap: VL x VL tiles transposed in registers.
+          const int64_t tk = w.toff(taps[s]);
+          float* rows0 = side + (gi * ntaps + s) * m * NR;
+          for (int64_t b0 = l0 - l0 % V::L; b0 < l1; b0 += V::L)
+            for (int64_t c0 = 0; c0 < m; c0 += V::L) {
+              const int nc = (int)std::min<int64_t>(V::L, m - c0);
+              vec rows[V::L];
+              for (int l = 0; l < V::L; ++l) {
+                const int64_t lane = b0 + l;
+                rows[l] = lane < l0 || lane >= l1 ? V::zero()
+                                                  : V::loadm(w.wk + (ch.j0 + lane) * w.sk[0] + c0 + tk, V::lanes(0, nc));
+              }
+              V::transpose(rows);
+              const vmask lanes = V::lanes((int)(l0 - b0), (int)(l1 - b0));
+              for (int i = 0; i < nc; ++i) V::storem(rows0 + (c0 + i) * NR + b0, rows[i], lanes);
+            }
+        } else if (!transposed) {
           const int64_t tk = w.toff(taps[s]);
           for (int64_t c = 0; c < m; ++c) {
             float* row = side + ((gi * ntaps + s) * m + c) * NR;
@@ -391,6 +499,10 @@ void pack(const Weights& w, const Geo& geo, int NR, bool transposed, float* out,
           for (int64_t jj = 0; jj < gm; ++jj) {
             float* row = side + ((gi * ntaps + s) * gm + jj) * NR;
             const float* k = w.wk + (g * n + jj) * w.sk[0] + tk;
+            if (w.sk[1] == 1) {
+              std::memcpy(row + l0, k + (ch.j0 + l0 - g * m), sizeof(float) * (l1 - l0));
+              continue;
+            }
             for (int64_t l = l0; l < l1; ++l) row[l] = k[(ch.j0 + l - g * m) * w.sk[1]];
           }
         }
@@ -1007,6 +1119,140 @@ bool all_finite(const float* p, int64_t n) {
   return V::sum(V::add(V::add(a0, a1), V::add(a2, a3))) + rest == 0.f;
 }
 
+// ---- CT: the side taps' weight gradient with lanes over input channels ---------------------------
+
+// For groups of at least half a vector of input channels the side taps' weight gradient is
+// computed with lanes over a group's channels c' (read as one vector from a tap's input row),
+// filters and taps along the registers: a tile of F filters x T taps accumulates, per output pixel,
+// F broadcasts of dy times T vector loads of x (one per tap), F*T FMAs -- against NV loads and R
+// broadcasts for R*NV FMAs with lanes over filters, which leaves narrow groups (one vector of
+// filters) broadcast-bound.
+constexpr int CT_F = V::L == 16 ? 3 : 2;  // filters per tile: F*T + F + 1 registers
+constexpr int CT_T = V::L == 16 ? 8 : 6;  // taps per tile
+
+template <int F, int T>
+void ct_tile(const float* const* tab, int64_t ld, const int* rows, int64_t off, int64_t np, const float* dy,
+             int64_t ldd, vmask k, float* out, int64_t ldf) {
+  vec acc[F][T];
+  for (int f = 0; f < F; ++f)
+    for (int t = 0; t < T; ++t) acc[f][t] = V::zero();
+  const float* const* tr[T];
+  for (int t = 0; t < T; ++t) tr[t] = tab + rows[t] * ld;
+  int64_t i = 0;
+  do {
+    const float* d = dy + i * ldd;
+    vec b[F];
+    for (int f = 0; f < F; ++f) b[f] = V::set1(d[f]);
+    for (int t = 0; t < T; ++t) {
+      const vec xv = V::loadm(tr[t][i] + off, k);
+      for (int f = 0; f < F; ++f) acc[f][t] = V::fma(b[f], xv, acc[f][t]);
+    }
+  } while (++i < np);
+  // out[f * ldf + t * VL + lane]: filter f, side tap t, added to what is there
+  for (int f = 0; f < F; ++f)
+    for (int t = 0; t < T; ++t) {
+      float* o = out + f * ldf + (int64_t)t * V::L;
+      V::store(o, V::add(V::load(o), acc[f][t]));
+    }
+}
+
+typedef void (*ct_fn)(const float* const*, int64_t, const int*, int64_t, int64_t, const float*, int64_t, vmask,
+                      float*, int64_t);
+
+template <int F, int T = 1>
+ct_fn ct_pick_t(int t) {
+  if constexpr (T > CT_T) {
+    return nullptr;
+  } else {
+    return t == T ? ct_tile<F, T> : ct_pick_t<F, T + 1>(t);
+  }
+}
+
+ct_fn ct_kernel(int f, int t) {
+  switch (f) {
+    case 1: return ct_pick_t<1>(t);
+    case 2: return ct_pick_t<2>(t);
+#if defined(SHC_AVX512)
+    case 3: return ct_pick_t<3>(t);
+#endif
+  }
+  return nullptr;
+}
+
+// Whether the side taps' weight gradient of layer `g` runs with lanes over channels: groups of at
+// least half a vector of input channels (the lanes of a partial last vector are masked).
+int ct_applies(const int64_t* g) {
+  const Geo geo = read_geo(g);
+  return geo.T() > 1 && 2 * geo.m() >= V::L;
+}
+
+// gk[j][c'][t] (N x m x T, contiguous) for the side taps t of layer `g` (the forward layer); the
+// centre taps are left alone. `work`: nthreads * N * ((T - 1 + CT_T - 1) / CT_T * CT_T) * m' floats,
+// m' = m rounded up to whole vectors (ct_work_floats).
+int64_t ct_work_floats(const int64_t* g, int nthreads) {
+  const Geo geo = read_geo(g);
+  const int64_t ntaps = geo.T() - 1, blocks = (ntaps + CT_T - 1) / CT_T, cv = (geo.m() + V::L - 1) / V::L;
+  return (int64_t)nthreads * geo.Cout * blocks * CT_T * cv * V::L;
+}
+
+void ct_wgrad(const float* x, const float* dy, float* gk, const int64_t* g, int64_t pp, float* work, int nthreads) {
+  const Geo geo = read_geo(g);
+  const auto taps = side_taps(geo);
+  const int64_t L = geo.pixels(), T = geo.T(), N = geo.Cout, m = geo.m(), n = geo.n(), ntaps = (int64_t)taps.size();
+  const int64_t blocks = (ntaps + CT_T - 1) / CT_T, cv = (m + V::L - 1) / V::L;
+  // Per thread: out[j][block][cv][CT_T][VL] (a tile's CT_T taps side by side, per vector of channels).
+  const int64_t per_filter = blocks * cv * CT_T * V::L, total = N * per_filter;
+  if (L == 0) {
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t c = 0; c < m; ++c)
+        for (int64_t t : taps) gk[(j * m + c) * T + t] = 0.f;
+    return;
+  }
+  pp = std::max<int64_t>(1, std::min<int64_t>(pp, L));
+  const int64_t npanel = (L + pp - 1) / pp;
+  const int nt = threads_for(npanel, nthreads);
+  Array<int> rows(blocks * CT_T, 0);
+  for (int64_t t = 0; t < ntaps; ++t) rows[t] = (int)(t + 1);  // table rows: 0 the centre, then the side taps
+  const int fmax = CT_F;
+  tasks(nt, [&](int64_t tid) {
+    float* mine = work + total * tid;
+    std::memset(mine, 0, sizeof(float) * total);
+    Array<float> zeros(geo.Cin + V::L, 0.f);
+    Array<const float*> tab(T * pp);
+    int64_t lo, hi;
+    slice(tid, nt, npanel, lo, hi);
+    for (int64_t panel = lo; panel < hi; ++panel) {
+      const int64_t p0 = panel * pp, np = std::min(pp, L - p0);
+      fill_table(geo, x, zeros.data(), p0, np, taps, tab.data(), pp);
+      for (int64_t grp = 0; grp < geo.P; ++grp)
+        for (int64_t j0 = grp * n; j0 < (grp + 1) * n; j0 += fmax) {
+          const int f = (int)std::min<int64_t>(fmax, (grp + 1) * n - j0);
+          for (int64_t b = 0; b < blocks; ++b) {
+            const int t = (int)std::min<int64_t>(CT_T, ntaps - b * CT_T);
+            const ct_fn fn = checked(ct_kernel(f, t), "channel-lane weight-gradient tile");
+            for (int64_t v = 0; v < cv; ++v) {
+              const vmask k = V::lanes(0, (int)(m - v * V::L));
+              fn(tab.data(), pp, rows.data() + b * CT_T, grp * m + v * V::L, np, dy + p0 * N + j0, N, k,
+                 mine + j0 * per_filter + (b * cv + v) * CT_T * V::L, per_filter);
+            }
+          }
+        }
+    }
+  });
+  // Sum the threads' partials and lay them out as gk[j][c'][t].
+  pfor(N, nthreads, [&](int64_t j) {
+    for (int64_t t = 0; t < ntaps; ++t) {
+      const int64_t b = t / CT_T, tt = t % CT_T;
+      for (int64_t c = 0; c < m; ++c) {
+        const int64_t at = j * per_filter + ((b * cv + c / V::L) * CT_T + tt) * V::L + c % V::L;
+        float s = 0.f;
+        for (int w = 0; w < nt; ++w) s += work[total * w + at];
+        gk[(j * m + c) * T + taps[t]] = s;
+      }
+    }
+  });
+}
+
 // ---- the entry points (reached through the table at the end) -----------------------------------
 
 // ---- OV ----------------------------------------------------------------------------------------
@@ -1527,7 +1773,8 @@ const shc::KernelTable* SHC_TABLE(shc::ParallelFn parallel, shc::FailFn fail) {
       V::L,          all_finite,      panel_floats_of,  pack_panels,     forward,        wgrad_needs_work,
       wgrad,         unpack_side,     unpack_centre,    direct_applies,  direct_panel_floats,
       direct_pack,   direct_forward,  dot_forward,      gv_transpose,    gv_pack,        gvo_panel_floats,
-      gvo_pack,      gvo_forward,     gv_wgrad,         gv_unpack,
+      gvo_pack,      gvo_forward,     gv_wgrad,         gv_unpack,      ct_applies,     ct_work_floats,
+      ct_wgrad,
   };
   return &table;
 }

@@ -55,6 +55,11 @@ struct KernelTable {
   void (*gv_wgrad)(const float* xt, const float* dyt, float* gkt, const int64_t* g, int64_t pp, float* work,
                    int nthreads);
   void (*gv_unpack)(const float* gkt, const int64_t* g, float* gk);
+  // CT: the side taps' weight gradient with lanes over a group's input channels.
+  int (*ct_applies)(const int64_t* g);
+  int64_t (*ct_work_floats)(const int64_t* g, int nthreads);
+  void (*ct_wgrad)(const float* x, const float* dy, float* gk, const int64_t* g, int64_t pp, float* work,
+                   int nthreads);
 };
 
 }  // namespace shc

@@ -145,6 +145,9 @@ def test_matches_the_oracle_forward_and_backward(isa, case):
     # direct (rows of >= 8 pixels at stride 1): groups of 8 / 16 / 32 filters, pairs of groups, k = 5
     (32, 64, 4, (3, 9), 3), (48, 48, 3, (4, 17), 3), (64, 128, 4, (2, 11), 3), (16, 64, 2, (5, 8), 5),
     (64, 64, 4, (9, 13), 5),
+    # the side taps' weight gradient with lanes over channels: whole vectors, a masked last vector
+    # with filters left over after tiles of three (or two) and 24 taps in blocks, a half vector
+    (64, 64, 4, (6, 6), 3), (96, 40, 4, (5, 5), 5), (64, 64, 8, (4, 5), 3),
 ])
 def test_each_tiling_matches_the_oracle(isa, case):
     M, N, P, size, k = case
