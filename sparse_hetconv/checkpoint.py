@@ -162,7 +162,7 @@ def infer_form(state_dict: dict[str, Tensor], path: str | Path = "state_dict") -
 
 def _part(path, key: str, weight: Tensor, channels: int | None) -> int:
     block = weight.shape[1] if weight.dim() >= 2 else 0
-    if channels is None or block < 1 or channels % block:
+    if channels is None or block < 1 or channels % block or channels < block:
         raise ValueError(f"{path}: cannot read the HetConv part from '{key}' of shape {tuple(weight.shape)}: expected "
                          f"(N, M/P, k, k) beside a 1x1 weight over M input channels (M = {channels})")
     return channels // block
@@ -409,7 +409,8 @@ def _load_registered(path, model: str, state: dict[str, Tensor], kwargs: dict) -
     try:
         net = create_model(model, **kwargs)
     except ValueError as error:
-        raise ValueError(f"{path} does not fit {model}: its HetConv layers have part {part} ({error})") from error
+        raise ValueError(f"{model} with arguments {kwargs} (part and form read from {path}) cannot be built: "
+                         f"{error}") from error
     head = _last_linear(net)
     classes = state.get(f"{head}.weight") if head else None
     num_classes = int(classes.shape[0]) if isinstance(classes, Tensor) and classes.dim() == 2 else None
@@ -489,17 +490,23 @@ def _input_size(net: nn.Module, input_size) -> tuple[int, ...]:
     return (first.in_channels,) + (32, 32) if isinstance(first, nn.Conv2d) else (first.in_channels, 16, 16, 16)
 
 
+def _outputs_on(x: Tensor, model: str, *nets: nn.Module) -> list[Tensor]:
+    """Each model's output on ``x`` (no grad), or a ValueError naming the input's shape when the
+    user's model cannot take it (wrong channels, too small)."""
+    try:
+        with torch.no_grad():
+            return [net(x) for net in nets]
+    except Exception as error:  # the user's model on an input of the wrong size
+        raise ValueError(f"model {model} failed on a random input of shape {tuple(x.shape)} "
+                         f"({type(error).__name__}: {error}); pass input_size (--input-size C,H,W) that it takes") \
+            from error
+
+
 def _compare(source: nn.Module, converted: nn.Module, shape: tuple[int, ...], seed: int, model: str,
              nonfinite: bool) -> tuple[float, float]:
     """Both models on one random float64 batch: ``(max |a - b|, relative difference)``."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            expected, got = source(x), converted(x)
-    except Exception as error:  # the user's model on an input of the wrong size
-        raise ValueError(f"model {model} failed on a random input of shape {tuple(shape)} "
-                         f"({type(error).__name__}: {error}); pass input_size (--input-size C,H,W)") from error
+    expected, got = _outputs_on(torch.randn(shape, generator=generator, dtype=torch.float64), model, source, converted)
     finite = torch.isfinite(expected) & torch.isfinite(got)
     diff = (got - expected).where(finite, torch.zeros((), dtype=got.dtype))
     scale = float(expected.where(finite, torch.zeros((), dtype=got.dtype)).norm())
