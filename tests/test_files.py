@@ -240,6 +240,8 @@ def test_check_output_file(tmp_path):
         check_output_file(tmp_path / "missing" / "x.json")
     with pytest.raises(IsADirectoryError, match="is a folder, expected a file name"):
         check_output_file(tmp_path)
+    with pytest.raises(NotADirectoryError, match="is a file, expected the folder of the output file: '.*old.json'"):
+        check_output_file(tmp_path / "old.json" / "x.json")  # was "the folder ... does not exist"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.json"], "the checks must leave nothing behind"
 
 
