@@ -95,3 +95,26 @@ def test_latency_vs_part_rows_carry_what_the_verdicts_need():
     macs = {r["form"]: r["useful_macs"] for r in net}
     assert macs["sparse_cl"] == count_macs(profiling.vgg_training_step(part=4)["model"], (1, 3, 32, 32), norm=False)
     assert macs["standard_cl"] == count_macs(profiling.vgg_training_step(part=1)["model"], (1, 3, 32, 32), norm=False)
+
+
+def test_memory_vs_part_has_the_standard_baseline_and_a_resident_range(monkeypatch):
+    from sparse_hetconv import count_params
+    from sparse_hetconv.models import vgg16_cifar
+    from sparse_hetconv.profiling import compare
+
+    rows = profiling.memory_vs_part((4,), batch=2, forms=("standard", "sparse"), peak=False)
+    assert [(r["part"], r["form"]) for r in rows] == [(1, "standard"), (4, "sparse")], rows
+    assert rows[0]["training"] == 12 * count_params(vgg16_cifar(part=1)), "float32 params + grads + momentum"
+    runs = iter([300, 100, 200])  # three fresh processes' resident peaks (each one costs seconds)
+    calls = []
+
+    def fake_peak(kwargs):
+        calls.append(kwargs)
+        return {"peak_bytes": next(runs), "tensor_peak_bytes": 42}
+
+    monkeypatch.setattr(compare, "peak_training_memory", fake_peak)
+    [row] = profiling.memory_vs_part((4,), batch=2, forms=("standard",), repeats=3)
+    assert calls == [{"part": 1, "form": "sparse", "batch": 2}] * 3, calls
+    assert (row["peak_bytes"], row["peak_min_bytes"], row["peak_max_bytes"], row["peak_runs"]) == (200, 100, 300, 3)
+    with pytest.raises(ValueError, match=r"forms \['dense'\] are not known"):
+        profiling.memory_vs_part((4,), forms=("dense",))
