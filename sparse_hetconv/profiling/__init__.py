@@ -9,10 +9,10 @@ the tensors live there, interleave the variants being compared and report median
 * :mod:`.memory`: :func:`parameter_bytes`, :func:`state_bytes`, :func:`tensor_peak_bytes`,
   :func:`peak_training_memory`.
 * :mod:`.malloc`: :func:`pin_mmap_threshold`, :func:`mmap_threshold_pinned`.
-* :mod:`.machine`: :func:`machine_info`, :func:`cpu_isa`.
+* :mod:`.machine`: :func:`machine_info`, :func:`cpu_isa`, :func:`sgemm_gflops`.
 * :mod:`.compare`: :func:`latency_vs_part`, :func:`memory_vs_part`, :func:`vgg_training_step`.
-* :mod:`.verdict`: :func:`speedup`, :func:`speedup_text`, :func:`flag_implausible` (is it faster,
-  with its spread; can the timing be real).
+* :mod:`.verdict`: :func:`speedup`, :func:`speedup_text`, :func:`flag_implausible`,
+  :func:`busy_machine` (is it faster, with its spread; can the timing be real; is the machine quiet).
 """
 
 from .compare import latency_vs_part, memory_vs_part, vgg_training_step
@@ -20,11 +20,12 @@ from .machine import cpu_isa, machine_info, sgemm_gflops
 from .malloc import MMAP_THRESHOLD, TRIM_THRESHOLD, mmap_threshold_pinned, pin_mmap_threshold
 from .memory import parameter_bytes, peak_training_memory, state_bytes, tensor_peak_bytes
 from .timing import interleaved_latency, measure_latency
-from .verdict import flag_implausible, speedup, speedup_text
+from .verdict import busy_machine, flag_implausible, speedup, speedup_text
 
 __all__ = [
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
+    "busy_machine",
     "cpu_isa",
     "flag_implausible",
     "interleaved_latency",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 
-__all__ = ["IDEAL_FLOOR", "PEAK_MARGIN", "flag_implausible", "speedup", "speedup_text"]
+__all__ = ["IDEAL_FLOOR", "PEAK_MARGIN", "busy_machine", "flag_implausible", "speedup", "speedup_text"]
 
 #: A time under this fraction of its FLOP-ideal is flagged: the layer would compute its useful
 #: MACs at more than 1 / IDEAL_FLOOR times the FLOP rate of the standard convolution timed beside
@@ -104,3 +104,14 @@ def flag_implausible(rows: list[dict], peak_gflops: float | None = None, floor: 
                                f"float32 peak ({peak_gflops:.0f} GFLOP/s)")
         row["implausible"] = "; ".join(reasons) or None
     return [row for row in rows if row["implausible"]]
+
+
+def busy_machine(info: Mapping) -> str | None:
+    """A warning when other work competes for the cores (``info``: :func:`machine_info`): a load
+    average above the core count makes every multi-threaded timing wait for descheduled threads
+    (measured: VGG-16 at batch 1 took 540 ms with 2 threads and 15 ms with 1 on 2 cores at load 8)."""
+    load, cores = info.get("load_average"), info.get("cores")
+    if load is None or not cores or load <= cores:
+        return None
+    return (f"this machine is busy (load average {load:.1f} on {cores} cores): the timings below wait for other "
+            "work and are not representative; rerun on a quiet machine")

@@ -118,3 +118,13 @@ def test_memory_vs_part_has_the_standard_baseline_and_a_resident_range(monkeypat
     assert (row["peak_bytes"], row["peak_min_bytes"], row["peak_max_bytes"], row["peak_runs"]) == (200, 100, 300, 3)
     with pytest.raises(ValueError, match=r"forms \['dense'\] are not known"):
         profiling.memory_vs_part((4,), forms=("dense",))
+
+
+def test_busy_machine_warns_above_one_process_per_core():
+    assert profiling.busy_machine({"load_average": 8.5, "cores": 2}) == (
+        "this machine is busy (load average 8.5 on 2 cores): the timings below wait for other work and are not "
+        "representative; rerun on a quiet machine")
+    assert profiling.busy_machine({"load_average": 1.5, "cores": 2}) is None
+    assert profiling.busy_machine({"load_average": None, "cores": 2}) is None, "no load average (not POSIX)"
+    info = profiling.machine_info()
+    assert info["load_average"] is None or info["load_average"] >= 0, info
