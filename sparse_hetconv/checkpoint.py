@@ -68,11 +68,7 @@ def read_checkpoint(path: str | Path) -> object:
             which are never loaded); the message names the file and gives the reason, not torch's
             advice to load the file unsafely.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", str(path))
+    path = _existing_file(path)
     with open(path, "rb") as file:  # the file system's errors (permissions, I/O) name the file
         head = file.read(8)
     try:
@@ -81,6 +77,15 @@ def read_checkpoint(path: str | Path) -> object:
         if isinstance(error, OSError) and error.filename is not None:
             raise
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(error, head)})") from error
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", str(path))
+    return path
 
 
 # torch.load's advice around the reason of a weights-only failure (to load the file unsafely, to
@@ -352,7 +357,8 @@ def _factory_model(net: nn.Module, state: dict[str, Tensor], path, model: str) -
     except ValueError as error:
         as_source = error
     hint = ("; a checkpoint loads into the model the factory builds, hetconvify(factory(), ...) of it or either "
-            "converted to the sparse form (sparse-hetconv convert): pass the factory and model_kwargs it was saved with")
+            "converted to the sparse form (sparse-hetconv convert): pass the factory and model_kwargs it was saved "
+            "with")
     replaced = _hetconvify_as_saved(net, state, path)
     try:
         if replaced is not None:
@@ -565,8 +571,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch" else 0):
             raise ValueError(f"{name} ({value!r}) must be an int >= {1 if name == 'batch' else 0}")
     kwargs = _check_kwargs(model_kwargs)
-    if not source.is_file():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    _existing_file(source)
     check_output_file(target, force)  # before any work
     factory = resolve_model(model)
     state = state_dict_of(read_checkpoint(source), source)

@@ -176,8 +176,10 @@ def test_existing_output_needs_force(masked, tmp_path, capsys):
 
 
 def test_missing_paths(masked, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="checkpoint does not exist: '.*nope.pt'"):
         convert_checkpoint(tmp_path / "nope.pt", tmp_path / "out.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder, expected a checkpoint file"):  # was "does not exist"
+        convert_checkpoint(tmp_path, tmp_path / "out.pt")
     torch.save(masked.state_dict(), tmp_path / "in.pt")
     with pytest.raises(FileNotFoundError, match="folder of this output file does not exist"):
         convert_checkpoint(tmp_path / "in.pt", tmp_path / "no" / "out.pt")

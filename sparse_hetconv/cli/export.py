@@ -87,14 +87,12 @@ def run(args) -> int:
     import torch
 
     from .._files import check_output_file
-    from ..checkpoint import _input_size, _outputs_on, load_model
+    from ..checkpoint import _existing_file, _input_size, _outputs_on, load_model
     from ..deploy import calibration_batches, onnx_export
 
     out = check_output_file(args.out, args.force)
     _check_options(args)
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(2, "no such checkpoint file" if not Path(args.checkpoint).exists()
-                                else "is not a file", args.checkpoint)
+    _existing_file(args.checkpoint)
     _check_runtime(args)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -78,10 +78,11 @@ def test_int8_pt2_is_compared_with_the_float_model(checkpoint, tmp_path, capsys)
                                              r"m.pt2 or pass --format onnx"),
     (["--out", "m.pt2", "--format", "onnx"], r"--out \(.*m.pt2\) ends in '.pt2' but --format is onnx"),
     (["--out", "m.bin"], r"--out \(.*m.bin\) must end in .onnx or .pt2"),
-    (["--out", "m.pt2", "--runtime", "openvino"], r"--runtime is only read with --format onnx \(the format here is pt2\)"),
+    (["--out", "m.pt2", "--runtime", "openvino"], r"--runtime is only read with --format onnx \(the format here is "
+                                                  r"pt2\)"),
     (["--out", "m.onnx", "--input-size", "1,16,16"], r"model models:small_net failed on a random input of shape "
                                                      r"\(2, 1, 16, 16\) \(RuntimeError: .*\); pass input_size "
-                                                     r"\(--input-size C,H,W\) that it takes"),  # was a 47-line traceback
+                                                     r"\(--input-size C,H,W\) that it takes"),  # was a traceback
     (["--out", "m.onnx", "--input-size", "3,0,16"], r"--input-size \(3,0,16\) must be C,H,W \(or C,D,H,W\): "
                                                     r"comma-separated ints >= 1"),
     (["--out", "m.onnx", "--input-size", "3,16,16,16"], r"--input-size \(3,16,16,16\) must be C,H,W \(export "
@@ -150,7 +151,10 @@ def test_user_mistakes_are_one_line_and_write_nothing(checkpoint, tmp_path, caps
     assert "calibration images have shape (3, 8, 8)" in _one_error_line(capsys.readouterr().err)
     assert not out.exists()
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(out), *FACTORY]) == 2
-    assert "no such checkpoint file" in _one_error_line(capsys.readouterr().err)
+    assert _one_error_line(capsys.readouterr().err).endswith(f"{tmp_path / 'missing.pt'}: checkpoint does not exist")
+    assert main(["export", str(tmp_path / "wrong"), "--out", str(out), *FACTORY]) == 2
+    assert _one_error_line(capsys.readouterr().err).endswith(f"{tmp_path / 'wrong'}: is a folder, expected a checkpoint "
+                                                             "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "wrong"]
 
 
