@@ -157,12 +157,12 @@ def _pt2(net, out: Path, size, args, torch) -> str:
     model = quantize(net, args.calibration, input_size=size) if args.int8 else export_form(net)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     with torch.no_grad():
-        got, exported_from, float32 = program.module()(example), model(example), net(example)
-    # The check: the program computes what it was exported from (for int8, the quantized model).
-    if not _difference(got, exported_from) <= TOLERANCE:
-        raise ValueError(f"the exported program computes differently from the model it was exported from: largest "
-                         f"difference {_difference(got, exported_from):.3g} of the output's magnitude; nothing was "
-                         f"written to {out}")
+        got, float32 = program.module()(example), net(example)
+        reference = model(example) if args.int8 else float32  # int8: the quantized model it was exported from
+    if not _difference(got, reference) <= TOLERANCE:
+        raise ValueError(f"the exported program computes differently from the {'quantized' if args.int8 else 'float32'}"
+                         f" model: largest difference {_difference(got, reference):.3g} of the output's magnitude; "
+                         f"nothing was written to {out}")
     atomic_write(out, lambda file: torch.export.save(program, file))
     against = f"largest difference to the float32 model {_difference(got, float32):.1e} of the output's magnitude"
     if not args.int8:
