@@ -371,7 +371,7 @@ def _factory_model(net: nn.Module, state: dict[str, Tensor], path, model: str) -
     return converted, "sparse"
 
 
-_HETCONV_KEYS = {"weight_kxk": ("sparse", "weight_1x1"), "gwc.weight": ("masked", "pwc.weight")}
+_HETCONV_KEYS = {"weight_kxk": "sparse", "gwc.weight": "masked"}  # the k x k weight's key in each form
 
 
 def _hetconvify_as_saved(net: nn.Module, state: dict[str, Tensor], path) -> tuple[nn.Module, str] | None:
@@ -386,7 +386,7 @@ def _hetconvify_as_saved(net: nn.Module, state: dict[str, Tensor], path) -> tupl
         groups: dict[tuple[int, str], set[str]] = {}
         for key, value in state.items():
             key = key[len(prefix):] if key.startswith(prefix) else None
-            for suffix, (form, _) in _HETCONV_KEYS.items():
+            for suffix, form in _HETCONV_KEYS.items():
                 layer = key[: -len(suffix) - 1] if key and key.endswith("." + suffix) else None
                 if layer in convs:
                     groups.setdefault((_part(path, key, value, convs[layer].in_channels), form), set()).add(layer)
