@@ -4,7 +4,9 @@ VGG-16 for CIFAR-10, P = 4, one 32 x 32 image, eval mode, in millions of MACs (F
 FLOPs / 2): ``count_macs`` (useful and executed), FlopCounterMode without and with autograd,
 fvcore without and with ``fvcore_handles``, ptflops without and with ``ptflops_hooks``. Counting
 only: nothing is timed, but which backend ``auto`` resolves to is measured on this machine, and
-the table depends on it. Run: ``python -m benchmarks.flop_table`` (needs the dev extra).
+the table depends on it. ptflops gets the same random input as the others (its own is uninitialised
+memory, whose inf and NaN send the masked layer down its non-finite path, which ptflops does not
+see). Run: ``python -m benchmarks.flop_table`` (needs the dev extra).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def row(form: str) -> list[float]:
         for hooks in ({}, ptflops_hooks()):
             macs, _ = ptflops.get_model_complexity_info(_build(form), size[1:], as_strings=False, verbose=False,
                                                         print_per_layer_stat=False, ost=io.StringIO(),
-                                                        custom_modules_hooks=hooks)
+                                                        custom_modules_hooks=hooks, input_constructor=lambda _: x)
             counts.append(macs)
     return [c / 1e6 for c in counts]
 
