@@ -95,6 +95,18 @@ def install() -> None:
         sys.meta_path.insert(0, _Alias())
 
 
+def renamed(module: str, names: dict[str, str]):
+    """A module ``__getattr__`` serving the old ``names`` of that module's objects (old -> new), with a warning."""
+
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        _warn(f"{module}.{name}", names[name])
+        return getattr(sys.modules[module], names[name])
+
+    return __getattr__
+
+
 def attribute(name: str):
     """The object an old top-level name stands for (warns), or raise ``AttributeError``."""
     if name not in ATTRIBUTES:

@@ -60,6 +60,19 @@ def test_renamed_methods_and_arguments_still_work():
     assert report.replaced == ["1"]
 
 
+@pytest.mark.parametrize("module, old, new", [
+    ("sparse_hetconv.training", "train_cifar", "train"), ("sparse_hetconv.training", "Cifar10", "ImageData"),
+    ("sparse_hetconv.training.trainer", "train_cifar", "train"), ("sparse_hetconv.training.data", "Cifar10", "ImageData"),
+])
+def test_names_renamed_with_the_training_package(module, old, new):
+    target = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=rf"{module}\.{old} is deprecated \(renamed\); use {new}") as caught:
+        assert getattr(target, old) is getattr(target, new)
+    assert caught[0].filename == __file__, "the warning must point at the caller"
+    with pytest.raises(AttributeError, match=f"module '{module}' has no attribute 'nothing'"):
+        target.nothing
+
+
 def test_renamed_functions_in_modules():
     from sparse_hetconv import autotune, checkpoint, convert, functional
 

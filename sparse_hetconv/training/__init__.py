@@ -8,15 +8,17 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120 (Table 1, VGG
   files, where Debian's ``dataset-fashion-mnist`` puts them), :func:`load_image_folder` (one
   sub-folder per class), :func:`load_dataset` by name; :func:`augment` and :func:`normalize`
   apply the recipe's augmentation to batches.
-* :mod:`.trainer`: :class:`TrainConfig` (the published recipe), :func:`train` (checkpoints,
-  resume, evaluation-only), :func:`train_epoch` (one epoch, for loops of one's own),
-  :func:`evaluate`, :class:`TrainResult`.
+* :mod:`.config`: :class:`TrainConfig`, the settings (the published recipe by default).
+* :mod:`.trainer`: :func:`train` (checkpoints, resume, evaluation-only), :func:`train_epoch` (one
+  epoch, for loops of one's own), :func:`evaluate`, :class:`TrainResult`.
 """
 
+from .._deprecated import renamed
 from .data import (DATASETS, FASHION_MNIST_DEFAULT, ImageData, augment, find_cifar10, find_dataset,
                    find_fashion_mnist, iterate_batches, load_cifar10, load_dataset, load_fashion_mnist,
                    load_image_folder, normalize, read_idx)
-from .trainer import TrainConfig, TrainResult, config_from_checkpoint, evaluate, train, train_epoch
+from .config import TrainConfig
+from .trainer import TrainResult, config_from_checkpoint, evaluate, train, train_epoch
 
 __all__ = [
     "DATASETS",
@@ -42,11 +44,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    renamed = {"train_cifar": "train", "Cifar10": "ImageData"}  # 0.2 names
-    if name in renamed:
-        import warnings
-
-        warnings.warn(f"{__name__}.{name} is deprecated; use {renamed[name]}", DeprecationWarning, stacklevel=2)
-        return globals()[renamed[name]]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(__name__, {"train_cifar": "train", "Cifar10": "ImageData"})  # 0.2 names

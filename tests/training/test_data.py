@@ -203,7 +203,8 @@ def test_normalize_repeats_grey_into_rgb():
 
 
 def test_find_dataset_names_the_choices(tmp_path):
-    with pytest.raises(ValueError, match=r"dataset \('mnist'\) must be one of \('cifar10', 'fashion_mnist', 'folder'\)"):
+    with pytest.raises(ValueError, match=r"dataset \('mnist'\) must be one of \('cifar10', 'fashion_mnist', "
+                                         r"'folder'\)"):
         D.find_dataset("mnist")
     with pytest.raises(ValueError, match=r"data \(None\) must be the image folder for dataset 'folder'"):
         D.find_dataset("folder")

@@ -106,6 +106,20 @@ def test_command_line_resume_reads_the_recipe(runs):
     assert (fresh.part, fresh.form, fresh.milestones) == (4, "sparse", (3, 7))
 
 
+def test_evaluate_takes_any_callable(runs):
+    """ONNX Runtime sessions and int8 programs are evaluated as functions of the normalised batch."""
+    from sparse_hetconv.training import evaluate, load_cifar10
+
+    data, model = load_cifar10(runs["root"]), runs["straight"].model
+    was_training = model.train().training
+    accuracy, logits = evaluate(model, data.test_images, data.test_labels, 7, return_logits=True)
+    assert model.training == was_training, "evaluate restores a module's train/eval flag"
+    model.eval()  # a callable is called as it is: its owner sets the mode
+    called = evaluate(lambda x: model(x) * 2, data.test_images, data.test_labels, 7, return_logits=True)
+    model.train(was_training)
+    assert called[0] == accuracy and torch.allclose(called[1], 2 * logits), "a callable is evaluated like the model"
+
+
 def test_eval_only_from_a_training_checkpoint(runs):
     result = train_cifar(data=str(runs["root"]), eval_only=True, resume=str(runs["out"] / "b" / "last.pt"),
                          progress=False)
@@ -351,7 +365,8 @@ def test_damaged_or_foreign_files_are_one_line(runs, tmp_path, capsys, option, n
         line = _stderr_line(capsys)
         assert str(path) in line, f"{name}: the message must name the file: {line}"
         if name == "bad-config" and option == "--resume":
-            assert "the checkpoint's settings are not valid (milestones must be a list or tuple of epochs, got int (5))" in line, line
+            assert "the checkpoint's settings are not valid (milestones must be a list or tuple of epochs, got " \
+                   "int (5))" in line, line
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == sorted(p.name for p in paths.values()), \
         "nothing may be written"
 
@@ -421,7 +436,8 @@ def test_a_short_sparse_run_learns_real_fashion_mnist():
     try:
         data = load_fashion_mnist().subset(train=512, test=500)
     except FileNotFoundError:
-        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DEFAULT} (apt-get install dataset-fashion-mnist)")
+        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DEFAULT} (apt-get install "
+                    "dataset-fashion-mnist)")
     torch.manual_seed(0)
     model = VGG((64, "M", 64, "M", 128, "M", 128, "M", 128, "M"), part=4, form="sparse")
     assert sum(isinstance(m, SparseHetConv2d) for m in model.modules()) == 4
