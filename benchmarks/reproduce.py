@@ -15,8 +15,8 @@ OpenVINO, int8) and must keep its accuracy within 0.5 points everywhere.
 Writes ``benchmarks/results/reproduce.json`` (one record per run; a run already there is skipped,
 so the table can be completed over several sittings), ``docs/reproduce.md`` with a plot
 (:mod:`.reproduce_report`) and executes ``notebooks/05_reproduce.ipynb``. ``--quick`` is a small
-run of every step (minutes; its own files, ``reproduce_quick.*``); ``--report-only`` regenerates the
-page and the notebook from a JSON.
+run of every step (minutes; ``results/reproduce_quick.json``, its page in ``results/tmp/``);
+``--report-only`` regenerates the page and the notebook from a JSON.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ INPUT = (3, 32, 32)
 #: two cores. "quick" runs every step on a few images, with the autotuner's cost model instead of its
 #: one-off timings (which would take most of a one-epoch run).
 RECIPES = {
-    "full": {"dataset": "fashion_mnist", "train_subset": 10000, "test_subset": None, "epochs": 8, "batch_size": 128,
-             "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [5, 7], "gamma": 0.1,
+    "full": {"dataset": "fashion_mnist", "train_subset": 12000, "test_subset": None, "epochs": 10, "batch_size": 128,
+             "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [6, 8], "gamma": 0.1,
              "crop_padding": 4, "flip": True, "calibration_images": 512, "seeds": 3, "autotune": "confirm"},
     "quick": {"dataset": "fashion_mnist", "train_subset": 256, "test_subset": 500, "epochs": 1, "batch_size": 128,
               "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [], "gamma": 0.1,
@@ -63,7 +63,8 @@ def plan(recipe: dict) -> list[tuple[int, str, int]]:
     once, then the other seeds at P = 1 and P = 4."""
     runs = [(4, "sparse", 0), (4, "masked", 0), (4, "published", 0)]
     runs += [(part, "standard" if part == 1 else "sparse", 0) for part in PARTS if part != 4]
-    runs += [(part, "standard" if part == 1 else "sparse", seed) for seed in range(1, recipe["seeds"]) for part in (1, 4)]
+    runs += [(part, "standard" if part == 1 else "sparse", seed)
+             for seed in range(1, recipe["seeds"]) for part in (1, 4)]
     return runs
 
 
@@ -80,6 +81,7 @@ def build(part: int, form: str, seed: int):
 
 def train_run(part: int, form: str, seed: int, data, recipe: dict, machine: dict, log) -> tuple[dict, torch.nn.Module]:
     """Train one run and return its record and the trained model."""
+    began_run = time.perf_counter()
     model, after_backward, counted = build(part, form, seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                                 weight_decay=recipe["weight_decay"])
@@ -105,6 +107,8 @@ def train_run(part: int, form: str, seed: int, data, recipe: dict, machine: dict
         "seconds_per_epoch": per_epoch, "images_per_s": len(data.train_labels) / per_epoch, "history": history,
         "memory_format": "NCHW" if form == "published" else "channels_last",
         "machine": machine, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_seconds": time.perf_counter() - began_run,  # building, training and testing
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # other work on the machine
     }
     log(f"  test accuracy {100 * accuracy:.2f}%, {per_epoch:.1f} s per epoch (median)")
     return record, model
@@ -116,6 +120,7 @@ def chain_check(model: torch.nn.Module, data, recipe: dict, work: Path, log) -> 
     from sparse_hetconv import deploy
     from sparse_hetconv.checkpoint import load_model
 
+    began = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "p4_sparse_seed0.pt"
     torch.save(model.state_dict(), checkpoint)
@@ -150,7 +155,7 @@ def chain_check(model: torch.nn.Module, data, recipe: dict, work: Path, log) -> 
         log(f"  {name}: {100 * accuracy:.2f}% ({row['delta_points']:+.2f} points, top-1 agreement "
             f"{100 * row['agreement']:.2f}%)")
     return {"part": CHAIN_PART, "form": "sparse", "seed": 0, "tolerance_points": TOLERANCE_POINTS, "rows": rows,
-            "ok": all(r.get("ok", True) for r in rows)}
+            "ok": all(r.get("ok", True) for r in rows), "seconds": time.perf_counter() - began}
 
 
 def _session(deploy, model, path: Path, runtime: str):
@@ -203,14 +208,17 @@ def execute_notebook(notebook: Path, results: Path, log) -> None:
     import nbformat
 
     book = nbformat.read(notebook, as_version=4)
-    saved = os.environ.get("SPARSE_HETCONV_REPRODUCE")
-    os.environ["SPARSE_HETCONV_REPRODUCE"] = str(results.resolve())
+    # The kernel reads these results and imports this checkout's package.
+    env = {"SPARSE_HETCONV_REPRODUCE": str(results.resolve()),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         nbclient.NotebookClient(book, kernel_name="python3", timeout=1200,
                                 resources={"metadata": {"path": str(notebook.parent)}}).execute()
     finally:
-        os.environ.pop("SPARSE_HETCONV_REPRODUCE") if saved is None else os.environ.update(
-            SPARSE_HETCONV_REPRODUCE=saved)
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
     nbformat.write(book, notebook)
     log(f"wrote {notebook} (executed)")
 
@@ -223,7 +231,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None,
                         help="results file (default benchmarks/results/reproduce.json, or reproduce_quick.json)")
     parser.add_argument("--docs", type=Path, default=None,
-                        help="the page to write (default docs/reproduce.md, or benchmarks/results/reproduce_quick.md)")
+                        help="the page to write (default docs/reproduce.md, or "
+                             "benchmarks/results/tmp/reproduce_quick.md)")
     parser.add_argument("--notebook", type=Path, default=None,
                         help="the notebook to execute on the results (default notebooks/05_reproduce.ipynb for the "
                              "full run, none for --quick)")
@@ -234,7 +243,7 @@ def main(argv=None) -> int:
     name = "quick" if args.quick else "full"
     recipe = RECIPES[name]
     path = args.json or RESULTS / ("reproduce_quick.json" if args.quick else "reproduce.json")
-    docs = args.docs or (RESULTS / "reproduce_quick.md" if args.quick else ROOT / "docs" / "reproduce.md")
+    docs = args.docs or (RESULTS / "tmp" / "reproduce_quick.md" if args.quick else ROOT / "docs" / "reproduce.md")
     notebook = args.notebook or (None if args.quick else ROOT / "notebooks" / "05_reproduce.ipynb")
 
     def log(line: str) -> None:
