@@ -44,8 +44,12 @@ ROOT = RESULTS.parent.parent
 INPUT = (3, 32, 32)
 #: The recipe: the published one (SGD, momentum, weight decay, batch, crop and flip) with the
 #: training set, the epochs and the schedule cut so that the full table fits in about two hours on
-#: two cores. "quick" runs every step on a few images, with the autotuner's cost model instead of its
-#: one-off timings (which would take most of a one-epoch run).
+#: two cores. Sizing: make bench's training-step medians (docs/performance.md, 2 cores, batch 32)
+#: summed over the 13 runs of the plan give 44 ms per training image (P = 1 three times at 5.5 ms,
+#: P = 4 five times at 2.8-3.4 ms, the other P at 1.8-3.9 ms), so 12,000 images x 10 epochs is
+#: about 88 min of training, plus about 10 min of testing, the autotuner's first timings and the
+#: chain check. "quick" runs every step on a few images, with the autotuner's cost model instead of
+#: its one-off timings (which would take most of a one-epoch run).
 RECIPES = {
     "full": {"dataset": "fashion_mnist", "train_subset": 12000, "test_subset": None, "epochs": 10, "batch_size": 128,
              "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [6, 8], "gamma": 0.1,

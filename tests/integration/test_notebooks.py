@@ -18,8 +18,9 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy")
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy", "sparse_hetconv.training")
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,15 @@ def kernel_env(tmp_path_factory):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (sparse_hetconv tests)", "language": "python",
     }))
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND")}
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND",
+                                            "SPARSE_HETCONV_REPRODUCE", "PYTHONPATH")}
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend puts the plots into the outputs
     os.environ["JUPYTER_PATH"] = str(root) + os.pathsep + os.environ.get("JUPYTER_PATH", "")
     os.environ["SPARSE_HETCONV_QUICK"] = "1"
+    # 05 reads make reproduce's results (the full run's, or the committed quick run's)
+    os.environ["SPARSE_HETCONV_REPRODUCE"] = str(ROOT / "benchmarks" / "results" / "reproduce.json")
+    # the kernel imports this checkout's package, whatever the environment has installed
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     yield
     for key, value in saved.items():
         if value is None:
@@ -44,9 +50,10 @@ def kernel_env(tmp_path_factory):
             os.environ[key] = value
 
 
-def test_there_are_four_notebooks():
+def test_there_are_five_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb"], names
+    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb",
+                     "05_reproduce.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
