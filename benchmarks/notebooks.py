@@ -28,7 +28,8 @@ NOTEBOOKS = REPO / "notebooks"
 def this_kernel(quick: bool) -> Iterator[None]:
     """A ``python3`` kernelspec running this interpreter, first on ``JUPYTER_PATH``, importing this
     checkout's package (first on ``PYTHONPATH``), and the mode's environment; all restored afterwards."""
-    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND", "PYTHONPATH")}
+    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND", "PYTHONPATH",
+                                                    "SPARSE_HETCONV_REPRODUCE")}
     with tempfile.TemporaryDirectory() as root:
         spec = Path(root) / "kernels" / "python3"
         spec.mkdir(parents=True)
@@ -39,6 +40,8 @@ def this_kernel(quick: bool) -> Iterator[None]:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [saved["PYTHONPATH"]] if p])
         os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend puts the plots into the outputs
         os.environ.pop("SPARSE_HETCONV_QUICK", None)
+        # 05 reads make reproduce's results (the full run's, or the committed quick run's)
+        os.environ.setdefault("SPARSE_HETCONV_REPRODUCE", str(REPO / "benchmarks" / "results" / "reproduce.json"))
         if quick:
             os.environ["SPARSE_HETCONV_QUICK"] = "1"
         try:

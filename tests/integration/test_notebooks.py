@@ -16,8 +16,9 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy")
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy", "sparse_hetconv.training")
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,10 @@ def kernel_env():
         yield
 
 
-def test_there_are_four_notebooks():
+def test_there_are_five_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb"], names
+    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb",
+                     "05_reproduce.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
