@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # (a masked HetConv layer measured 3.2x slower). The benchmark also pins both itself (mallopt).
 TIMING_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test bench reproduce gpu-check clean
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(TIMING_ENV) $(PY) -m benchmarks.deploy $(BENCH_ARGS)
+
+# The paper's accuracy-vs-P table on Fashion-MNIST (apt-get install dataset-fashion-mnist): VGG-16 at
+# P = 1..64, 3 seeds at P = 1 and 4, the three forms at P = 4, the conversion and deployment chain;
+# about two hours on 2 cores, resumable (runs already in benchmarks/results/reproduce.json are skipped).
+# Writes that JSON, docs/reproduce.md and notebooks/05_reproduce.ipynb. REPRODUCE_ARGS=--quick: minutes.
+reproduce: $(STAMP)
+	$(TIMING_ENV) $(PY) -m benchmarks.reproduce $(REPRODUCE_ARGS)
 
 # GPU readiness of the triton backend (about 8 min on one H200): the CUDA tests, then VGG-16 timings
 # of every form and per-layer triton vs FLOP-ideal. Runs with the GPU machine's own python (torch,

@@ -6,9 +6,14 @@
 * :mod:`.bench_spconv`: the submanifold layers against spconv (``results/spconv.*``).
 * :mod:`.probe_cost`: what conversion by probing costs per layer (``results/probe_cost_*``).
 * :mod:`.gpu_check` (``make gpu-check``): the CUDA tests and the GPU benchmark on one GPU.
+* :mod:`.notebooks`: runs ``notebooks/*.ipynb`` in full (or ``--quick``) mode, writing their outputs.
+* :mod:`.flop_table`: the FLOP-tool table of ``docs/compatibility.md`` (counting only).
+* :mod:`.bf16_step`: a float32 and a bfloat16-autocast training step (set ``ONEDNN_MAX_CPU_ISA=AVX2
+  ATEN_CPU_CAPABILITY=avx2`` for a CPU without bfloat16 instructions).
 
-Every output goes under ``benchmarks/results/``; nothing here is imported by the package or timed
-by the tests.
+Every output file goes under ``benchmarks/results/`` (but the notebooks, written in place; the
+FLOP table and the bfloat16 step print theirs); nothing here is imported by the package or timed by
+the tests (the notebook test runs :mod:`.notebooks` in quick mode, asserting no timing).
 """
 
 from pathlib import Path

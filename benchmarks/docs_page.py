@@ -228,8 +228,10 @@ def page(result, image_name: str | None, layers_image: str | None = None) -> str
         "`dense` and `grouped`. The choice is made once per call signature (shape, P, batch, dtype, memory "
         "format, training), so a CPU with other vector units or core counts makes its own (`python -m "
         "benchmarks.auto_isa` runs the model with oneDNN, MKL and the fused kernels capped to AVX2). bfloat16 "
-        f"and autocast calls stay on oneDNN's bfloat16 kernels ({_bf16_units(result)}); graph capture records stock "
-        "operators. `layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` "
+        f"and autocast calls stay on oneDNN's bfloat16 kernels ({_bf16_units(result)}); on a CPU without bfloat16 "
+        "instructions PyTorch's bfloat16 is itself many times slower than float32 (a training step 14x, `python -m "
+        "benchmarks.bf16_step` capped to AVX2: README, \"bfloat16\"), so run float32 there; graph capture records "
+        "stock operators. `layer.resolved_backend` shows what a layer used; `autotune.resolve_backends(model, x)` "
         "lists them (`pin=True` fixes them); `\"measure\"` times every candidate, `\"model\"` trusts the cost "
         "model alone. Per layer, against the fastest backend measured in this run (an entry in brackets "
         "names a faster backend and auto's loss):", "",

@@ -10,7 +10,7 @@ kernels that exist. :func:`to_sparse` / :func:`to_masked` convert whole models e
 any other HetConv code converts by probing (``to_sparse(model, probe=[MyHetConv])``, :class:`Probe`);
 :func:`hetconvify` turns standard CNNs into HetConv ones; :func:`count_macs` counts the paper's
 way. This import loads the layers and their tools only; the measuring tools
-(:mod:`sparse_hetconv.profiling`), the CIFAR-10 experiment (:mod:`sparse_hetconv.cifar`), the
+(:mod:`sparse_hetconv.profiling`), the trainer and its data sets (:mod:`sparse_hetconv.training`), the
 spconv layers (:mod:`sparse_hetconv.submanifold`) and the command line
 (:mod:`sparse_hetconv.cli`) are imported when asked for.
 """
@@ -63,7 +63,7 @@ __all__ = [
     "to_sparse",
 ]
 
-_OPT_IN = ("cifar", "cli", "flop_tools", "profiling", "submanifold")
+_OPT_IN = ("cli", "flop_tools", "profiling", "submanifold", "training")
 _deprecated.install()
 _flop_formulas.register_when_imported()
 

@@ -1,4 +1,4 @@
-"""The 0.1 names that moved in 0.2, kept working for one release with a ``DeprecationWarning``.
+"""Names that moved (0.1 -> 0.2, and ``cifar`` -> ``training`` in 0.3), kept working with a ``DeprecationWarning``.
 
 ``CHANGELOG.md`` lists every rename. Old module paths (``import sparse_hetconv.spconv``) are served
 by a finder that imports the new module under the old name; old top-level names
@@ -17,14 +17,18 @@ import warnings
 MODULES = {
     "sparse_hetconv.spconv": "sparse_hetconv.submanifold",
     "sparse_hetconv.integrations": "sparse_hetconv.flop_tools",
-    "sparse_hetconv.data": "sparse_hetconv.cifar.data",
-    "sparse_hetconv.train": "sparse_hetconv.cifar.train",
+    "sparse_hetconv.data": "sparse_hetconv.training.data",
+    "sparse_hetconv.train": "sparse_hetconv.training.trainer",
+    "sparse_hetconv.cifar": "sparse_hetconv.training",
+    "sparse_hetconv.cifar.data": "sparse_hetconv.training.data",
+    "sparse_hetconv.cifar.train": "sparse_hetconv.training.trainer",
     "sparse_hetconv.demo": "sparse_hetconv.cli.demo",
 }
 #: old top-level attribute -> (module, attribute)
 ATTRIBUTES = {
-    "TrainConfig": ("sparse_hetconv.cifar", "TrainConfig"),
-    "train_cifar": ("sparse_hetconv.cifar", "train_cifar"),
+    "TrainConfig": ("sparse_hetconv.training", "TrainConfig"),
+    "train_cifar": ("sparse_hetconv.training", "train"),
+    "cifar": ("sparse_hetconv.training", None),
     "HetConvifyReport": ("sparse_hetconv.convert", "ConversionReport"),
     "integrations": ("sparse_hetconv.flop_tools", None),
 }
@@ -58,7 +62,7 @@ def _fromlist_probe() -> bool:
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated (moved in sparse_hetconv 0.2); use {new}", DeprecationWarning,
+    warnings.warn(f"{old} is deprecated (renamed); use {new}", DeprecationWarning,
                   stacklevel=_caller_stacklevel() + 1)
 
 
@@ -84,9 +88,23 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
-    """Put the finder on ``sys.meta_path`` once."""
+    """Put the finder on ``sys.meta_path`` once, first: an old package's submodules
+    (``sparse_hetconv.cifar.data``) would otherwise be found again, as new modules, on the path
+    of the package it stands for."""
     if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        sys.meta_path.insert(0, _Alias())
+
+
+def renamed(module: str, names: dict[str, str]):
+    """A module ``__getattr__`` serving the old ``names`` of that module's objects (old -> new), with a warning."""
+
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        _warn(f"{module}.{name}", names[name])
+        return getattr(sys.modules[module], names[name])
+
+    return __getattr__
 
 
 def attribute(name: str):

@@ -173,6 +173,7 @@ def check_output_file(path: str | Path, force: bool = True) -> Path:
 
     Raises:
         FileNotFoundError: the folder does not exist.
+        NotADirectoryError: the "folder" is a file.
         IsADirectoryError: ``path`` is a folder.
         FileExistsError: ``path`` exists and ``force`` is False.
         PermissionError (or another OSError): the folder is not writable.
@@ -180,6 +181,8 @@ def check_output_file(path: str | Path, force: bool = True) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, expected a file name", str(path))
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "is a file, expected the folder of the output file", str(path.parent))
     if not path.parent.is_dir():
         raise FileNotFoundError(errno.ENOENT, "the folder of this output file does not exist", str(path))
     if path.exists() and not force:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ._base import _HetConvBase
 from ._checks import import_object
 from ._files import atomic_write, check_output_file
-from .convert import to_sparse
+from .convert import hetconvify, to_sparse
 from .counting import count_params
 from .models import create_model, list_models
 from .permutation import ChannelPermutation
@@ -64,25 +64,29 @@ def read_checkpoint(path: str | Path) -> object:
         FileNotFoundError: ``path`` does not exist.
         IsADirectoryError: ``path`` is a folder.
         PermissionError (or another OSError): the file cannot be read.
-        ValueError: the file is not a readable PyTorch checkpoint (empty, truncated, not a torch
-            file, or holding objects other than tensors and plain containers, which are never
-            loaded); the message gives torch's reason, not its advice to load the file unsafely.
+        ValueError: the file is not a readable PyTorch checkpoint (empty, truncated or damaged, not
+            written by ``torch.save``, or holding objects other than tensors and plain containers,
+            which are never loaded); the message names the file and gives the reason, not torch's
+            advice to load the file unsafely.
     """
+    path = _existing_file(path)
+    with open(path, "rb") as file:  # the file system's errors (permissions, I/O) name the file
+        head = file.read(8)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types for a damaged or foreign file
+        if isinstance(error, OSError) and error.filename is not None:
+            raise
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_load_failure(error, head)})") from error
+
+
+def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "checkpoint does not exist", str(path))
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
-                         "failed: the file is empty)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # the file system's error (permissions, I/O), not the file's content
-        raise
-    except Exception as error:  # torch.load raises many types for a damaged or foreign file
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (torch.load with weights_only=True "
-                         f"failed: {_load_failure(error)})") from error
+    return path
 
 
 # torch.load's advice around the reason of a weights-only failure (to load the file unsafely, to
@@ -91,9 +95,16 @@ _ADVICE = re.compile(r"weights_only|Weights only load failed|torch\.load|safe_gl
                      r"^\(\d\)|do those steps", re.IGNORECASE)
 
 
-def _load_failure(error: BaseException) -> str:
-    """The reason torch.load gives for refusing a file, without its advice."""
+def _load_failure(error: BaseException, head: bytes) -> str:
+    """Why torch.load refused a file that begins with ``head``, without torch's advice."""
+    if not head:
+        return "the file is empty"
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip file (a pickle before 1.6)
+        return f"not a file written by torch.save: it begins with {head!r}"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if isinstance(error, OSError) or "PytorchStreamReader" in text or isinstance(error, (EOFError, LookupError)):
+        first = re.split(r"\.\s", text.strip())[0] or "no reason given"
+        return f"truncated or damaged: {type(error).__name__}: {first}"
     marker = text.find("WeightsUnpickler error:")
     if marker >= 0:
         text = text[marker + len("WeightsUnpickler error:"):]
@@ -101,11 +112,10 @@ def _load_failure(error: BaseException) -> str:
         line = re.split(r"\. (?=Please use|This is an internal|If you are seeing)", line.strip())[0].rstrip(".")
         if line and not _ADVICE.search(line):
             if "GLOBAL" in line or "global" in line:
-                return f"it holds objects other than tensors and plain containers, which are never loaded ({line})"
-            if "Unsupported operand" in line:
-                return f"not a file written by torch.save ({line})"
-            return line
-    return type(error).__name__
+                return (f"torch.load with weights_only=True failed: it holds objects other than tensors and plain "
+                        f"containers, which are never loaded ({line}); save model.state_dict() instead")
+            return f"torch.load with weights_only=True failed: {line}"
+    return f"torch.load with weights_only=True failed: {type(error).__name__}"
 
 
 def state_dict_of(obj: object, path: str | Path = "checkpoint") -> dict[str, Tensor]:
@@ -158,7 +168,7 @@ def infer_form(state_dict: dict[str, Tensor], path: str | Path = "state_dict") -
 
 def _part(path, key: str, weight: Tensor, channels: int | None) -> int:
     block = weight.shape[1] if weight.dim() >= 2 else 0
-    if channels is None or block < 1 or channels % block:
+    if channels is None or block < 1 or channels % block or channels < block:
         raise ValueError(f"{path}: cannot read the HetConv part from '{key}' of shape {tuple(weight.shape)}: expected "
                          f"(N, M/P, k, k) beside a 1x1 weight over M input channels (M = {channels})")
     return channels // block
@@ -316,17 +326,7 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
     if ":" not in model:
         net, info = _load_registered(path, model, state, kwargs)
         return net.to(dtype).eval(), info
-    net = _build(factory, model, kwargs)
-    try:
-        _fit(net, state, path, model)
-        form = "source"
-    except ValueError as as_source:
-        net, *_ = _to_sparse_form(net.eval(), probe)
-        try:
-            _fit(net, state, path, f"{model} converted to the sparse form")
-        except ValueError:
-            raise as_source from None
-        form = "sparse"
+    net, form = _factory_model(_build(factory, model, kwargs), state, path, model, probe)
     net = _load(net.to(dtype), state, path, model)
     parts = _parts(net)
     head = _last_linear(net)
@@ -335,13 +335,80 @@ def load_model(path: str | Path, model: str = "vgg16_cifar", state: dict[str, Te
     return net.eval(), info
 
 
+def _factory_model(net: nn.Module, state: dict[str, Tensor], path, model: str, probe=None) -> tuple[nn.Module, str]:
+    """The factory's model in the structure ``state`` was saved from, and how it got there:
+    ``"source"`` (as built), ``"hetconvify"`` (:func:`hetconvify` re-applied where ``state`` holds
+    a HetConv layer at a dense convolution's path) or ``"sparse"`` (converted to the sparse form, ``probe`` naming the modules read by probing).
+
+    Raises:
+        ValueError: ``state`` fits none of these; the message lists what does not fit the closest.
+    """
+    try:
+        _fit(net, state, path, model)
+        return net, "source"
+    except ValueError as error:
+        as_source = error
+    hint = ("; a checkpoint loads into the model the factory builds, hetconvify(factory(), ...) of it or either "
+            "converted to the sparse form (sparse-hetconv convert): pass the factory and model_kwargs it was saved "
+            "with")
+    replaced = _hetconvify_as_saved(net, state, path)
+    try:
+        if replaced is not None:
+            _fit(replaced[0], state, path, f"hetconvify({model}(), {replaced[1]})")
+            return replaced[0], "hetconvify"
+        converted, *_ = _to_sparse_form(net.eval(), probe)
+        _fit(converted, state, path, f"{model} converted to the sparse form")
+    except ValueError as error:
+        raise ValueError(f"{as_source if replaced is None else error}{hint}") from None
+    return converted, "sparse"
+
+
+_HETCONV_KEYS = {"weight_kxk": "sparse", "gwc.weight": "masked"}  # the k x k weight's key in each form
+
+
+def _hetconvify_as_saved(net: nn.Module, state: dict[str, Tensor], path) -> tuple[nn.Module, str] | None:
+    """Re-apply :func:`hetconvify` to ``net`` as it was applied before ``state`` was saved: a
+    ``state_dict`` holds everything it did (which convolutions became HetConv layers: their key
+    names; their part: the k x k weight's shape beside the convolution's input channels; the
+    form: ``weight_kxk`` or ``gwc.weight``). None if ``state`` holds no HetConv layer where ``net``
+    has a dense convolution; else the model (changed in place) and what was applied, e.g.
+    ``"part=4, form='sparse' at 12 layers"``."""
+    convs = {name: m for name, m in net.named_modules() if type(m) in (nn.Conv2d, nn.Conv3d)}
+    for prefix in ("", "module.", "model.", "net.", "_orig_mod."):
+        groups: dict[tuple[int, str], set[str]] = {}
+        for key, value in state.items():
+            key = key[len(prefix):] if key.startswith(prefix) else None
+            for suffix, form in _HETCONV_KEYS.items():
+                layer = key[: -len(suffix) - 1] if key and key.endswith("." + suffix) else None
+                if layer in convs:
+                    groups.setdefault((_part(path, key, value, convs[layer].in_channels), form), set()).add(layer)
+        if groups:
+            break
+    if not groups:
+        return None
+    skipped = {}
+    for (part, form), layers in groups.items():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="hetconvify: no convolution could be replaced")  # said below
+            net, report = hetconvify(net, part, form, skip_first=False, include=lambda p, _, layers=layers: p in layers,
+                                     inplace=True, memory_format=None, return_report=True)
+        skipped.update({p: why for p, why in report.skipped.items() if p in layers})
+    if skipped:
+        raise ValueError(f"{path} holds HetConv layers where the model has convolutions hetconvify cannot replace: "
+                         + "; ".join(f"{p}: {why}" for p, why in skipped.items()))
+    done = ", ".join(f"part={part}, form={form!r} at {len(layers)} layer{'s' * (len(layers) > 1)}"
+                     for (part, form), layers in sorted(groups.items()))
+    return net, done
+
+
 def _load_registered(path, model: str, state: dict[str, Tensor], kwargs: dict) -> tuple[nn.Module, dict]:
     form, part = infer_form(state, path)
     kwargs = {"part": part, "form": form, **kwargs}
     try:
         net = create_model(model, **kwargs)
     except ValueError as error:
-        raise ValueError(f"{path} does not fit {model}: its HetConv layers have part {part} ({error})") from error
+        raise ValueError(f"{model} with arguments {kwargs} (part and form read from {path}) cannot be built: "
+                         f"{error}") from error
     head = _last_linear(net)
     classes = state.get(f"{head}.weight") if head else None
     num_classes = int(classes.shape[0]) if isinstance(classes, Tensor) and classes.dim() == 2 else None
@@ -424,17 +491,23 @@ def _input_size(net: nn.Module, input_size) -> tuple[int, ...]:
     return (first.in_channels,) + (32, 32) if isinstance(first, nn.Conv2d) else (first.in_channels, 16, 16, 16)
 
 
+def _outputs_on(x: Tensor, model: str, *nets: nn.Module) -> list[Tensor]:
+    """Each model's output on ``x`` (no grad), or a ValueError naming the input's shape when the
+    user's model cannot take it (wrong channels, too small)."""
+    try:
+        with torch.no_grad():
+            return [net(x) for net in nets]
+    except Exception as error:  # the user's model on an input of the wrong size
+        raise ValueError(f"model {model} failed on a random input of shape {tuple(x.shape)} "
+                         f"({type(error).__name__}: {error}); pass input_size (--input-size C,H,W) that it takes") \
+            from error
+
+
 def _compare(source: nn.Module, converted: nn.Module, shape: tuple[int, ...], seed: int, model: str,
              nonfinite: bool) -> tuple[float, float]:
     """Both models on one random float64 batch: ``(max |a - b|, relative difference)``."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            expected, got = source(x), converted(x)
-    except Exception as error:  # the user's model on an input of the wrong size
-        raise ValueError(f"model {model} failed on a random input of shape {tuple(shape)} "
-                         f"({type(error).__name__}: {error}); pass input_size (--input-size C,H,W)") from error
+    expected, got = _outputs_on(torch.randn(shape, generator=generator, dtype=torch.float64), model, source, converted)
     finite = torch.isfinite(expected) & torch.isfinite(got)
     diff = (got - expected).where(finite, torch.zeros((), dtype=got.dtype))
     scale = float(expected.where(finite, torch.zeros((), dtype=got.dtype)).norm())
@@ -496,17 +569,16 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch" else 0):
             raise ValueError(f"{name} ({value!r}) must be an int >= {1 if name == 'batch' else 0}")
     kwargs = _check_kwargs(model_kwargs)
-    if not source.is_file():
-        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    _existing_file(source)
     check_output_file(target, force)  # before any work
     factory = resolve_model(model)
     state = state_dict_of(read_checkpoint(source), source)
     nonfinite = _check_finite(state, source, allow_nonfinite)
     dtype = _checkpoint_dtype(state, source)
     if ":" in model:
-        net = _load(_build(factory, model, kwargs).double(), state, source, model)
+        net, source_form = _factory_model(_build(factory, model, kwargs), state, source, model, probe)
+        net = _load(net.double(), state, source, model)
         info = {"part": None, "num_classes": None}
-        source_form = "source"
     else:
         if infer_form(state, source)[0] == "sparse":
             raise ValueError(f"{source} already holds a sparse-form state_dict (keys like '*.weight_kxk'); "
@@ -517,6 +589,9 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
     net.eval()
     shape = (batch,) + _input_size(net, input_size)
     converted, paths, permutations, skipped, probed = _to_sparse_form(net, probe)
+    if not paths and _parts(converted):
+        raise ValueError(f"{source} already holds the sparse form of model {model}: nothing to convert; load it with "
+                         "load_model or export it as it is")
     if not paths:
         why = "".join(f"; {p or '<root>'}: {reason}" for p, reason in skipped.items())
         raise ValueError(f"{source}: model {model} has no HetConv layer to convert{why}")

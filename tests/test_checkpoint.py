@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from published import HetConv, sxpro_vgg, train_briefly, zhang_vgg
-from sparse_hetconv import SparseHetConv2d, cli, convert_checkpoint
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, cli, convert_checkpoint, hetconvify
 from sparse_hetconv.checkpoint import infer_form, load_model, state_dict_of
 from sparse_hetconv.models import resnet18, vgg16_cifar
 
@@ -125,10 +125,15 @@ def _bad_files(masked, tmp_path: Path) -> dict[str, tuple[Path, str]]:
             torch.save(content, path)
         cases[name] = (path, message)
 
-    add("truncated.pt", raw[: len(raw) // 2], "is not a readable PyTorch checkpoint")
-    add("text.pt", b"this is not a checkpoint\n", "is not a readable PyTorch checkpoint")
-    add("empty.pt", b"", "is not a readable PyTorch checkpoint")
-    add("code.pt", {"model": nn.Linear(2, 2)}, r"weights_only=True failed")  # a pickled module: refused
+    add("truncated.pt", raw[: len(raw) // 2], r"is not a readable PyTorch checkpoint \(truncated or damaged: "
+        "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory\\)")
+    # cut inside its first record, torch raised a bare OSError "[Errno 22] Invalid argument" naming no file
+    add("cut_early.pt", raw[: len(raw) // 1000], r"cut_early.pt is not a readable PyTorch checkpoint \(truncated or "
+        r"damaged: OSError: \[Errno 22\] Invalid argument\)")
+    add("text.pt", b"this is not a checkpoint\n", r"text.pt is not a readable PyTorch checkpoint \(not a file written "
+        r"by torch.save: it begins with b'this is '\)")  # was "torch.load with weights_only=True failed: 101"
+    add("empty.pt", b"", r"is not a readable PyTorch checkpoint \(the file is empty\)")
+    add("code.pt", {"model": nn.Linear(2, 2)}, r"weights_only=True failed: .*; save model.state_dict\(\) instead")
     add("list.pt", [torch.zeros(3)], "does not hold a state_dict")
     add("no_tensors.pt", {"epoch": 3, "acc": 0.9}, "does not hold a state_dict")
     wrong_keys = dict(masked.state_dict())
@@ -171,8 +176,10 @@ def test_existing_output_needs_force(masked, tmp_path, capsys):
 
 
 def test_missing_paths(masked, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="checkpoint does not exist: '.*nope.pt'"):
         convert_checkpoint(tmp_path / "nope.pt", tmp_path / "out.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder, expected a checkpoint file"):  # was "does not exist"
+        convert_checkpoint(tmp_path, tmp_path / "out.pt")
     torch.save(masked.state_dict(), tmp_path / "in.pt")
     with pytest.raises(FileNotFoundError, match="folder of this output file does not exist"):
         convert_checkpoint(tmp_path / "in.pt", tmp_path / "no" / "out.pt")
@@ -253,6 +260,58 @@ def test_a_float16_checkpoint_stays_float16(tmp_path):
     loaded, _ = load_model(target, "published:zhang_vgg", model_kwargs={"width": 8, "cfg": "A"})
     assert next(loaded.parameters()).dtype == torch.float16
     assert_same_function(model, loaded, (2, 3, 32, 32), rtol=2e-3)  # folded centre taps rounded once to float16
+
+
+ZHANG_PLAIN = {"cfg": "A", "p": 1, "width": 8}  # zhang943's VGG-11 with standard convolutions (p = 1), 8x narrower
+
+
+def hetconvified_zhang() -> nn.Module:
+    """hetconvify applied twice to a plain CNN: part 2 (masked form) at features.4, part 4 (sparse)
+    at the other convolutions but the stem; trained a few steps."""
+    torch.manual_seed(0)
+    model = hetconvify(zhang_vgg(**ZHANG_PLAIN), part=2, form="masked", include=lambda path, _: path == "features.4",
+                       return_report=False)
+    model = hetconvify(model, part=4, return_report=False)
+    return train_briefly(model, (4, 3, 32, 32), steps=2)
+
+
+def test_hetconvify_checkpoints_load_with_the_original_factory(tmp_path, capsys):
+    """The state_dict says what hetconvify did (which layers: the keys; part: the shapes; form:
+    the key names): load_model re-applies it to the factory's plain model, prefixes and wrappers
+    as for any checkpoint; convert converts the masked layer and its output loads back too."""
+    model = hetconvified_zhang()
+    source = tmp_path / "het.pt"
+    torch.save({"net": nn.DataParallel(model).state_dict(), "epoch": 3}, source)
+    loaded, info = load_model(source, "published:zhang_vgg", model_kwargs=ZHANG_PLAIN)
+    assert info["form"] == "hetconvify" and info["part"] is None, info  # two parts
+    layers = {name: (type(m).__name__, m.part) for name, m in loaded.named_modules()
+              if isinstance(m, (SparseHetConv2d, MaskedHetConv2d))}
+    assert layers == {name: (type(m).__name__, m.part) for name, m in model.named_modules()
+                      if isinstance(m, (SparseHetConv2d, MaskedHetConv2d))}, layers
+    assert layers["features.4"] == ("MaskedHetConv2d", 2) and layers["features.8"] == ("SparseHetConv2d", 4), layers
+    assert_same_outputs(model, loaded)
+    args = ["--model", "published:zhang_vgg"] + [f"--model-arg={k}={v}" for k, v in ZHANG_PLAIN.items()]
+    assert cli.main(["convert", str(source), str(tmp_path / "sparse.pt"), *args]) == 0, capsys.readouterr().err
+    assert "converted 1 layers" in capsys.readouterr().out
+    converted, info = load_model(tmp_path / "sparse.pt", "published:zhang_vgg", model_kwargs=ZHANG_PLAIN)
+    assert info["form"] == "hetconvify" and isinstance(converted.features[4], SparseHetConv2d), info
+    assert_same_outputs(model, converted)
+
+
+def test_hetconvify_checkpoints_that_do_not_fit_say_what_to_do(tmp_path):
+    state = hetconvified_zhang().state_dict()
+    torch.save(state, tmp_path / "het.pt")
+    # width 4 doubles the channels: the parts read from the shapes double too, and the shapes do not fit
+    with pytest.raises(ValueError, match=r"het.pt does not fit hetconvify\(published:zhang_vgg\(\), part=4, "
+                       r"form='masked' at 1 layer, part=8, form='sparse' at 6 layers\): wrong shapes: .*pass the "
+                       r"factory and model_kwargs it was saved with"):
+        load_model(tmp_path / "het.pt", "published:zhang_vgg", model_kwargs={**ZHANG_PLAIN, "width": 4})
+    stem = state.pop("features.0.weight")  # the stem (3 -> 8 channels) as a HetConv of part 3: 8 filters do not split
+    state.update({"features.0.weight_kxk": stem[:, :1], "features.0.weight_1x1": stem[:, 1:, 1, 1]})
+    torch.save(state, tmp_path / "stem.pt")
+    with pytest.raises(ValueError, match=r"stem.pt holds HetConv layers where the model has convolutions hetconvify "
+                       r"cannot replace: features.0: .*out_channels \(8\)"):
+        load_model(tmp_path / "stem.pt", "published:zhang_vgg", model_kwargs=ZHANG_PLAIN)
 
 
 def test_common_wrappers_and_prefixes_are_read(tmp_path):

@@ -2,7 +2,7 @@
 
 Layers, from the bottom: index math and checks; the registered operator and the backends; the autotuner; the functional API;
 the layers; converters, counting, fusion, FLOP tools and models; checkpoints and the spconv
-layers; the measuring tools and the CIFAR-10 experiment; the command line. A module may import
+layers; the measuring tools and the trainer; the command line. A module may import
 modules of its own layer or below (never a cycle), never one above — imports inside functions
 included, so a lazy import cannot hide an upward edge.
 """
@@ -32,13 +32,13 @@ LAYERS = [
     ("sparse_hetconv.flop_tools", 5), ("sparse_hetconv.models", 5), ("sparse_hetconv.shifted", 5),
     ("sparse_hetconv.permutation", 5), ("sparse_hetconv.probing", 5),
     ("sparse_hetconv.checkpoint", 6), ("sparse_hetconv.submanifold", 6),
-    ("sparse_hetconv.profiling", 7), ("sparse_hetconv.cifar", 7), ("sparse_hetconv.deploy", 7),
+    ("sparse_hetconv.profiling", 7), ("sparse_hetconv.training", 7), ("sparse_hetconv.deploy", 7),
     ("sparse_hetconv.cli", 8), ("sparse_hetconv.__main__", 8),
     ("sparse_hetconv", 6),  # the package itself: the core, never the tools
 ]
 # What ``import sparse_hetconv`` must not load (beyond what ``import torch`` already has).
 TOOLING = ("tqdm", "scipy", "resource", "matplotlib", "spconv", "triton", "fvcore", "ptflops", "onnx", "onnxruntime",
-           "openvino", "torchao", "sparse_hetconv.profiling", "sparse_hetconv.cifar", "sparse_hetconv.cli",
+           "openvino", "torchao", "sparse_hetconv.profiling", "sparse_hetconv.training", "sparse_hetconv.cli",
            "sparse_hetconv.submanifold", "sparse_hetconv.flop_tools", "sparse_hetconv.deploy",
            "torch.utils.flop_counter")
 

@@ -71,7 +71,15 @@ nonnegative_float = _number(strict=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import platform
+
+    import torch
+
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="sparse-hetconv", description="HetConv layers for PyTorch")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} (torch {torch.__version__}, "
+                        f"Python {platform.python_version()})")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in _COMMANDS:
         importlib.import_module(name).add_parser(subparsers)

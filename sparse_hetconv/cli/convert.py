@@ -84,12 +84,16 @@ def probes(texts: list[str]) -> list:
 
 
 def input_size(text: str | None) -> tuple[int, ...] | None:
+    """``--input-size C,H,W`` (or ``C,D,H,W``) as a tuple of ints >= 1."""
     if text is None:
         return None
     try:
-        return tuple(int(v) for v in text.split(","))
+        size = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--input-size ({text!r}) must be comma-separated ints, e.g. 3,32,32") from None
+        size = ()
+    if len(size) not in (3, 4) or min(size) < 1:
+        raise ValueError(f"--input-size ({text}) must be C,H,W (or C,D,H,W): comma-separated ints >= 1, e.g. 3,32,32")
+    return size
 
 
 def run(args) -> int:

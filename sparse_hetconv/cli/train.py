@@ -1,4 +1,5 @@
-"""``sparse-hetconv train``: the published CIFAR-10 experiment (see :mod:`sparse_hetconv.cifar.train`)."""
+"""``sparse-hetconv train``: the published recipe on CIFAR-10, Fashion-MNIST or an image folder
+(see :mod:`sparse_hetconv.training.trainer`)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 from . import nonnegative_float, nonnegative_int, positive_float, positive_int
 
-# Options that define a run; with --resume, the ones not given are read from the checkpoint.
+# Options that define a run (and its length and data); with --resume, the ones not given are read
+# from the checkpoint.
 _RECIPE_OPTIONS = ("model", "part", "form", "seed", "batch_size", "lr", "momentum", "weight_decay", "milestones",
-                   "gamma", "crop_padding", "flip")
+                   "gamma", "crop_padding", "flip", "dataset", "train_subset", "test_subset", "epochs", "data")
 
 
 def _milestones(text: str) -> tuple[int, ...]:
@@ -21,19 +23,28 @@ def _milestones(text: str) -> tuple[int, ...]:
 
 
 def add_parser(subparsers) -> None:
-    from ..cifar.train import TrainConfig
+    from ..training import DATASETS, FASHION_MNIST_DEFAULT, TrainConfig
 
     d = TrainConfig()
     parser = subparsers.add_parser(
-        "train", help="train a HetConv model on CIFAR-10 with the published recipe",
-        description="Train VGG-16 (or another registered model) with HetConv layers on CIFAR-10. The defaults "
-                    "are the published recipe. CIFAR-10 is read from its python-pickle folder "
-                    "(cifar-10-batches-py); nothing is downloaded.")
-    parser.add_argument("--data", default=d.data, help=f"the CIFAR-10 folder or its parent (default {d.data})")
+        "train", help="train a HetConv model with the published recipe (CIFAR-10, Fashion-MNIST, an image folder)",
+        description="Train VGG-16 (or another registered model) with HetConv layers. The defaults are the "
+                    "published CIFAR-10 recipe. CIFAR-10 is read from its python-pickle folder (cifar-10-batches-py), "
+                    "Fashion-MNIST from its IDX files, an image folder with Pillow; nothing is downloaded. With "
+                    "--resume, the settings not given are the checkpoint's.")
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help=f"default {d.dataset}")
+    parser.add_argument("--data", default=None,
+                        help=f"where the data set is: CIFAR-10's folder or its parent (default data), Fashion-MNIST's "
+                             f"IDX files (default {FASHION_MNIST_DEFAULT}, apt-get install dataset-fashion-mnist), "
+                             "the image folder (one sub-folder per class)")
+    parser.add_argument("--train-subset", type=positive_int, default=None,
+                        help="train on this many images of a fixed class-balanced selection (default all)")
+    parser.add_argument("--test-subset", type=positive_int, default=None,
+                        help="test on this many images of a fixed class-balanced selection (default all)")
     parser.add_argument("--model", default=None, help=f"registered model (default {d.model})")
     parser.add_argument("--part", type=positive_int, default=None, help=f"HetConv part P (default {d.part})")
     parser.add_argument("--form", choices=("sparse", "masked"), default=None, help=f"layer form (default {d.form})")
-    parser.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"total epochs (default {d.epochs})")
+    parser.add_argument("--epochs", type=positive_int, default=None, help=f"total epochs (default {d.epochs})")
     parser.add_argument("--batch-size", type=positive_int, default=None, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=positive_float, default=None, help=f"SGD learning rate (default {d.lr})")
     parser.add_argument("--momentum", type=nonnegative_float, default=None, help=f"default {d.momentum}")
@@ -66,16 +77,17 @@ def add_parser(subparsers) -> None:
 
 
 def config_from_args(args):
-    """The :class:`~sparse_hetconv.cifar.TrainConfig` for parsed arguments; with ``--resume``, the
-    recipe options not given on the command line come from the checkpoint."""
-    from ..cifar.train import TrainConfig, config_from_checkpoint
+    """The :class:`~sparse_hetconv.training.TrainConfig` for parsed arguments; with ``--resume``,
+    the recipe options (and the run's length and data) not given on the command line come from the
+    checkpoint."""
+    from ..training import TrainConfig, config_from_checkpoint
 
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if values.get("milestones") is not None:
         values["milestones"] = _milestones(values["milestones"])
-    stored = config_from_checkpoint(args.resume) if args.resume and not args.eval_only else {}
+    stored = config_from_checkpoint(args.resume) if args.resume else {}
     if values.get("out_dir") is None:
-        values["out_dir"] = str(Path(args.resume).parent) if stored else TrainConfig.out_dir
+        values["out_dir"] = str(Path(args.resume).parent) if stored and not args.eval_only else TrainConfig.out_dir
     for name in _RECIPE_OPTIONS:
         if values.get(name) is None:
             if name in stored:
@@ -86,11 +98,11 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..cifar.train import train_cifar
+    from ..training import train
 
     config = config_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train_cifar(config)
+    result = train(config)
     if config.eval_only:
         print(f"test accuracy {100 * result.final_acc:.2f}% ; after conversion to {result.converted_form} form "
               f"{100 * result.converted_acc:.2f}% (max logit difference {result.max_logit_diff:.3g})")

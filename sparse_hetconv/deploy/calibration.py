@@ -69,26 +69,38 @@ def _load_folder(folder: Path, input_size) -> Tensor:
         raise ValueError(f"calibration folder {folder} holds no {', '.join(_ARRAYS + _IMAGES)} file")
     tensors = []
     for path in files:
-        if path.suffix.lower() == ".npy":
-            import numpy as np
-
-            t = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        elif path.suffix.lower() == ".pt":
-            t = torch.load(path, weights_only=True)
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{path}: expected a tensor, got {type(t).__name__}")
-            t = t.float()
-        else:
-            from PIL import Image
-            import numpy as np
-
-            with Image.open(path) as image:
-                mode = "L" if input_size[0] == 1 else "RGB"
-                array = np.asarray(image.convert(mode).resize((input_size[2], input_size[1])), dtype=np.float32)
-            t = torch.from_numpy(array / 255.0)
-            t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
+        try:
+            t = _load_file(path, input_size)
+        except Exception as error:  # numpy, torch and Pillow raise many types for a damaged or foreign file
+            if isinstance(error, (OSError, ValueError)) and str(path) in str(error):
+                raise  # it names the file already (the file system's errors, read_checkpoint's)
+            reason = " ".join(str(error).split(". ")[0].split()) or type(error).__name__
+            if "allow_pickle" in str(error):
+                reason = "it holds pickled Python objects, which are never loaded"
+            raise ValueError(f"calibration file {path} cannot be read: {reason}") from error
         tensors.append(t if t.dim() == 4 else t[None])
     return torch.cat([_fit(t, str(f)) for t, f in zip(tensors, files)]) if len(tensors) > 1 else tensors[0]
+
+
+def _load_file(path: Path, input_size) -> Tensor:
+    import numpy as np
+
+    if path.suffix.lower() == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    if path.suffix.lower() == ".pt":
+        from ..checkpoint import read_checkpoint
+
+        t = read_checkpoint(path)
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{path}: expected a tensor, got {type(t).__name__}")
+        return t.float()
+    from PIL import Image
+
+    with Image.open(path) as image:
+        mode = "L" if input_size[0] == 1 else "RGB"
+        array = np.asarray(image.convert(mode).resize((input_size[2], input_size[1])), dtype=np.float32)
+    t = torch.from_numpy(array / 255.0)
+    return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
 
 
 def _fit(t: Tensor, what: str) -> Tensor:

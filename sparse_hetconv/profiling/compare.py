@@ -5,6 +5,8 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch import nn
 
@@ -87,8 +89,11 @@ def latency_vs_part(parts=(2, 4, 8), shape: tuple[int, int, int] | None = None, 
         forms (sequence of str): a subset of the forms above.
 
     Returns:
-        list of dict: one row per (part, form) with ``median_ms``, ``q1_ms``, ``q3_ms``,
-        ``ideal_ms`` (the standard form's time x useful MACs(P) / MACs(P=1)) and ``over_ideal``.
+        list of dict: one row per (part, form) with ``median_ms``, ``min_ms``, ``max_ms``,
+        ``q1_ms``, ``q3_ms``, ``times_ms`` (round order, for :func:`~.verdict.speedup`),
+        ``ideal_ms`` (the standard form's time x useful MACs(P) / MACs(P=1)), ``over_ideal`` and
+        ``useful_macs`` (of the call; the standard form's are all its MACs), ready for
+        :func:`~.verdict.flag_implausible`.
     """
     unknown = sorted(set(forms) - set(_FORMS))
     if unknown:
@@ -104,14 +109,16 @@ def latency_vs_part(parts=(2, 4, 8), shape: tuple[int, int, int] | None = None, 
         calls = {form: (lambda m=modules[form], i=inputs[form]: _no_grad_call(m, i)) for form in forms}
         stats = interleaved_latency(calls, warmup=warmup, repeats=repeats)
         if shape is None:
-            ratio = count_macs(_form_module("sparse_cl", part, None, seed), (1, 3, 32, 32), norm=False) / count_macs(
-                _form_module("standard_cl", part, None, seed), (1, 3, 32, 32), norm=False)
+            useful, full = (count_macs(_form_module(f, part, None, seed), (batch, 3, 32, 32), norm=False)
+                            for f in ("sparse_cl", "standard_cl"))
         else:
-            ratio = HetConvPattern(shape[0], shape[1], part).useful_macs_per_pixel() / (shape[1] * shape[0] * 9)
-        ideal = stats["standard_cl"]["median_ms"] * ratio if "standard_cl" in stats else None
+            useful = HetConvPattern(shape[0], shape[1], part).useful_macs_per_pixel() * batch * size * size
+            full = shape[1] * shape[0] * 9 * batch * size * size
+        ideal = stats["standard_cl"]["median_ms"] * useful / full if "standard_cl" in stats else None
         for form, s in stats.items():
             rows.append({"part": part, "form": form, **s, "ideal_ms": ideal,
-                         "over_ideal": s["median_ms"] / ideal if ideal else None})
+                         "over_ideal": s["median_ms"] / ideal if ideal else None,
+                         "useful_macs": full if form.startswith("standard") else useful})
     return rows
 
 
@@ -120,23 +127,38 @@ def _no_grad_call(module: nn.Module, x: torch.Tensor):
         return module(x)
 
 
-def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"), peak: bool = True) -> list[dict]:
+def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"), peak: bool = True,
+                   repeats: int = 1) -> list[dict]:
     """Training memory of ``vgg16_cifar`` (channels-last, SGD with momentum) for each part and form.
+
+    Forms: ``"masked"``, ``"sparse"``, and ``"standard"``: the same network with standard
+    convolutions (``vgg16_cifar(part=1)``), the baseline, measured once (its row has part 1).
 
     Returns:
         list of dict: one row per (part, form): ``params``, ``grads``, ``optimizer``, ``buffers``,
         ``training`` bytes (:func:`state_bytes`, after one step) and, with ``peak``, ``peak_bytes``
-        (resident) and ``tensor_peak_bytes`` (live tensors) of a training step, measured in a fresh
-        process (:func:`peak_training_memory`).
+        (resident: the median of ``peak_runs = repeats`` fresh processes, with ``peak_min_bytes`` and
+        ``peak_max_bytes``) and ``tensor_peak_bytes`` (live tensors, exact) of a training step
+        (:func:`peak_training_memory`).
+
+    Raises:
+        ValueError: an unknown form or ``repeats < 1``.
     """
+    unknown = sorted(set(forms) - {"standard", "masked", "sparse"})
+    if unknown or repeats < 1:
+        raise ValueError(f"forms {unknown} are not known (choose from standard, masked, sparse) or repeats "
+                         f"({repeats}) < 1")
+    jobs = [(1, "standard")] * ("standard" in forms) + [(p, f) for p in parts for f in forms if f != "standard"]
     rows = []
-    for part in parts:
-        for form in forms:
-            built = vgg_training_step(part=part, form=form, batch=batch)
-            built["step"]()
-            row = {"part": part, "form": form, **state_bytes(built["model"], built["optimizer"])}
-            if peak:
-                measured = peak_training_memory(kwargs={"part": part, "form": form, "batch": batch})
-                row["peak_bytes"], row["tensor_peak_bytes"] = measured["peak_bytes"], measured["tensor_peak_bytes"]
-            rows.append(row)
+    for part, form in jobs:
+        kwargs = {"part": part, "form": "sparse" if form == "standard" else form, "batch": batch}
+        built = vgg_training_step(**kwargs)
+        built["step"]()
+        row = {"part": part, "form": form, **state_bytes(built["model"], built["optimizer"])}
+        if peak:
+            runs = [peak_training_memory(kwargs=kwargs) for _ in range(repeats)]
+            resident = [run["peak_bytes"] for run in runs]
+            row.update(peak_bytes=statistics.median(resident), peak_min_bytes=min(resident),
+                       peak_max_bytes=max(resident), peak_runs=repeats, tensor_peak_bytes=runs[0]["tensor_peak_bytes"])
+        rows.append(row)
     return rows

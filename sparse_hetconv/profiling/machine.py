@@ -40,7 +40,8 @@ def cpu_isa() -> str:
 
 
 def machine_info() -> dict:
-    """CPU (model, ISA), cores, threads, torch and its kernel libraries, GPU, Python, malloc pinning."""
+    """CPU (model, ISA), cores, threads, torch and its kernel libraries, GPU, Python, malloc pinning,
+    and the system's load average over the last minute (POSIX; None elsewhere)."""
     flags = set((_cpuinfo("flags") or "").split())
     return {
         "cpu": _cpuinfo("model name") or platform.processor() or platform.machine(),
@@ -56,6 +57,7 @@ def machine_info() -> dict:
         "mmap_threshold_env": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "trim_threshold_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
         "mmap_threshold_pinned": mmap_threshold_pinned(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,  # runnable processes, 1 min
     }
 
 

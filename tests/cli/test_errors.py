@@ -155,3 +155,69 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("sparse-hetconv convert: error: ") and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    import platform
+
+    import sparse_hetconv
+
+    assert out == f"sparse-hetconv {sparse_hetconv.__version__} (torch {__import__('torch').__version__}, Python " \
+                  f"{platform.python_version()})", out
+
+
+def _damaged_checkpoints(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may pass by mistake, and the reason each error line must give."""
+    import torch
+
+    from sparse_hetconv.models import vgg16_cifar
+
+    torch.save(vgg16_cifar(part=4, form="masked").state_dict(), folder / "good.pt")
+    raw = (folder / "good.pt").read_bytes()
+    cases = {
+        "cut_early.pt": (raw[: len(raw) // 1000], r"truncated or damaged: OSError: \[Errno 22\] Invalid argument"),
+        "cut_half.pt": (raw[: len(raw) // 2], r"truncated or damaged: RuntimeError: PytorchStreamReader failed "
+                                              r"reading zip archive: failed finding central directory\)$"),
+        "notes.txt": (b"hello world\n", r"not a file written by torch.save: it begins with b'hello wo'\)$"),
+        "empty.pt": (b"", r"the file is empty\)$"),
+    }
+    for name, (content, _) in cases.items():
+        (folder / name).write_bytes(content)
+    return {name: (folder / name, reason) for name, (_, reason) in cases.items()}
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_damaged_checkpoints_are_one_line_naming_the_file(command, tmp_path, capsys):
+    """A truncated checkpoint gave a bare "[Errno 22] Invalid argument" naming no file, a text
+    file "torch.load with weights_only=True failed: 101"."""
+    import re
+
+    for name, (path, reason) in _damaged_checkpoints(tmp_path).items():
+        out = tmp_path / "out.pt2"
+        argv = [command, str(path), str(out)] if command == "convert" else [command, str(path), "--out", str(out)]
+        assert main(argv) == 2, name
+        line = _one_error_line(capsys.readouterr().err, command)
+        assert re.search(re.escape(f"{path} is not a readable PyTorch checkpoint (") + reason, line), line
+        assert not out.exists(), f"{name}: something was written"
+
+
+@pytest.mark.parametrize("size, message", [
+    ("1,32,32", r"model vgg16_cifar failed on a random input of shape \(8, 1, 32, 32\) \(RuntimeError: .*\); pass "
+                r"input_size \(--input-size C,H,W\) that it takes"),
+    ("3,1,1", r"failed on a random input of shape \(8, 3, 1, 1\) \(RuntimeError: .*Output size is too small\)"),
+    ("3,-1,32", r"--input-size \(3,-1,32\) must be C,H,W \(or C,D,H,W\): comma-separated ints >= 1, e.g. 3,32,32"),
+    ("3,32", r"--input-size \(3,32\) must be C,H,W"),
+])
+def test_convert_input_size_mistakes(size, message, tmp_path, capsys):
+    import re
+
+    import torch
+
+    from sparse_hetconv.models import vgg16_cifar
+
+    torch.save(vgg16_cifar(part=4, form="masked").state_dict(), tmp_path / "in.pt")
+    assert main(["convert", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"), "--input-size", size]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err, "convert"))
+    assert not (tmp_path / "out.pt").exists()

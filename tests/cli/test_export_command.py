@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -49,6 +50,81 @@ def test_pt2_export_loads_back(checkpoint, tmp_path):
     assert program.module()(torch.randn(4, 3, 16, 16)).shape == (4, 10)
 
 
+def test_int8_pt2_is_compared_with_the_float_model(checkpoint, tmp_path, capsys):
+    """The figure is the int8 program against the float32 model (it compared the quantized
+    program with itself and always said 0.0e+00), and the output line says so."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "int8.pt2"
+    assert main(["export", str(checkpoint), "--out", str(out), "--int8", "--calibration", "digits", *FACTORY]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    found = re.search(r"int8 .*largest difference to the float32 model ([0-9.e+-]+) of the output's magnitude "
+                      r"\(int8 rounding\), top-1 agreement with it on the calibration data ([0-9.]+)%", line)
+    assert found, line
+    from sparse_hetconv.checkpoint import load_model
+    from sparse_hetconv.deploy import digits
+
+    net, _ = load_model(checkpoint, "models:small_net", model_kwargs={"form": "masked"})
+    x = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))  # the command's probe
+    with torch.no_grad():
+        expected, got = net(x), torch.export.load(str(out)).module()(x)
+    difference = float((got - expected).abs().max() / expected.abs().max())
+    assert 0 < difference < 0.2 and float(found[1]) == pytest.approx(difference, rel=0.05, abs=1e-4), (line, difference)
+    assert 50 <= float(found[2]) <= 100, line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "m.onnx", "--format", "pt2"], r"--out \(.*m.onnx\) ends in '.onnx' but --format is pt2: name the file "
+                                             r"m.pt2 or pass --format onnx"),
+    (["--out", "m.pt2", "--format", "onnx"], r"--out \(.*m.pt2\) ends in '.pt2' but --format is onnx"),
+    (["--out", "m.bin"], r"--out \(.*m.bin\) must end in .onnx or .pt2"),
+    (["--out", "m.pt2", "--runtime", "openvino"], r"--runtime is only read with --format onnx \(the format here is "
+                                                  r"pt2\)"),
+    (["--out", "m.onnx", "--input-size", "1,16,16"], r"model models:small_net failed on a random input of shape "
+                                                     r"\(2, 1, 16, 16\) \(RuntimeError: .*\); pass input_size "
+                                                     r"\(--input-size C,H,W\) that it takes"),  # was a traceback
+    (["--out", "m.onnx", "--input-size", "3,0,16"], r"--input-size \(3,0,16\) must be C,H,W \(or C,D,H,W\): "
+                                                    r"comma-separated ints >= 1"),
+    (["--out", "m.onnx", "--input-size", "3,16,16,16"], r"--input-size \(3,16,16,16\) must be C,H,W \(export "
+                                                        r"supports 2-D models\)"),
+])
+def test_option_mistakes_are_one_line_and_write_nothing(checkpoint, tmp_path, capsys, extra, message):
+    extra = [str(tmp_path / v) if v.startswith("m.") else v for v in extra]
+    factory = FACTORY if "--input-size" not in extra else FACTORY[:-2]
+    assert main(["export", str(checkpoint), *extra, *factory]) == 2
+    assert re.search(message, _one_error_line(capsys.readouterr().err))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"], "something was written"
+
+
+def test_damaged_calibration_files_are_named(checkpoint, tmp_path, capsys):
+    """Each damaged or foreign calibration file: one line naming it (a cut .pt file was a
+    RuntimeError traceback, a .npy of pickled objects numpy's advice to load it unsafely)."""
+    pytest.importorskip("PIL")
+    good = tmp_path / "good.npy"
+    np.save(good, np.zeros((2, 3, 16, 16), dtype=np.float32))
+    torch.save(torch.zeros(2, 3, 16, 16), tmp_path / "good.pt")
+    cases = {
+        "cut.pt": ((tmp_path / "good.pt").read_bytes()[:100], r"cut.pt is not a readable PyTorch checkpoint "
+                                                               r"\(truncated or damaged"),
+        "cut.npy": (good.read_bytes()[:100], r"calibration file .*cut.npy cannot be read: EOF"),
+        "objects.npy": (None, r"calibration file .*objects.npy cannot be read: it holds pickled Python objects, which "
+                              r"are never loaded"),
+        "text.png": (b"not an image", r"cannot identify image file .*text.png"),
+    }
+    for name, (content, message) in cases.items():
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        if content is None:
+            np.save(folder / name, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        else:
+            (folder / name).write_bytes(content)
+        out = tmp_path / "int8.onnx"
+        assert main(["export", str(checkpoint), "--out", str(out), "--int8", "--calibration", str(folder),
+                     *FACTORY]) == 2, name
+        assert re.search(message, _one_error_line(capsys.readouterr().err)), name
+        assert not out.exists(), name
+
+
 def test_int8_onnx_with_the_digits(checkpoint, tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "int8.onnx"
@@ -75,7 +151,10 @@ def test_user_mistakes_are_one_line_and_write_nothing(checkpoint, tmp_path, caps
     assert "calibration images have shape (3, 8, 8)" in _one_error_line(capsys.readouterr().err)
     assert not out.exists()
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(out), *FACTORY]) == 2
-    assert "no such checkpoint file" in _one_error_line(capsys.readouterr().err)
+    assert _one_error_line(capsys.readouterr().err).endswith(f"{tmp_path / 'missing.pt'}: checkpoint does not exist")
+    assert main(["export", str(tmp_path / "wrong"), "--out", str(out), *FACTORY]) == 2
+    assert _one_error_line(capsys.readouterr().err).endswith(f"{tmp_path / 'wrong'}: is a folder, expected a checkpoint "
+                                                             "file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "wrong"]
 
 

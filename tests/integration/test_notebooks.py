@@ -1,61 +1,47 @@
 """The profiling notebooks run, in quick mode, on the current interpreter's kernel.
 
-Each notebook is executed with nbclient under ``SPARSE_HETCONV_QUICK=1`` (its small setting);
-a cell that raises fails the test with the cell's error. The kernel is named ``python3`` and is
-resolved, through a temporary ``JUPYTER_PATH``, to this very interpreter (the project's .venv).
+Each notebook is executed with nbclient under ``SPARSE_HETCONV_QUICK=1`` (its small setting) by
+``benchmarks/notebooks.py``, the driver that also runs them in full mode; a cell that raises fails
+the test with the cell's error. The kernel is named ``python3`` and is resolved, through a
+temporary ``JUPYTER_PATH``, to this very interpreter (the project's .venv).
 """
 
-import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy")
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+PUBLIC = ("sparse_hetconv", "sparse_hetconv.models", "sparse_hetconv.deploy", "sparse_hetconv.training")
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory):
-    """A ``python3`` kernelspec that runs this interpreter, first on JUPYTER_PATH."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    spec.joinpath("kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (sparse_hetconv tests)", "language": "python",
-    }))
-    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "SPARSE_HETCONV_QUICK", "MPLBACKEND")}
-    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend puts the plots into the outputs
-    os.environ["JUPYTER_PATH"] = str(root) + os.pathsep + os.environ.get("JUPYTER_PATH", "")
-    os.environ["SPARSE_HETCONV_QUICK"] = "1"
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+def kernel_env():
+    """A ``python3`` kernel of this interpreter, quick mode (``python -m benchmarks.notebooks``'s)."""
+    from benchmarks.notebooks import this_kernel
+
+    with this_kernel(quick=True):
+        yield
 
 
-def test_there_are_four_notebooks():
+def test_there_are_five_notebooks():
     names = [p.name for p in NOTEBOOKS]
-    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb"], names
+    assert names == ["01_latency.ipynb", "02_memory.ipynb", "03_convert_trained_model.ipynb", "04_deploy.ipynb",
+                     "05_reproduce.ipynb"], names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_in_quick_mode(path, kernel_env, tmp_path):
-    notebook = nbformat.read(path, as_version=4)
-    assert notebook.metadata["kernelspec"]["name"] == "python3"
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=240,
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    from benchmarks.notebooks import execute
+
+    assert nbformat.read(path, as_version=4).metadata["kernelspec"]["name"] == "python3"
+    notebook = execute(path, timeout=240, workdir=tmp_path)
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     errors = [o for o in outputs if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
