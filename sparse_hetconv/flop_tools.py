@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ._flop_formulas import register_flop_counter_formulas
+from ._flop_formulas import _macs, register_flop_counter_formulas
 from .masked import MaskedHetConv2d, MaskedHetConv3d, _MaskedHetConvNd
 from .sparse import SparseHetConv2d, SparseHetConv3d, _SparseHetConvNd
 
@@ -65,6 +65,8 @@ def fvcore_handles(model: nn.Module) -> dict[str, Callable]:
       pixel, on its k x k convolution, and every other operation of the layer (the 1 x 1 part of
       any backend: a dense or grouped 1 x 1 convolution, matrix products, the torch.sparse product)
       as zero;
+    * the operator ``sparse_hetconv::het_conv2d`` (the ``fused`` and ``triton`` backends, and
+      ``auto`` where it picks them): the layer's MACs, wherever it is called;
     * inside a masked HetConv layer, count its 1 x 1 convolution as ``N (M - m)`` MACs per pixel
       (the zeroed block diagonal left out; ``gwc`` keeps fvcore's own count);
     * everywhere else, defer to fvcore's own handle for the operation.
@@ -120,6 +122,12 @@ def fvcore_handles(model: nn.Module) -> dict[str, Callable]:
 
         return handle
 
+    def operator(inputs, outputs):
+        # torch.ops.sparse_hetconv.het_conv2d (backend "fused"/"triton"): the whole layer, one call.
+        x, w = jit_handles.get_shape(inputs[0]), jit_handles.get_shape(inputs[1])
+        out = jit_handles.get_shape(outputs[0])
+        return Counter({"conv": _macs(out[0], out[2:], out[1], x[1], x[1] // w[1], w[2:])})
+
     def csr_matmul(inputs, outputs):
         # Outside a sparse layer (a direct call of het_conv): the stored values times the columns.
         values, cols = jit_handles.get_shape(inputs[0]), jit_handles.get_shape(inputs[1])
@@ -133,6 +141,7 @@ def fvcore_handles(model: nn.Module) -> dict[str, Callable]:
         "aten::addmm_": inside_sparse(jit_handles.addmm_flop_jit),
         "aten::bmm": inside_sparse(jit_handles.bmm_flop_jit),
         "prim::PythonOp._CsrMatmul": inside_sparse(csr_matmul),
+        "sparse_hetconv::het_conv2d": operator,
     }
 
 

@@ -8,10 +8,10 @@ argument checks of every entry point. No timing is asserted.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import assert_agrees, oracle
+import sparse_hetconv
 from sparse_hetconv import SparseHetConv2d, ops
 
 CPU_KERNELS = ops.cpu_kernel() is not None
@@ -369,8 +370,7 @@ def test_wide_instructions_live_only_in_their_own_builds():
     """The AVX-512 and AVX2 kernels are compiled with their own flags into one library: no function
     the linker may share between builds (a global or weak symbol) uses ymm or zmm registers, so a
     CPU without AVX-512 never reaches an AVX-512 instruction outside the kernels it selected."""
-    library = next(p for p in (os.path.dirname(ops.__file__),) for p in
-                   [os.path.join(p, f) for f in os.listdir(p) if f.startswith("_C") and f.endswith(".so")])
+    library, = (str(p) for p in Path(sparse_hetconv.__file__).parent.glob("_C*.so"))
     symbols = subprocess.run(["nm", "--defined-only", library], capture_output=True, text=True, check=True).stdout
     shared = {line.split()[2] for line in symbols.splitlines()
               if len(line.split()) == 3 and line.split()[1] in "TWVi" and not line.split()[2].startswith("shc_kernels")}
