@@ -1,14 +1,16 @@
-"""The ``fused`` backend (sparse_hetconv/backends/fused.py, csrc/hetconv_cpu.cpp) against the oracle.
+"""The ``fused`` backend (the operator ``torch.ops.sparse_hetconv.het_conv2d`` with its CPU kernels,
+sparse_hetconv/csrc/kernels.h) against the oracle.
 
-The compiled kernel has three tilings (lanes over filters, "OV", with one group per tile or several
+The kernels have several tilings (lanes over filters, "OV", with one group per tile or several
 under lane masks; its row-wise "direct" variant, whose side taps run by input column; lanes over
-groups, "GVO", with 1-4 filters per tile, in one or several ranges per group), two builds (AVX-512 and AVX2) and two ways of sharing the work between threads
-(pixels, or filter chunks when the pixels are few). Each is swept here over random shapes against
-the float64 definition oracle, forward and every gradient, in float32 (tolerance: 2e-5 of the
-magnitude of the terms each value sums); the calls it does not compute (float64, 3-D, graph
-capture) must resolve to ``blocked``. Dispatch paths (grad modes, memory formats, precisions, call
-history) are swept for every backend, this one included, by tests/integration/test_dispatch.py.
-No timing is asserted.
+groups, "GVO", with 1-4 filters per tile, in one or several ranges per group; the side taps' weight
+gradient with lanes over a group's input channels, "CT"), two builds (AVX-512 and AVX2) and two
+ways of sharing the work between threads (pixels, or filter chunks when the pixels are few). Each
+is swept here over random shapes against the float64 definition oracle, forward and every
+gradient, in float32 (tolerance: 2e-5 of the magnitude of the terms each value sums); the calls the
+kernels do not compute (float64, 3-D) run elsewhere (the operator's stock formulation, or
+``blocked``). Dispatch paths (grad modes, memory formats, precisions, call history) are swept for
+every backend, this one included, by tests/integration/test_dispatch.py. No timing is asserted.
 """
 
 from __future__ import annotations
