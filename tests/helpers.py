@@ -52,18 +52,20 @@ def oracle(x, weight_kxk, weight_1x1, bias, stride, part, padding=None, dilation
     if padding is None:
         padding = tuple(d * (k // 2) for d, k in zip(dilation, kernel))
     padding = (padding,) * dims if isinstance(padding, int) else tuple(padding)
+    size = conv(x[:, :1], weight_kxk[:1, :1], None, stride, padding, dilation).shape[2:]
+    at = (slice(None), slice(None)) + tuple(slice(d * (k // 2) - p, None) for d, k, p in zip(dilation, kernel, padding))
+    crop = (slice(None), slice(None)) + tuple(slice(0, n) for n in size)
     columns = []
     for j in range(out_channels):
-        terms = []
-        for t, c in enumerate(kxk_channels(j, in_channels, out_channels, part)):
-            terms.append(conv(x[:, c:c + 1], weight_kxk[j, t][None, None], None, stride, padding, dilation))
-        size = conv(x[:, :1], weight_kxk[:1, :1], None, stride, padding, dilation).shape[2:]
-        at = (slice(None), slice(None)) + tuple(slice(d * (k // 2) - p, None) for d, k, p in zip(dilation, kernel, padding))
-        for t, c in enumerate(one_by_one_channels(j, in_channels, out_channels, part)):
-            one = weight_1x1[j, t].reshape((1, 1) + (1,) * dims)
-            y = conv(x[at][:, c:c + 1], one, None, stride)
-            terms.append(y[(slice(None), slice(None)) + tuple(slice(0, n) for n in size)])
-        y = torch.stack(terms).sum(0)
+        # Filter j's kernel on channel c is weight_kxk[j, t] for the t-th channel of its block and
+        # weight_1x1[j, t] for the t-th of the others: each channel's products summed by one
+        # convolution per kind of kernel (the sum over channels is the definition's sum).
+        inside = kxk_channels(j, in_channels, out_channels, part)
+        y = conv(x[:, inside], weight_kxk[j][None], None, stride, padding, dilation)
+        outside = one_by_one_channels(j, in_channels, out_channels, part)
+        if outside:
+            ones = weight_1x1[j].reshape((1, len(outside)) + (1,) * dims)
+            y = y + conv(x[at][:, outside], ones, None, stride)[crop]
         if bias is not None:
             y = y + bias[j]
         columns.append(y)
