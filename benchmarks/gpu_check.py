@@ -241,7 +241,7 @@ def network(variants: dict, batch: int, mode: str, warmup: int, repeats: int) ->
             entry["error"] = "not timed: differs from the masked form"
     for kind, fns in (("forward_ms", forwards), ("train_ms", trains)):
         if fns:
-            for name, stats in interleaved_latency(fns, warmup=warmup, repeats=repeats, device="cuda").items():
+            for name, stats in interleaved_latency(fns, warmup=warmup, repeats=repeats).items():
                 results[name][kind] = stats["median_ms"]
     for name, train in trains.items():
         torch.cuda.synchronize()
@@ -265,7 +265,7 @@ def layers(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int)
             masked = sparse.to_masked().to(memory_format=CL)
             dense = nn.Conv2d(s["in_channels"], s["out_channels"], 3, s["stride"], 1, bias=False).cuda().to(
                 memory_format=CL)
-            x = torch.randn(batch, s["in_channels"], s["size"], s["size"], device="cuda").contiguous(memory_format=CL)
+            x = torch.randn(batch, s["in_channels"], s["size"], s["size"]).contiguous(memory_format=CL)
 
             def call(fn):
                 def run():
@@ -287,7 +287,7 @@ def layers(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int)
                 except Exception as error:  # noqa: BLE001
                     notes.append(f"{name} failed: {type(error).__name__}: {error}"[:300])
                     del fns[name]
-            times = interleaved_latency(fns, warmup=warmup, repeats=repeats, device="cuda")
+            times = interleaved_latency(fns, warmup=warmup, repeats=repeats)
             row.update({f"{k}_ms": v["median_ms"] for k, v in times.items()})
             if "standard_ms" in row:
                 row["ideal_ms"] = row["standard_ms"] * s["useful_over_standard"]
@@ -350,7 +350,7 @@ def backward_choices(shapes: list[dict], batch: int, mode: str, warmup: int, rep
                 del fns[name]
             if bad:
                 row["error"] = "not timed (gradients differ from stock): " + ", ".join(bad)
-            times = interleaved_latency(fns, warmup=warmup, repeats=repeats, device=device)
+            times = interleaved_latency(fns, warmup=warmup, repeats=repeats)
             row["ms"] = {name: t["median_ms"] for name, t in times.items()}
             row["fastest"] = min(row["ms"], key=row["ms"].get)
             if SHIPPED_PAIR in row["ms"]:
