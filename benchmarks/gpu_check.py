@@ -52,14 +52,14 @@ from torch import nn
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, ops, to_sparse
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.profiling import interleaved_latency
-from sparse_hetconv.profiling.bench.published import PublishedHetConv, mask_gradients, published_from_masked
+from benchmarks.harness.published import PublishedHetConv, mask_gradients, published_from_masked
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CL = torch.channels_last
 MODES = ("float32", "bfloat16")  # bfloat16: float32 parameters under torch.autocast
 # Optional packages the GPU machine does not have: the CUDA test files must collect without them
-# (tests/profiling/test_gpu_check.py checks that on the CPU by blocking these imports).
+# (tests/benchmarks/test_gpu_check.py checks that on the CPU by blocking these imports).
 BARE_MACHINE_MISSING = ("numpy", "scipy", "spconv", "cumm", "tqdm", "matplotlib", "onnx", "onnxruntime",
                         "onnxscript", "fvcore", "ptflops", "nbclient", "nbformat", "sklearn")
 
