@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-
 __all__ = ["parameter_bytes", "peak_training_memory", "state_bytes", "tensor_peak_bytes"]
 
 # glibc's mmap threshold at the largest value every glibc accepts (32 MiB) and a 1 GiB trim
