@@ -34,8 +34,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
-# int8); about 20 min in all on 2 cores (BENCH_ARGS=--quick: a few min each). Writes
-# benchmarks/results/ (JSON, markdown, plots) and regenerates docs/performance.md.
+# int8); about 20 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes
+# benchmarks/results/ (JSON as results come in, markdown, plots) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(TIMING_ENV) $(PY) -m benchmarks.deploy $(BENCH_ARGS)

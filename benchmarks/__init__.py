@@ -1,7 +1,9 @@
 """The repository's benchmark drivers, run from the repository root with ``python -m benchmarks.<name>``.
 
-* :mod:`.bench` (``make bench``): the package's benchmark (``sparse-hetconv bench``) into
-  ``benchmarks/results/``, then ``docs/performance.md`` from its result (:mod:`.docs_page`).
+* :mod:`.bench` (``make bench``): the latency and memory benchmark (:mod:`.harness.run`) into
+  ``benchmarks/results/``, then ``docs/performance.md`` from its result (:mod:`.docs_page`);
+  :mod:`.deploy` the deployment benchmark (:mod:`.harness.deploy`).
+* :mod:`.harness`: the benchmarks' code and the notebooks' tools (comparisons, verdicts, machine facts).
 * :mod:`.count_tables`: MACs and parameters of VGG-16 and ResNets (``results/count_tables.*``).
 * :mod:`.bench_spconv`: the submanifold layers against spconv (``results/spconv.*``).
 * :mod:`.probe_cost`: what conversion by probing costs per layer (``results/probe_cost_*``).

@@ -56,8 +56,10 @@ def child(args) -> dict:
     from sparse_hetconv import autotune, to_sparse
     from sparse_hetconv.backends import fused
     from sparse_hetconv.models import vgg16_cifar
-    from sparse_hetconv.profiling import interleaved_latency, machine_info, pin_mmap_threshold
-    from sparse_hetconv.profiling.bench.published import mask_gradients, published_from_masked
+    from sparse_hetconv.profiling import interleaved_latency
+
+    from .harness.machine import machine_info, pin_mmap_threshold
+    from .harness.published import mask_gradients, published_from_masked
 
     pin_mmap_threshold()
     torch.set_num_threads(args.threads or torch.get_num_threads())

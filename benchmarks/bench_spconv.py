@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from sparse_hetconv.profiling import interleaved_latency, machine_info, parameter_bytes
+from sparse_hetconv.profiling import interleaved_latency, parameter_bytes
 from sparse_hetconv.submanifold import SubMHetConv3d, default_chunks  # a clear ImportError without spconv
 
 from . import RESULTS
+from .harness.machine import machine_info
 
 import spconv.pytorch as spconv_pt  # noqa: E402  (after the check above)
 from spconv.core import ConvAlgo  # noqa: E402

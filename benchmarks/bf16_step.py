@@ -17,6 +17,8 @@ from torch import nn
 
 from sparse_hetconv import profiling
 
+from .harness import compare, machine, verdict
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bf16_step", description=__doc__.split("\n\n")[0])
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
     def step(dtype):
-        built = profiling.vgg_training_step(part=4, batch=32)
+        built = compare.vgg_training_step(part=4, batch=32)
         model, optimizer = built["model"], built["optimizer"]
 
         def run() -> None:
@@ -40,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = profiling.interleaved_latency({d: step(d) for d in ("float32", "bfloat16")}, warmup=2,
                                           repeats=args.repeats)
-    info = profiling.machine_info()
+    info = machine.machine_info()
     print(f"{info['cpu']} ({', '.join(info['isa_flags'])}), {args.threads} thread(s), torch {info['torch']}, "
           f"load average {info['load_average']}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}, "
           f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY')}")
     for name, s in stats.items():
         print(f"  {name}: {s['median_ms']:.0f} ms [{s['q1_ms']:.0f}-{s['q3_ms']:.0f}]")
-    print("  " + profiling.speedup_text("bfloat16", "float32", profiling.speedup(stats, "bfloat16", "float32")))
+    print("  " + verdict.speedup_text("bfloat16", "float32", verdict.speedup(stats, "bfloat16", "float32")))
 
 
 if __name__ == "__main__":

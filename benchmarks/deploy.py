@@ -1,8 +1,8 @@
 """``make bench`` (second part): the deployment benchmark into ``benchmarks/results/``.
 
-``python -m benchmarks.deploy [sparse-hetconv bench --deploy options]``: writes ``deploy.json``,
-``deploy.md`` and ``deploy.png``; ``python -m benchmarks.docs_page`` puts them into
-docs/performance.md.
+``python -m benchmarks.deploy [--quick] [options]`` (:mod:`benchmarks.harness.deploy`): writes
+``deploy.json``, ``deploy.md`` and ``deploy.png``; when ``--out`` is ``benchmarks/results`` (the
+default) docs/performance.md follows them (``python -m benchmarks.docs_page`` does it by hand).
 """
 
 from __future__ import annotations
@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparse_hetconv.cli.bench import add_arguments
-from sparse_hetconv.profiling.bench import deploy
-
 from . import RESULTS, docs_page
+from .harness import options
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.deploy", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    parser.set_defaults(out=RESULTS, deploy=True)
+    options.deploy(parser)
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 7)
-    result, written = deploy.execute(args, progress=lambda line: print(line, file=sys.stderr))
+    from .harness import deploy
+
+    try:
+        result, written = deploy.execute(args, progress=lambda line: print(line, file=sys.stderr))
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
     if args.out.resolve() == RESULTS.resolve():  # the repository's results: the docs page follows them

@@ -52,14 +52,14 @@ from torch import nn
 from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, ops, to_sparse
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.profiling import interleaved_latency
-from sparse_hetconv.profiling.bench.published import PublishedHetConv, mask_gradients, published_from_masked
+from benchmarks.harness.published import PublishedHetConv, mask_gradients, published_from_masked
 
 ROOT = Path(__file__).resolve().parent.parent
 
 CL = torch.channels_last
 MODES = ("float32", "bfloat16")  # bfloat16: float32 parameters under torch.autocast
 # Optional packages the GPU machine does not have: the CUDA test files must collect without them
-# (tests/profiling/test_gpu_check.py checks that on the CPU by blocking these imports).
+# (tests/benchmarks/test_gpu_check.py checks that on the CPU by blocking these imports).
 BARE_MACHINE_MISSING = ("numpy", "scipy", "spconv", "cumm", "tqdm", "matplotlib", "onnx", "onnxruntime",
                         "onnxscript", "fvcore", "ptflops", "nbclient", "nbformat", "sklearn")
 
@@ -241,7 +241,7 @@ def network(variants: dict, batch: int, mode: str, warmup: int, repeats: int) ->
             entry["error"] = "not timed: differs from the masked form"
     for kind, fns in (("forward_ms", forwards), ("train_ms", trains)):
         if fns:
-            for name, stats in interleaved_latency(fns, warmup=warmup, repeats=repeats, device="cuda").items():
+            for name, stats in interleaved_latency(fns, warmup=warmup, repeats=repeats).items():
                 results[name][kind] = stats["median_ms"]
     for name, train in trains.items():
         torch.cuda.synchronize()
@@ -265,7 +265,7 @@ def layers(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int)
             masked = sparse.to_masked().to(memory_format=CL)
             dense = nn.Conv2d(s["in_channels"], s["out_channels"], 3, s["stride"], 1, bias=False).cuda().to(
                 memory_format=CL)
-            x = torch.randn(batch, s["in_channels"], s["size"], s["size"], device="cuda").contiguous(memory_format=CL)
+            x = torch.randn(batch, s["in_channels"], s["size"], s["size"]).contiguous(memory_format=CL)
 
             def call(fn):
                 def run():
@@ -287,7 +287,7 @@ def layers(shapes: list[dict], batch: int, mode: str, warmup: int, repeats: int)
                 except Exception as error:  # noqa: BLE001
                     notes.append(f"{name} failed: {type(error).__name__}: {error}"[:300])
                     del fns[name]
-            times = interleaved_latency(fns, warmup=warmup, repeats=repeats, device="cuda")
+            times = interleaved_latency(fns, warmup=warmup, repeats=repeats)
             row.update({f"{k}_ms": v["median_ms"] for k, v in times.items()})
             if "standard_ms" in row:
                 row["ideal_ms"] = row["standard_ms"] * s["useful_over_standard"]
@@ -350,7 +350,7 @@ def backward_choices(shapes: list[dict], batch: int, mode: str, warmup: int, rep
                 del fns[name]
             if bad:
                 row["error"] = "not timed (gradients differ from stock): " + ", ".join(bad)
-            times = interleaved_latency(fns, warmup=warmup, repeats=repeats, device=device)
+            times = interleaved_latency(fns, warmup=warmup, repeats=repeats)
             row["ms"] = {name: t["median_ms"] for name, t in times.items()}
             row["fastest"] = min(row["ms"], key=row["ms"].get)
             if SHIPPED_PAIR in row["ms"]:

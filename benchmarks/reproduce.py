@@ -32,13 +32,14 @@ from pathlib import Path
 
 import torch
 
-from sparse_hetconv import autotune, count_macs, count_params, profiling, to_masked, to_sparse
+from sparse_hetconv import autotune, count_macs, count_params, to_masked, to_sparse
 from sparse_hetconv.models import vgg16_cifar
-from sparse_hetconv.profiling.bench.published import mask_gradients, published_from_masked
 from sparse_hetconv.training import evaluate, load_fashion_mnist, normalize, train_epoch
 
 from . import RESULTS
 from . import reproduce_report as report
+from .harness.machine import machine_info, pin_mmap_threshold
+from .harness.published import mask_gradients, published_from_masked
 
 ROOT = RESULTS.parent.parent
 INPUT = (3, 32, 32)
@@ -263,8 +264,8 @@ def main(argv=None) -> int:
         print(f"python -m benchmarks.reproduce: error: {error}", file=sys.stderr)
         return 2
     if not args.report_only:
-        profiling.pin_mmap_threshold()
-        machine = {key: value for key, value in profiling.machine_info().items()
+        pin_mmap_threshold()
+        machine = {key: value for key, value in machine_info().items()
                    if key in ("cpu", "isa", "isa_flags", "cores", "threads", "torch", "python")}
         done = {(r["part"], r["form"], r["seed"]) for r in results["runs"]}
         todo = [run for run in plan(recipe) if run not in done]

@@ -18,8 +18,8 @@ in one of three modes:
   plus backward when training) and the fastest kept, on any device.
 
 Under ``torch.compile`` / ``torch.export`` the choice is the cost model's (a traced graph cannot
-time anything, and must not guard on the cache). ``sparse-hetconv bench`` reports, per layer,
-auto's pick beside the fastest backend measured.
+time anything, and must not guard on the cache). The repository's ``make bench`` reports, per
+layer, auto's pick beside the fastest backend measured.
 
 The cost model, in multiply-accumulate equivalents. A convolution with ``c_in`` input and
 ``c_out`` output channels per group runs at an efficiency ``e(c_in) e(c_out)`` of its peak, with

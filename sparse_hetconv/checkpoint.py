@@ -44,9 +44,8 @@ _IGNORABLE_MISSING = ("num_batches_tracked",)
 def save_atomic(obj: object, path: str | Path) -> None:
     """``torch.save(obj, path)`` through a temporary file in the same folder and a rename
     (:func:`sparse_hetconv._files.atomic_write`): ``path`` holds its previous content or the whole
-    new one, never a part; no temporary file is left on an error, Ctrl-C or SIGTERM, and those of
-    killed writers are removed by the next write into the folder. The file gets the mode
-    ``open()`` would give it.
+    new one, never a part; no temporary file is left on an error or Ctrl-C (a killed process
+    leaves a hidden ``.NAME.*.tmp``). The file gets the mode ``open()`` would give it.
 
     Raises:
         FileNotFoundError: the folder of ``path`` does not exist.

@@ -2,7 +2,7 @@
 
 Tests convert these with the library and compare outputs; nothing here imports the library, so a
 bug in the library cannot hide in its own reference. (The benchmark's timing reference lives in
-``sparse_hetconv.profiling.bench.published``; it also masks gradients the published way.)
+``benchmarks.harness.published``; it also masks gradients the published way.)
 """
 
 from __future__ import annotations

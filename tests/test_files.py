@@ -1,9 +1,8 @@
 """Atomic writes (sparse_hetconv._files) and the checkpoint reader/writer built on them.
 
 A destination holds its previous content or the whole new one; no temporary file survives a
-failure; the temporary files of killed writers are removed by the next write into the folder;
-files get the mode ``open()`` gives; output checks fail before the work. The kill tests of whole
-commands are in tests/cli/test_faults.py.
+failure; files get the mode ``open()`` gives; output checks fail before the work. The kill tests
+of whole commands are in tests/cli/test_faults.py.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import errno
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparse_hetconv import _files
-from sparse_hetconv._files import (atomic_write, check_output_file, check_output_folder, remove_stale_temporaries,
-                                   temporary_name)
+from sparse_hetconv._files import atomic_write, check_output_file, check_output_folder
 from sparse_hetconv.checkpoint import read_checkpoint, save_atomic
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="file modes, signals and process ids are POSIX here")
@@ -31,13 +26,6 @@ POSIX = pytest.mark.skipif(os.name != "posix", reason="file modes, signals and p
 
 def _temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(".*.tmp"))
-
-
-def _dead_pid() -> int:
-    """The id of a process that has ended (its id is not reused within the test)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
 
 
 def _unwritable(tmp_path: Path) -> Path:
@@ -165,68 +153,6 @@ def test_sigterm_with_the_programs_own_handler_cleans_up_and_keeps_the_handler(t
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert target.read_bytes() == b"previous" and not _temporaries(tmp_path)
-
-
-@POSIX
-def test_the_default_sigterm_handling_is_restored_after_a_write(tmp_path):
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        atomic_write(tmp_path / "out.bin", lambda file: file.write(b"x"))
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the write must restore SIGTERM's handling"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-# -- stale temporary files ------------------------------------------------------------------------
-@POSIX
-def test_the_next_write_removes_temporaries_of_ended_processes_and_says_so(tmp_path):
-    dead = tmp_path / f".best.pt.{_dead_pid()}.0123abcd.tmp"
-    mine_but_old = tmp_path / f".last.pt.{os.getpid()}.feedbeef.tmp"  # an earlier process had this id
-    for path in (dead, mine_but_old):
-        path.write_bytes(b"partial")
-    with pytest.warns(UserWarning, match=r"removed 2 temporary file\(s\) left in .* by interrupted writes"):
-        atomic_write(tmp_path / "other.pt", lambda file: file.write(b"x"))
-    assert not dead.exists() and not mine_but_old.exists()
-    assert _temporaries(tmp_path) == []
-
-
-@POSIX
-def test_temporaries_of_live_writers_and_of_other_programs_are_kept(tmp_path):
-    live = tmp_path / f".model.pt.{os.getppid()}.0123abcd.tmp"  # the parent process is alive
-    foreign = tmp_path / ".notes.txt.swp.tmp"  # not a name this library writes
-    legacy_other = tmp_path / ".other.pt.abcd_123.tmp"  # 0.1's name, for a file not being written
-    for path in (live, foreign, legacy_other):
-        path.write_bytes(b"x")
-    old = time.time() - 3600
-    os.utime(legacy_other, (old, old))
-    assert remove_stale_temporaries(tmp_path, "out.pt") == []
-    assert live.exists() and foreign.exists() and legacy_other.exists()
-
-
-@POSIX
-def test_legacy_temporaries_of_the_same_file_older_than_this_process_are_removed(tmp_path):
-    legacy = tmp_path / ".out.pt.abcd_123.tmp"  # tempfile.mkstemp's name in 0.1
-    legacy.write_bytes(b"partial")
-    old = time.time() - 3600
-    os.utime(legacy, (old, old))
-    with pytest.warns(UserWarning, match=r"removed 1 temporary file"):
-        atomic_write(tmp_path / "out.pt", lambda file: file.write(b"x"))
-    assert not legacy.exists()
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times are read from /proc")
-def test_a_reused_process_id_is_recognised_by_the_start_time():
-    """A file last written before the process that now has its id started is stale."""
-    started = _files._process_start(os.getppid())
-    assert started is not None and started <= time.time(), "the parent's start time must be readable"
-    assert _files._stale(os.getppid(), started - 60), "written a minute before that process started: stale"
-    assert not _files._stale(os.getppid(), time.time()), "written now by a live process: not stale"
-
-
-def test_temporary_names_carry_the_process_id(tmp_path):
-    name = temporary_name(tmp_path / "best.pt").name
-    assert name.startswith(f".best.pt.{os.getpid()}.") and name.endswith(".tmp")
-    assert _files._TEMPORARY.match(name), name
 
 
 # -- checks before the work -----------------------------------------------------------------------

@@ -4,7 +4,8 @@ Layers, from the bottom: index math and checks; the registered operator and the 
 the layers; converters, counting, fusion, FLOP tools and models; checkpoints and the spconv
 layers; the measuring tools and the trainer; the command line. A module may import
 modules of its own layer or below (never a cycle), never one above — imports inside functions
-included, so a lazy import cannot hide an upward edge.
+included, so a lazy import cannot hide an upward edge. The repository's ``benchmarks/`` (the
+benchmark harness, the notebooks' tools) sits above them all: the package never imports it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def test_no_module_imports_a_layer_above_its_own():
               for name, deps in sorted(GRAPH.items()) for dep in sorted(deps)
               if layer_of(dep) > layer_of(name) and not dep.startswith(name + ".")]
     assert not upward, "imports must run one way:\n" + "\n".join(upward)
+
+
+def test_the_package_never_imports_the_repository_benchmarks():
+    def top_level(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.partition(".")[0])
+        return names
+
+    upward = sorted(name for name, path in MODULES.items() if "benchmarks" in top_level(path))
+    assert not upward, f"the package imports benchmarks/ (which imports the package): {upward}"
 
 
 def test_the_import_graph_has_no_cycle():

@@ -25,7 +25,7 @@ __all__ = ["build_parser", "describe_error", "main", "nonnegative_float", "nonne
 
 # Modules that define subcommands; each has add_parser(subparsers).
 _COMMANDS = ["sparse_hetconv.cli.demo", "sparse_hetconv.cli.train", "sparse_hetconv.cli.convert",
-             "sparse_hetconv.cli.export", "sparse_hetconv.cli.bench"]
+             "sparse_hetconv.cli.export"]
 # What a user's input or the environment raises: reported in one line. OSError covers the
 # file system (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, a full disk).
 _USER_ERRORS = (ValueError, TypeError, OSError, MissingExtraError)  # an optional dependency that is not installed

@@ -1,8 +1,9 @@
 """The child process of :func:`sparse_hetconv.profiling.peak_training_memory`.
 
 ``python -m sparse_hetconv.profiling._memory_worker SPEC``: SPEC is the JSON of ``builder``
-(``"module:function"``), ``kwargs``, ``steps``, ``path``, ``threads`` and ``pin``. The result is
-written to stdout as one line ``RESULT {json}``.
+(``"module:function"``), ``kwargs``, ``steps``, ``path`` and ``threads`` (glibc's malloc thresholds
+come from the environment the parent sets). The result is written to stdout as one line
+``RESULT {json}``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ def main(argv: list[str]) -> int:
     sys.path[:0] = spec["path"]
     import torch
 
-    from sparse_hetconv.profiling.malloc import mmap_threshold_pinned, pin_mmap_threshold
     from sparse_hetconv.profiling.memory import (_peak_rss_bytes, _reset_peak_rss, _rss_bytes, state_bytes,
                                                  tensor_peak_bytes)
 
     torch.set_num_threads(spec["threads"])
-    if spec["pin"]:
-        pin_mmap_threshold()
     module, _, name = spec["builder"].partition(":")
     builder = getattr(importlib.import_module(module), name)
     base = _rss_bytes()
@@ -36,7 +34,7 @@ def main(argv: list[str]) -> int:
     tensor_peak = tensor_peak_bytes(built["step"], built["model"], built.get("optimizer"))
     result = {"peak_bytes": peak - base, "build_bytes": after_build - base, "baseline_bytes": base,
               "tensor_peak_bytes": tensor_peak, "state": state_bytes(built["model"], built.get("optimizer")),
-              "pinned": mmap_threshold_pinned(), "peak_reset": reset}
+              "peak_reset": reset}
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     return 0
 

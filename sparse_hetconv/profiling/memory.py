@@ -15,9 +15,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .malloc import MMAP_THRESHOLD, TRIM_THRESHOLD
-
 __all__ = ["parameter_bytes", "peak_training_memory", "state_bytes", "tensor_peak_bytes"]
+
+# glibc's mmap threshold at the largest value every glibc accepts (32 MiB) and a 1 GiB trim
+# threshold: freed activations stay in the heap instead of being faulted in afresh at every step.
+_PINNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -138,9 +140,8 @@ def _rss_bytes() -> int:
         return _maxrss_bytes()
 
 
-def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_training_step", kwargs: dict | None = None,
-                         steps: int = 2, threads: int | None = None, path: list[str] | None = None,
-                         pin: bool = True, timeout: float = 600) -> dict:
+def peak_training_memory(builder: str, kwargs: dict | None = None, steps: int = 2, threads: int | None = None,
+                         path: list[str] | None = None, pin: bool = True, timeout: float = 600) -> dict:
     """Peak memory of training steps, measured in a fresh Python process.
 
     The process imports torch and the builder, records its resident memory and resets its peak
@@ -152,17 +153,19 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_tr
     exact peak of live tensor bytes (deterministic; no allocator overhead).
 
     Args:
-        builder (str): ``"module:function"``, importable in the child process.
+        builder (str): ``"module:function"``, importable in the child process (the repository's
+            ``benchmarks.harness.compare:vgg_training_step`` builds VGG-16 with SGD).
         kwargs (dict, optional): JSON-serialisable keyword arguments of the builder.
         steps (int): training steps to run (the first one creates gradients and optimizer state).
         threads (int, optional): torch threads in the child; default this process's.
         path (list of str, optional): directories prepended to the child's ``sys.path``.
-        pin (bool): pin glibc's mmap threshold in the child (:func:`pin_mmap_threshold`).
+        pin (bool): pin glibc's mmap and trim thresholds in the child (``MALLOC_MMAP_THRESHOLD_`` and
+            ``MALLOC_TRIM_THRESHOLD_`` in its environment).
         timeout (float): seconds before the child is abandoned.
 
     Returns:
         dict: ``peak_bytes``, ``tensor_peak_bytes``, ``build_bytes``, ``baseline_bytes``, ``state``
-        (see :func:`state_bytes`), ``pinned`` and ``peak_reset`` (whether the peak could be reset).
+        (see :func:`state_bytes`) and ``peak_reset`` (whether the peak could be reset).
 
     Raises:
         ValueError: ``builder`` is not ``"module:function"`` or ``steps < 1``.
@@ -173,11 +176,8 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_tr
     if steps < 1:
         raise ValueError(f"steps ({steps}) must be >= 1")
     spec = {"builder": builder, "kwargs": kwargs or {}, "steps": steps, "path": list(path or []),
-            "threads": threads or torch.get_num_threads(), "pin": pin}
-    env = dict(os.environ)
-    if pin:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-        env["MALLOC_TRIM_THRESHOLD_"] = str(TRIM_THRESHOLD)
+            "threads": threads or torch.get_num_threads()}
+    env = {**os.environ, **(_PINNED_MALLOC if pin else {})}
     try:
         proc = subprocess.run([sys.executable, "-m", "sparse_hetconv.profiling._memory_worker", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=timeout)
@@ -189,9 +189,6 @@ def peak_training_memory(builder: str = "sparse_hetconv.profiling.compare:vgg_tr
         raise RuntimeError(f"peak_training_memory: the child process for {builder} failed "
                            f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(lines[-1][len("RESULT "):])
-
-
-# -- ready-made comparisons for the notebooks -------------------------------------------------------
 
 
 def _maxrss_bytes() -> int:

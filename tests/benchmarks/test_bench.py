@@ -1,4 +1,4 @@
-"""The benchmark: a tiny run of ``sparse-hetconv bench``, the docs page made from it, its references.
+"""The benchmark: a tiny run of ``python -m benchmarks.bench``, the docs page made from it, its references.
 
 No timing is ever asserted: only that every number exists, is finite, and that the exact
 quantities (outputs, training-state bytes) are what they must be.
@@ -24,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--parts", "2", "--batch", "2", "--repeats", "1", "--warmup", "1", "--levels", "layer",
+    argv = ["--parts", "2", "--batch", "2", "--repeats", "1", "--warmup", "1", "--levels", "layer",
             "--shapes", "1", "--no-profile", "--variants", "standard_cl", "published", "masked_cl",
             "sparse_grouped_cl", "sparse_auto_cl", "--out", str(out)]
     # A separate process: the benchmark sets process-wide state (threads, malloc, denormals).
-    proc = subprocess.run([sys.executable, "-m", "sparse_hetconv", *argv], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text())
 
@@ -41,7 +41,8 @@ def test_bench_writes_json_tables_and_plot(tiny_run):
     assert result["machine"]["threads"] == torch.get_num_threads()
     assert result["machine"]["cpu"], "the machine must be named in the output"
     text = (out / "bench.md").read_text()
-    assert "## Targets" in text and "threads" in text and "sparse-hetconv bench" in text
+    assert "## Targets" in text and "threads" in text and "python -m benchmarks.bench" in text
+    assert result["finished"] is True
 
 
 def test_bench_rows_are_complete_and_checked(tiny_run):
@@ -87,7 +88,7 @@ def test_repository_docs_page_renders_from_a_run(tiny_run, tmp_path):
 
 def test_published_module_masks_gradients_and_matches_the_library():
     from sparse_hetconv import MaskedHetConv2d
-    from sparse_hetconv.profiling.bench.published import LoopHetConv, mask_gradients, published_from_masked
+    from benchmarks.harness.published import LoopHetConv, mask_gradients, published_from_masked
 
     torch.manual_seed(0)
     masked = MaskedHetConv2d(8, 8, 4, dtype=torch.float64)
@@ -108,17 +109,21 @@ def test_published_module_masks_gradients_and_matches_the_library():
     (["--parts", "2", "3"], "parts holds 3, expected divisors of VGG-16's 64 channels"),
 ])
 def test_bad_options_are_refused_before_any_work(argv, message, tmp_path, capsys):
-    from sparse_hetconv import cli
+    from benchmarks.bench import main
 
-    assert cli.main(["bench", *argv, "--out", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as status:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert status.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists(), "nothing may be written"
 
 
 def test_an_output_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
-    from sparse_hetconv import cli
+    from benchmarks.bench import main
 
     (tmp_path / "afile").write_text("x")
-    assert cli.main(["bench", "--parts", "2", "--out", str(tmp_path / "afile")]) == 2
+    with pytest.raises(SystemExit) as status:
+        main(["--parts", "2", "--out", str(tmp_path / "afile")])
+    assert status.value.code == 2
     assert "is a file, expected a folder" in capsys.readouterr().err

@@ -1,31 +1,35 @@
 """Ready-made comparisons of the HetConv forms for the notebooks: latency and memory against P.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+Built on the package's measuring tools (:mod:`sparse_hetconv.profiling`). HetConv: Singh et al.,
+CVPR 2019, https://arxiv.org/abs/1903.04120.
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..counting import count_macs
-from ..masked import MaskedHetConv2d
-from ..models import vgg16_cifar
-from ..pattern import HetConvPattern
-from ..sparse import SparseHetConv2d
-from .memory import peak_training_memory, state_bytes
-from .timing import interleaved_latency
+from sparse_hetconv.counting import count_macs
+from sparse_hetconv.masked import MaskedHetConv2d
+from sparse_hetconv.models import vgg16_cifar
+from sparse_hetconv.pattern import HetConvPattern
+from sparse_hetconv.profiling import interleaved_latency, peak_training_memory, state_bytes
+from sparse_hetconv.sparse import SparseHetConv2d
 
 __all__ = ["latency_vs_part", "memory_vs_part", "vgg_training_step"]
+
+REPO = Path(__file__).resolve().parents[2]  # the memory subprocesses import this module from here
 
 
 def vgg_training_step(part: int = 4, form: str = "sparse", batch: int = 32, memory_format: str = "channels_last",
                       backend: str = "auto", seed: int = 0) -> dict:
     """Build ``vgg16_cifar`` with SGD (momentum 0.9, weight decay 5e-4) and one step on random data.
 
-    The builder :func:`peak_training_memory` uses by default; also handy on its own.
+    The builder :func:`memory_vs_part` gives :func:`~sparse_hetconv.profiling.peak_training_memory`;
+    also handy on its own.
 
     Returns:
         dict: ``step`` (a callable running forward, cross-entropy, backward and the SGD step),
@@ -156,7 +160,8 @@ def memory_vs_part(parts=(2, 4, 8), batch: int = 32, forms=("masked", "sparse"),
         built["step"]()
         row = {"part": part, "form": form, **state_bytes(built["model"], built["optimizer"])}
         if peak:
-            runs = [peak_training_memory(kwargs=kwargs) for _ in range(repeats)]
+            runs = [peak_training_memory(f"{__name__}:vgg_training_step", kwargs, path=[str(REPO)])
+                    for _ in range(repeats)]
             resident = [run["peak_bytes"] for run in runs]
             row.update(peak_bytes=statistics.median(resident), peak_min_bytes=min(resident),
                        peak_max_bytes=max(resident), peak_runs=repeats, tensor_peak_bytes=runs[0]["tensor_peak_bytes"])

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..._frozen import FrozenCompiled
-from ...convert import to_sparse
-from ...fuse import fuse_bn
-from ...masked import MaskedHetConv2d
-from ...models import vgg16_cifar
-from ...sparse import SparseHetConv2d
+from sparse_hetconv._frozen import FrozenCompiled
+from sparse_hetconv.convert import to_sparse
+from sparse_hetconv.fuse import fuse_bn
+from sparse_hetconv.masked import MaskedHetConv2d
+from sparse_hetconv.models import vgg16_cifar
+from sparse_hetconv.sparse import SparseHetConv2d
 from .published import LoopHetConv, PublishedHetConv, mask_gradients, published_from_masked
 
 CL = torch.channels_last

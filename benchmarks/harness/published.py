@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...masked import MaskedHetConv2d
+from sparse_hetconv.masked import MaskedHetConv2d
 
 __all__ = ["PublishedHetConv", "LoopHetConv", "mask_gradients", "published_from_masked"]
 

@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime", reason="the deploy extra is not installed")
 pytest.importorskip("openvino", reason="the deploy extra is not installed")
 pytest.importorskip("torchao", reason="the deploy extra is not installed")
 
-from sparse_hetconv.profiling.bench import deploy_report as D  # noqa: E402
+from benchmarks.harness import deploy_report as D  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("eager", "compiled", "ort_published", "ort", "openvino", "int8_pt2e", "int8_ort")
@@ -26,9 +26,9 @@ VARIANTS = ("eager", "compiled", "ort_published", "ort", "openvino", "int8_pt2e"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("deploy")
-    argv = ["bench", "--deploy", "--models", "vgg16_cifar", "--parts", "1", "4", "--batch", "2", "--repeats", "1",
+    argv = ["--models", "vgg16_cifar", "--parts", "1", "4", "--batch", "2", "--repeats", "1",
             "--warmup", "1", "--no-forms", "--no-accuracy", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "sparse_hetconv", *argv], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.deploy", *argv], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "deploy.json").read_text())

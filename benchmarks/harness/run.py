@@ -1,14 +1,15 @@
 """HetConv latency and memory benchmark: VGG-16 / CIFAR-10, every layer shape and the network.
 
-Run by ``sparse-hetconv bench`` and ``make bench``; ``--quick`` for a short run. For each part P,
-each timing *set* (one level — a layer shape or the whole network —, one P, one mode) builds every
-variant of :mod:`variants` from the same weights, checks that their outputs agree, warms them up
-and times them in interleaved rounds (medians). Modes: ``forward_b1`` and ``forward_b<batch>``
-(eval, ``no_grad``) and ``train_b<batch>`` (forward, loss, backward, SGD step; the published form
-masks its gradients after backward). Then peak training memory of each network variant in a fresh
-process, training-state bytes, and a ``torch.profiler`` table of the shipped model. Writes
-``bench.json``, ``bench.md``, ``layers.md``, ``profiles.md`` and ``latency_vs_p.png`` in
-``--out``; the repository's ``make bench`` also regenerates docs/performance.md from them.
+Run by ``python -m benchmarks.bench`` (``make bench``); ``--quick`` for a short run. For each part
+P, each timing *set* (one level — a layer shape or the whole network —, one P, one mode) builds
+every variant of :mod:`.variants` from the same weights, checks that their outputs agree, warms
+them up and times them in interleaved rounds (medians). Modes: ``forward_b1`` and
+``forward_b<batch>`` (eval, ``no_grad``) and ``train_b<batch>`` (forward, loss, backward, SGD
+step; the published form masks its gradients after backward). Then peak training memory of each
+network variant in a fresh process, training-state bytes, and a ``torch.profiler`` table of the
+shipped model. ``bench.json`` in ``--out`` is rewritten (atomically) after every set and memory
+measurement, so a stopped run keeps what it measured (``"finished": false``); ``bench.md``,
+``layers.md``, ``profiles.md`` and the plots follow at the end.
 """
 
 from __future__ import annotations
@@ -23,18 +24,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ... import profiling
-from ..._files import check_output_folder
-from ...counting import count_macs, count_params
-from ...models import vgg16_cifar
-from ...pattern import HetConvPattern
-from ..machine import gemm_gflops
+from sparse_hetconv import profiling
+from sparse_hetconv._files import atomic_write, check_output_folder
+from sparse_hetconv.counting import count_macs, count_params
+from sparse_hetconv.models import vgg16_cifar
+from sparse_hetconv.pattern import HetConvPattern
+
+from .machine import gemm_gflops, machine_info, pin_mmap_threshold
 from . import report
 from . import variants as V
 
 PARTS = (1, 2, 4, 8, 16, 32, 64)
-QUICK_PARTS = (2, 4, 64)
-QUICK_SHAPES = ((64, 64, 32), (256, 256, 8), (512, 512, 2))
+# --quick: what answers "is the shipped form faster than the published one and the standard
+# convolution?" at the paper's P = 4, in the time options.QUICK_BENCH states (measured).
+QUICK_PARTS = (4,)
+QUICK_SHAPES = ((64, 64, 32), (512, 512, 2))
+QUICK_VARIANTS = ("standard_cl", "published", "masked_cl", "sparse_auto_cl")
+QUICK_REPEATS = 2
+REPO = Path(__file__).resolve().parents[2]  # the memory subprocesses import benchmarks.harness from here
 MEMORY_VARIANTS = ("standard_nchw", "standard_cl", "published", "masked_nchw", "masked_cl", "sparse_auto_nchw",
                    "sparse_auto_cl")
 COMPILE_PARTS = (2, 4)  # torch.compile costs ~12 s per model and batch size: only where the ideal target is
@@ -158,8 +165,8 @@ def add_ratios(rows: list) -> None:
                 row["over_ideal"] = ms / row["ideal_ms"]
 
 
-def run_memory(parts, variants, args, bar) -> list:
-    results = []
+def run_memory(parts, variants, args, bar, results: list, save) -> None:
+    """Peak training memory of each network variant in a fresh process; ``save()`` after each."""
     for part in parts:
         expected = count_params(vgg16_cifar(part=part, memory_format=None)) * 4  # float32, existing kernels
         for name in variants:
@@ -167,14 +174,14 @@ def run_memory(parts, variants, args, bar) -> list:
                 continue
             bar.set_description(f"memory P={part} {name}")
             try:
-                got = profiling.peak_training_memory("sparse_hetconv.profiling.bench.variants:memory_case",
+                got = profiling.peak_training_memory("benchmarks.harness.variants:memory_case",
                                                      {"variant": name, "part": part, "batch": args.batch}, steps=2,
-                                                     threads=args.threads)
+                                                     threads=args.threads, path=[str(REPO)])
                 results.append({"part": part, "variant": name, "expected_param_bytes": expected, **got})
             except RuntimeError as error:
                 results.append({"part": part, "variant": name, "error": str(error)[-500:]})
             bar.update(1)
-    return results
+            save()
 
 
 def run_profiles(parts, args) -> list:
@@ -200,72 +207,66 @@ def run_profiles(parts, args) -> list:
     return tables
 
 
-def _command() -> str:
-    argv = list(sys.argv[1:])
-    if Path(sys.argv[0]).match("benchmarks/bench.py"):  # the repository's ``make bench``
-        return " ".join(["python -m benchmarks.bench"] + argv)
-    if argv[:1] == ["bench"]:  # called as ``python -m sparse_hetconv bench ...``
-        argv = argv[1:]
-    return " ".join(["sparse-hetconv bench"] + argv)
-
-
 def execute(args: argparse.Namespace) -> tuple[dict, list[Path]]:
-    """Run the benchmark the parsed ``args`` describe; write ``bench.json`` and the reports into
-    ``args.out``. Returns the result and the paths written (``bench.json`` first)."""
+    """Run the benchmark the parsed ``args`` describe, rewriting ``bench.json`` in ``args.out`` as
+    results come in; write the reports at the end. Returns the result and the paths written
+    (``bench.json`` first)."""
     parts = tuple(args.parts or (QUICK_PARTS if args.quick else PARTS))
     for part in parts:  # before any work: every VGG-16 layer (64 to 512 channels) must take it
         if part not in PARTS:
             raise ValueError(f"parts holds {part}, expected divisors of VGG-16's 64 channels: {list(PARTS)}")
+    names = tuple(args.variants or (QUICK_VARIANTS if args.quick else V.ALL))
+    unknown = sorted(set(names) - set(V.ALL))
+    if unknown:
+        raise ValueError(f"variants {unknown} are not known; choose from {V.ALL}")
+    if args.no_compile or args.quick:
+        names = tuple(n for n in names if n not in V.COMPILED)
     check_output_folder(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    pinned = profiling.pin_mmap_threshold()
+    pinned = pin_mmap_threshold()
     torch.set_flush_denormal(True)
-    args.repeats = args.repeats or (5 if args.quick else 11)
-    names = tuple(args.variants or V.ALL)
-    if args.no_compile or (args.quick and not args.variants):
-        names = tuple(n for n in names if n not in V.COMPILED)
-    unknown = sorted(set(names) - set(V.ALL))
-    if unknown:
-        raise ValueError(f"variants {unknown} are not known; choose from {V.ALL}")
+    args.repeats = args.repeats or (QUICK_REPEATS if args.quick else 11)
     shapes = QUICK_SHAPES if args.quick else V.LAYER_SHAPES
     shapes = shapes[:args.shapes] if args.shapes else shapes
     memory_parts = () if args.no_memory else ((4,) if args.quick else parts)
     memory_variants = [n for n in MEMORY_VARIANTS if n in names]
-    profile_parts = () if args.no_profile else tuple(p for p in (2, 4) if p in parts)
+    profile_parts = () if args.no_profile or args.quick else tuple(p for p in (2, 4) if p in parts)
     sets = [("network", None, p) for p in parts if "network" in args.levels]
     sets += [("layer", s, p) for p in parts for s in shapes if "layer" in args.levels]
     total = len(sets) * 3 * len(names) * args.repeats + len(memory_parts) * len(memory_variants)
-    info = profiling.machine_info()
+    info = machine_info()
     info["mallopt_pinned"] = pinned
-    info["gemm_gflops"] = gemm_gflops()  # the practical peak the rows' GFLOP/s are read against
+    info["gemm_gflops"] = gemm_gflops(1024 if args.quick else 2048)  # the practical peak the GFLOP/s are read against
     info["sgemm_gflops"] = max(info["gemm_gflops"].values())
-    rows, checks = [], []
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    result = {"command": " ".join(["python -m benchmarks.bench"] + sys.argv[1:]), "machine": info,
+              "config": {"parts": parts, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+                         "threads": args.threads, "quick": args.quick, "variants": names,
+                         "shapes": [list(s) for s in shapes], "levels": args.levels},
+              "finished": False, "seconds": 0.0, "rows": [], "checks": [], "memory": [], "profiles": []}
+
+    def save() -> None:  # atomically: a run stopped at any moment leaves the last complete state
+        result["seconds"] = time.time() - start
+        add_ratios(result["rows"])
+        text = json.dumps(result, separators=(",", ":")) + "\n"
+        atomic_write(args.out / "bench.json", lambda file: file.write(text.encode()))
+
+    save()
     with tqdm(total=total, unit="call", dynamic_ncols=True, file=sys.stderr, mininterval=5) as bar:
         for index, (level, shape, part) in enumerate(sets):
-            run_set(level, shape, part, names, args, bar, rows, checks)
+            run_set(level, shape, part, names, args, bar, result["rows"], result["checks"])
+            save()
             # not every variant exists in every set: re-estimate what is left
-            bar.total = bar.n + (len(sets) - index - 1) * 3 * len(names) * args.repeats + len(memory_parts) * len(memory_variants)
+            bar.total = (bar.n + (len(sets) - index - 1) * 3 * len(names) * args.repeats
+                         + len(memory_parts) * len(memory_variants))
             bar.refresh()
-        memory = run_memory(memory_parts, memory_variants, args, bar)
-    profiles = run_profiles(profile_parts, args) if profile_parts else []
-    add_ratios(rows)
-    result = {
-        "command": _command(),
-        "machine": info,
-        "config": {"parts": parts, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
-                   "threads": args.threads, "quick": args.quick, "variants": names,
-                   "shapes": [list(s) for s in shapes], "levels": args.levels},
-        "seconds": time.time() - start,
-        "rows": rows,
-        "checks": checks,
-        "memory": memory,
-        "profiles": profiles,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(result, separators=(",", ":")) + "\n")
+        run_memory(memory_parts, memory_variants, args, bar, result["memory"], save)
+    result["profiles"] = run_profiles(profile_parts, args) if profile_parts else []
+    result["finished"] = True
+    save()
     return result, [args.out / "bench.json", *report.write_all(result, args.out)]
 
 
