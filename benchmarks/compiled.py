@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_hetconv import profiling
 from sparse_hetconv.models import create_model
 
 from . import RESULTS
+from .harness.machine import machine_info, pin_mmap_threshold
 
 
 def _models(part: int, form: str, compiled: bool):
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "compiled.json", help="JSON (and .md beside it)")
     args = parser.parse_args(argv)
-    profiling.pin_mmap_threshold()
-    machine = profiling.machine_info()
+    pin_mmap_threshold()
+    machine = machine_info()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
