@@ -46,8 +46,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import check_bool, check_int
 from ._memory_format import apply_memory_format, check_memory_format
-from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
-                     tolerance)
+from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_extent, probe_input, quiet_copy,
+                     relative_change, tolerance)
 from ._report import ConversionReport
 from .backends import check_backend
 from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
@@ -231,7 +231,7 @@ def _verify(path: str, old: nn.Module, new: nn.Module, exact: bool = True, chann
     """
     tensor = next(chain(new.parameters(), new.buffers()))
     channels = new.in_channels if channels is None else channels
-    kernel_size = tuple(getattr(new, "kernel_size", (1,))) if kernel_size is None else tuple(kernel_size)
+    kernel_size = probe_extent(new) if kernel_size is None else tuple(kernel_size)
     x = probe_input(channels, kernel_size, tensor.device)
     with torch.no_grad(), no_global_hooks():
         change = relative_change(quiet_copy(new)(x), quiet_copy(old)(x))
