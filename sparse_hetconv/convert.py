@@ -448,8 +448,9 @@ def hetconvify(
 ):
     """Replace standard k x k convolutions by HetConv layers initialised from their weights.
 
-    Every ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``, dilation 1, an odd kernel larger than
-    1 with padding ``k // 2`` and channels divisible by ``part`` becomes a HetConv: the k x k
+    Every ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``, an odd kernel larger than 1 with padding
+    at most ``dilation * (k // 2)`` (its dilation and padding mode are kept) and channels divisible
+    by ``part`` becomes a HetConv: the k x k
     kernels on the pattern's blocks are kept exactly and every other kernel is reduced to a 1 x 1
     weight (``reduce="center"``: its centre tap; ``"sum"``: the sum of its taps). The output
     changes (fine-tune afterwards) unless the dropped taps are zero, as in a dense convolution

@@ -230,3 +230,18 @@ def test_the_triton_backend_takes_padding_same(padding):
     layer = SparseHetConv2d(4, 4, 2, bias=True, backend="triton", dtype=torch.float64, padding=padding)
     x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
     check_layer(layer, x, sparse_weights, f"triton, padding={padding!r}", 1e-10)
+
+
+def test_forms_that_compute_only_the_default_geometry_refuse_the_rest():
+    """The export forms and the submanifold layer are built for padding k // 2, dilation 1 and zero
+    padding: they refuse another geometry rather than drop it."""
+    from sparse_hetconv.deploy.forms import ExportHetConv2d
+
+    layer = SparseHetConv2d(M, N, P, dilation=2)
+    with pytest.raises(ValueError, match=r"the export forms are built for padding kernel_size // 2"):
+        ExportHetConv2d(layer)
+    pytest.importorskip("spconv.pytorch", reason="the spconv extra is not installed")
+    from sparse_hetconv.submanifold import SubMHetConv2d
+
+    with pytest.raises(ValueError, match=r"a submanifold convolution computes padding kernel_size // 2"):
+        SubMHetConv2d.from_dense(layer)
