@@ -245,3 +245,30 @@ def test_forms_that_compute_only_the_default_geometry_refuse_the_rest():
 
     with pytest.raises(ValueError, match=r"a submanifold convolution computes padding kernel_size // 2"):
         SubMHetConv2d.from_dense(layer)
+
+
+def dilated_net() -> nn.Module:
+    """A factory of the test's own (for ``load_model("test_geometry:dilated_net")``)."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="reflect"), nn.ReLU(),
+                         nn.Conv2d(8, 8, 5, padding="same", padding_mode="circular"))
+
+
+@pytest.mark.parametrize("form", ["sparse", "masked"])
+def test_a_checkpoint_of_a_hetconvified_model_comes_back_with_its_geometry(form, tmp_path):
+    """hetconvify(factory()) -> state_dict -> load_model with the original factory: the layers are
+    rebuilt by hetconvify from the factory's convolutions, so dilation and padding mode come back."""
+    from sparse_hetconv.checkpoint import load_model
+
+    net = hetconvify(dilated_net(), 4, form, skip_first=False, return_report=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.5)  # not what the factory builds
+    path = tmp_path / "net.pt"
+    torch.save(net.state_dict(), path)
+    loaded, _ = load_model(str(path), "test_geometry:dilated_net")
+    layers = [m for m in loaded.modules() if isinstance(m, (SparseHetConv2d, MaskedHetConv2d))]
+    assert [(m.dilation, m.padding_mode) for m in layers] == [((2, 2), "reflect"), ((1, 1), "circular")], \
+        f"the loaded layers lost their geometry: {layers}"
+    x = torch.randn(2, 8, 9, 9)
+    torch.testing.assert_close(loaded.eval()(x), net.eval()(x), msg=lambda m: f"{form} reloaded: {m}")
