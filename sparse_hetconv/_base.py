@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from ._checks import (centre_padding, check_bool, check_device, check_dtype, check_input, check_padding,
                       check_padding_mode, check_tuple)

@@ -172,8 +172,9 @@ class _MaskedHetConvNd(_HetConvBase):
 class MaskedHetConv2d(_MaskedHetConvNd):
     """HetConv in the published masked dense form: ``gwc(x) + pwc(x)``.
 
-    ``gwc`` is ``nn.Conv2d(M, N, k, stride, padding=k // 2, groups=P)`` and ``pwc`` is
-    ``nn.Conv2d(M, N, 1, stride)`` whose block-diagonal weights (filter ``j``, channels of its
+    ``gwc`` is ``nn.Conv2d(M, N, k, stride, padding=k // 2, groups=P)`` (with the layer's padding,
+    dilation and padding mode when given) and ``pwc`` is ``nn.Conv2d(M, N, 1, stride)``, read at
+    ``gwc``'s centre taps, whose block-diagonal weights (filter ``j``, channels of its
     block) start at zero; ``forward`` multiplies them by the pattern mask, so they get exactly
     zero gradient and stay zero under SGD (momentum, weight decay), Adam and AdamW with nothing
     added to the training loop. The layer still stores and computes ``N * M / P`` useless 1 x 1
@@ -191,6 +192,12 @@ class MaskedHetConv2d(_MaskedHetConvNd):
         stride (int or tuple): stride of both parts; default 1.
         bias (bool): add a learnable bias (held by ``gwc``); default False.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
+        padding (int, tuple or str): ``None`` (default) or ``"same"`` for ``dilation * (k // 2)``
+            (the centre taps on the input's pixels; ``"same"`` needs stride 1, as in ``nn.Conv2d``),
+            ``"valid"``, or ints down to 0 from there (the 1 x 1 part still reads the centre tap).
+        dilation (int or tuple): of the k x k kernels; default 1.
+        padding_mode (str): ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``, as in ``nn.Conv2d`` (the input padded by ``F.pad``, then padding 0).
 
     Shape:
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]

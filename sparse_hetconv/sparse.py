@@ -298,6 +298,12 @@ class SparseHetConv2d(_SparseHetConvNd):
             :mod:`sparse_hetconv.backends` (``"dense"``, ``"grouped"``, ``"blocked"``,
             ``"torch_sparse"``, ``"triton"``: 2-D, CUDA); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
+        padding (int, tuple or str): ``None`` (default) or ``"same"`` for ``dilation * (k // 2)``
+            (the centre taps on the input's pixels; ``"same"`` needs stride 1, as in ``nn.Conv2d``),
+            ``"valid"``, or ints down to 0 from there (the 1 x 1 part still reads the centre tap).
+        dilation (int or tuple): of the k x k kernels; default 1.
+        padding_mode (str): ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``, as in ``nn.Conv2d`` (the input padded by ``F.pad``, then padding 0).
 
     Attributes:
         weight_kxk (Tensor[N, M/P, k, k]): grouped k x k kernels.
@@ -307,6 +313,7 @@ class SparseHetConv2d(_SparseHetConvNd):
 
     Shape:
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]
+        (the default padding; ``nn.Conv2d``'s output size in general)
 
     Raises:
         TypeError: a non-int channel count, part, kernel size or stride, a ``bias`` that is not a
@@ -314,8 +321,11 @@ class SparseHetConv2d(_SparseHetConvNd):
             ``torch.dtype``, a ``device`` that is not a device name; at call time, an input
             that is not a tensor.
         ValueError: a part that does not divide the channels, an even kernel, a stride below 1,
-            an unknown backend, an integer ``dtype``, an unknown device; at call time, an input of
-            the wrong rank or channel count.
+            an unknown backend, an integer ``dtype``, an unknown device, a padding beyond
+            ``dilation * (k // 2)`` or another string than ``"same"``/``"valid"``, ``"same"`` with a
+            stride, an unknown ``padding_mode``, ``backend="triton"`` with another geometry than
+            padding ``k // 2``, dilation 1 and zeros; at call time, an input of the wrong rank or
+            channel count.
 
     Example:
         >>> layer = SparseHetConv2d(256, 256, part=4)
