@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_bool, check_device, check_dtype, check_input, check_tuple
+from ._checks import (centre_padding, check_bool, check_device, check_dtype, check_input, check_padding,
+                      check_padding_mode, check_tuple)
 from .pattern import HetConvPattern
 
 _DIMS_NAME = {2: "2d", 3: "3d"}
@@ -18,14 +20,40 @@ class _HetConvBase(nn.Module):
 
     _dims: int = 2
 
-    def _init_geometry(self, in_channels, out_channels, part, kernel_size, stride) -> None:
+    def _init_geometry(self, in_channels, out_channels, part, kernel_size, stride, padding=None, dilation=1,
+                       padding_mode="zeros") -> None:
+        """Check and store the geometry, ``nn.Conv2d``'s way, before any tensor is made.
+
+        ``padding``: ``None`` or ``"same"`` (``dilation * (k // 2)``: the centre taps on the input's
+        pixels, HetConv's own geometry), ``"valid"`` or ints in ``[0, dilation * (k // 2)]``
+        (:func:`~sparse_hetconv._checks.check_padding`); ``padding_mode`` any of ``nn.Conv2d``'s,
+        computed by padding the input (``F.pad``) and running the layer with padding 0.
+        """
         self.pattern = HetConvPattern(in_channels, out_channels, part, kernel_size, self._dims)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.part = part
         self.kernel_size = self.pattern.kernel_size
         self.stride = check_tuple("stride", stride, self._dims)
-        self.padding = self.pattern.padding
+        self.dilation = check_tuple("dilation", dilation, self._dims)
+        self.padding = check_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.padding_mode = check_padding_mode(padding_mode)
+
+    @property
+    def default_geometry(self) -> bool:
+        """Whether the layer has HetConv's own geometry: padding ``k // 2``, dilation 1, zero padding."""
+        return (self.dilation == (1,) * self._dims and self.padding == self.pattern.padding
+                and self.padding_mode == "zeros")
+
+    def _padded(self, input: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``(input, padding)`` for a call with zero padding: with another ``padding_mode`` the input
+        padded by ``F.pad`` in that mode, and padding 0. The 1 x 1 part stays exact: the centre tap
+        of output pixel ``i`` reads the padded input at ``i * stride + dilation * (k // 2)``, which is
+        the original pixel ``i * stride + dilation * (k // 2) - padding`` it reads with zero padding."""
+        if self.padding_mode == "zeros" or not any(self.padding):
+            return input, self.padding
+        pad = tuple(p for size in reversed(self.padding) for p in (size, size))
+        return F.pad(input, pad, mode=self.padding_mode), (0,) * self._dims
 
     @staticmethod
     def _check_factory(bias: object, device: object, dtype: object) -> None:
@@ -48,6 +76,12 @@ class _HetConvBase(nn.Module):
             text += f", kernel_size={_compact(self.kernel_size)}"
         if self.stride != (1,) * self._dims:
             text += f", stride={_compact(self.stride)}"
+        if self.padding != centre_padding(self.kernel_size, self.dilation):
+            text += f", padding={_compact(self.padding)}"
+        if self.dilation != (1,) * self._dims:
+            text += f", dilation={_compact(self.dilation)}"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
         return text
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MissingExtraError", "check_bool", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd",
+__all__ = ["PADDING_MODES", "MissingExtraError", "centre_padding", "check_bool", "check_padding", "check_padding_mode", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd",
            "check_input", "import_object"]
 
 
@@ -77,6 +77,56 @@ def check_tuple(name: str, value: object, dims: int, minimum: int = 1) -> tuple[
             check_int(name, item, minimum)
         return items
     return (check_int(name, value, minimum),) * dims
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def centre_padding(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """``dilation * (k // 2)`` per dimension: the padding that keeps the output on the input's grid
+    (``nn.Conv2d``'s ``"same"`` for an odd kernel at stride 1), HetConv's default."""
+    return tuple(d * (k // 2) for k, d in zip(kernel_size, dilation))
+
+
+def check_padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+                  dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """A HetConv layer's ``padding`` as a tuple of ints: ``None`` (the default) and ``"same"`` give
+    ``dilation * (k // 2)``, ``"valid"`` gives 0, an int or a sequence is taken per dimension.
+
+    Every value must lie in ``[0, dilation * (k // 2)]``: the 1 x 1 part reads the input at the k x k
+    kernel's centre tap, which a larger padding would put outside the input. ``"same"`` needs
+    stride 1, as ``nn.Conv2d`` demands (``padding=k // 2`` is the same padding at any stride).
+    """
+    dims = len(kernel_size)
+    full = centre_padding(kernel_size, dilation)
+    shown_full = full[0] if len(set(full)) == 1 else full
+    if padding is None:
+        return full
+    if isinstance(padding, str):
+        if padding == "same":
+            if any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1, as in nn.Conv2d (stride is {stride}); "
+                                 f"padding={shown_full} (dilation * (kernel_size // 2)) keeps the centre taps "
+                                 "aligned at any stride")
+            return full
+        if padding == "valid":
+            return (0,) * dims
+        raise ValueError(f"padding ({padding!r}) must be 'same', 'valid', an int or a sequence of {dims} ints")
+    if isinstance(padding, bool) or not isinstance(padding, (int, tuple, list)):
+        raise ValueError(f"padding ({padding!r}) must be 'same', 'valid', an int or a sequence of {dims} ints")
+    value = check_tuple("padding", padding, dims, minimum=0)
+    if any(p > f for p, f in zip(value, full)):
+        raise ValueError(f"padding ({padding!r}) must be at most dilation * (kernel_size // 2) = {shown_full} per "
+                         "dimension ('same'), or any smaller value down to 0 ('valid'): the 1x1 part reads the input "
+                         "at the k x k kernel's centre tap, which a larger padding would put outside the input")
+    return value
+
+
+def check_padding_mode(padding_mode: object) -> str:
+    """``padding_mode`` as ``nn.Conv2d`` takes it: one of :data:`PADDING_MODES`."""
+    if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode ({padding_mode!r}) must be one of {PADDING_MODES}")
+    return padding_mode
 
 
 def check_odd(name: str, value: tuple[int, ...]) -> tuple[int, ...]:

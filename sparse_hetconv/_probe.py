@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["CopyError", "FORWARD_HOOKS", "STATE_HOOKS", "hook_names", "no_global_hooks", "probe_input", "quiet_copy",
+__all__ = ["CopyError", "FORWARD_HOOKS", "STATE_HOOKS", "hook_names", "no_global_hooks", "probe_extent", "probe_input", "quiet_copy",
            "relative_change", "silenced", "tolerance"]
 
 # The hook dictionaries of an nn.Module (torch 2.x), by what they observe.
@@ -120,6 +120,14 @@ def silenced(model: nn.Module):
         for module, hooks in saved:
             for name, value in hooks.items():
                 setattr(module, name, value)
+
+
+def probe_extent(module) -> tuple[int, ...]:
+    """The span of ``module``'s kernel, ``dilation * (k - 1) + 1`` per dimension (its
+    ``kernel_size`` without dilation; ``(1,)`` without one): what :func:`probe_input` sizes for."""
+    kernel = tuple(getattr(module, "kernel_size", (1,)))
+    dilation = tuple(getattr(module, "dilation", None) or (1,) * len(kernel))
+    return tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
 
 
 def probe_input(channels: int, kernel_size: tuple[int, ...], device=None, seed: int = 0, batch: int = 1) -> Tensor:

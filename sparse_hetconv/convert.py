@@ -46,8 +46,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._checks import check_bool, check_int
 from ._memory_format import apply_memory_format, check_memory_format
-from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
-                     tolerance)
+from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_extent, probe_input, quiet_copy,
+                     relative_change, tolerance)
 from ._report import ConversionReport
 from .backends import check_backend
 from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
@@ -231,7 +231,7 @@ def _verify(path: str, old: nn.Module, new: nn.Module, exact: bool = True, chann
     """
     tensor = next(chain(new.parameters(), new.buffers()))
     channels = new.in_channels if channels is None else channels
-    kernel_size = tuple(getattr(new, "kernel_size", (1,))) if kernel_size is None else tuple(kernel_size)
+    kernel_size = probe_extent(new) if kernel_size is None else tuple(kernel_size)
     x = probe_input(channels, kernel_size, tensor.device)
     with torch.no_grad(), no_global_hooks():
         change = relative_change(quiet_copy(new)(x), quiet_copy(old)(x))
@@ -448,8 +448,9 @@ def hetconvify(
 ):
     """Replace standard k x k convolutions by HetConv layers initialised from their weights.
 
-    Every ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``, dilation 1, an odd kernel larger than
-    1 with padding ``k // 2`` and channels divisible by ``part`` becomes a HetConv: the k x k
+    Every ``nn.Conv2d`` / ``nn.Conv3d`` with ``groups=1``, an odd kernel larger than 1 with padding
+    at most ``dilation * (k // 2)`` (its dilation and padding mode are kept) and channels divisible
+    by ``part`` becomes a HetConv: the k x k
     kernels on the pattern's blocks are kept exactly and every other kernel is reduced to a 1 x 1
     weight (``reduce="center"``: its centre tap; ``"sum"``: the sum of its taps). The output
     changes (fine-tune afterwards) unless the dropped taps are zero, as in a dense convolution

@@ -40,7 +40,8 @@ def resolve_backend(backend: str, call: Call, input: Tensor | None, weights: tup
     ``fused`` and ``triton`` (the registered operator) take 2-D calls outside ``torch.func``
     transforms (custom operators have no rule for ``torch.func.grad``; ``vmap`` alone would work,
     but the choice is kept simple); other calls resolve to ``blocked``, which computes them in their
-    own precision. Under ``torch.onnx.export``, which has no translation of the operator, they
+    own precision; so do ``torch_sparse`` calls inside a ``torch.func`` transform (a CSR tensor
+    cannot hold its wrapped values). Under ``torch.onnx.export``, which has no translation of the operator, they
     resolve to ``dense``.
     """
     pattern = call.pattern
@@ -54,6 +55,8 @@ def resolve_backend(backend: str, call: Call, input: Tensor | None, weights: tup
             return "dense"  # ONNX has no translation of the operator; dense is a pair of convolutions
         if pattern.dims != 2 or transformed():
             return "blocked"
+    if backend == "torch_sparse" and transformed():
+        return "blocked"  # torch.func's wrapped tensors cannot become a CSR tensor's values
     if backend == "torch_sparse" and torch.compiler.is_exporting():
         raise ValueError(
             "backend 'torch_sparse' cannot be exported: torch.export does not trace torch.sparse CSR "

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._base import _HetConvBase
 from ._probe import no_global_hooks, probe_input, quiet_copy
-from .backends._common import bf16_conv_is_wrong, conv_kxk, has_nonfinite
+from .backends._common import Call, bf16_conv_is_wrong, centre_origin, conv_kxk, crop, has_nonfinite
 from .functional import dispatch
 from .pattern import HetConvPattern
 
@@ -40,14 +40,17 @@ class _MaskedHetConvNd(_HetConvBase):
         bias: bool = False,
         device=None,
         dtype=None,
+        padding=None,
+        dilation=1,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
+        self._init_geometry(in_channels, out_channels, part, kernel_size, stride, padding, dilation, padding_mode)
         self._check_factory(bias, device, dtype)
         conv = _CONV_TYPES[self._dims]
         factory = {"device": device, "dtype": dtype}
-        self.gwc = conv(in_channels, out_channels, self.kernel_size, self.stride, self.padding,
-                        groups=part, bias=bias, **factory)
+        self.gwc = conv(in_channels, out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                        groups=part, bias=bias, padding_mode=self.padding_mode, **factory)
         self.pwc = conv(in_channels, out_channels, 1, self.stride, bias=False, **factory)
         self.reset_parameters()
 
@@ -96,8 +99,12 @@ class _MaskedHetConvNd(_HetConvBase):
         self._check_input(input)
         if has_nonfinite(input):
             return self._definition_forward(input)
-        pwc = self.pwc._conv_forward(input, self.masked_1x1(), self.pwc.bias)
-        return self._gwc(input) + pwc
+        kxk = self._gwc(input)
+        # pwc reads the input at gwc's centre taps: from the first output pixel's centre on (the
+        # input itself unless the padding is less than dilation * (k // 2)), cropped to gwc's size.
+        call = Call.of(self.pattern, self.stride, self.padding, self.dilation)
+        pwc = self.pwc._conv_forward(centre_origin(input, call), self.masked_1x1(), self.pwc.bias)
+        return kxk + crop(pwc, kxk.shape[2:])
 
     def _gwc(self, input: Tensor) -> Tensor:
         """``gwc(input)``, in float32 where oneDNN gets it wrong in bfloat16
@@ -105,7 +112,8 @@ class _MaskedHetConvNd(_HetConvBase):
         gwc = self.gwc
         if not bf16_conv_is_wrong(input, self.stride):
             return gwc(input)  # through the module, so that its hooks (FLOP counters) see it
-        return conv_kxk(input, gwc.weight, gwc.bias, self.stride, self.padding, self.part)
+        input, padding = self._padded(input)
+        return conv_kxk(input, gwc.weight, gwc.bias, self.stride, padding, self.part, self.dilation)
 
     def _definition_forward(self, input: Tensor) -> Tensor:
         """The layer from its existing kernels only: ``pwc``'s block diagonal is never read."""
@@ -114,7 +122,9 @@ class _MaskedHetConvNd(_HetConvBase):
         bias = self.gwc.bias
         if self.pwc.bias is not None:
             bias = self.pwc.bias if bias is None else bias + self.pwc.bias
-        return dispatch(input, self.gwc.weight, values, bias, self.pattern, "blocked", self.stride)[0]
+        input, padding = self._padded(input)
+        return dispatch(input, self.gwc.weight, values, bias, self.pattern, "blocked", self.stride, padding,
+                        self.dilation)[0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint whose pwc diagonal is not zero (an "approximate HetConv" trained without
@@ -162,8 +172,9 @@ class _MaskedHetConvNd(_HetConvBase):
 class MaskedHetConv2d(_MaskedHetConvNd):
     """HetConv in the published masked dense form: ``gwc(x) + pwc(x)``.
 
-    ``gwc`` is ``nn.Conv2d(M, N, k, stride, padding=k // 2, groups=P)`` and ``pwc`` is
-    ``nn.Conv2d(M, N, 1, stride)`` whose block-diagonal weights (filter ``j``, channels of its
+    ``gwc`` is ``nn.Conv2d(M, N, k, stride, padding=k // 2, groups=P)`` (with the layer's padding,
+    dilation and padding mode when given) and ``pwc`` is ``nn.Conv2d(M, N, 1, stride)``, read at
+    ``gwc``'s centre taps, whose block-diagonal weights (filter ``j``, channels of its
     block) start at zero; ``forward`` multiplies them by the pattern mask, so they get exactly
     zero gradient and stay zero under SGD (momentum, weight decay), Adam and AdamW with nothing
     added to the training loop. The layer still stores and computes ``N * M / P`` useless 1 x 1
@@ -181,6 +192,12 @@ class MaskedHetConv2d(_MaskedHetConvNd):
         stride (int or tuple): stride of both parts; default 1.
         bias (bool): add a learnable bias (held by ``gwc``); default False.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
+        padding (int, tuple or str): ``None`` (default) or ``"same"`` for ``dilation * (k // 2)``
+            (the centre taps on the input's pixels; ``"same"`` needs stride 1, as in ``nn.Conv2d``),
+            ``"valid"``, or ints down to 0 from there (the 1 x 1 part still reads the centre tap).
+        dilation (int or tuple): of the k x k kernels; default 1.
+        padding_mode (str): ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``, as in ``nn.Conv2d`` (the input padded by ``F.pad``, then padding 0).
 
     Shape:
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]
@@ -212,6 +229,14 @@ class HetConvWeights(NamedTuple):
     weight_kxk: Tensor  # (N, m, *kernel_size), block diagonal of the 1x1 part folded in
     dense_1x1: Tensor  # (N, M) with a zero block diagonal
     bias: Tensor | None
+    padding: tuple[int, ...] | None = None  # of the k x k part; None: dilation * (k // 2)
+    dilation: tuple[int, ...] | None = None  # None: 1
+    padding_mode: str = "zeros"
+
+    def geometry(self) -> dict:
+        """The layer's keyword arguments ``padding``, ``dilation`` and ``padding_mode``."""
+        return {"padding": self.padding, "dilation": 1 if self.dilation is None else self.dilation,
+                "padding_mode": self.padding_mode}
 
 
 class NotAHetConvError(ValueError):
@@ -348,13 +373,14 @@ def _read_masked(module: nn.Module, where: str) -> HetConvWeights:
         if type(child) is not conv:
             problems.append(f"{name} is a {type(child).__name__}, expected an {conv.__name__}")
             continue
-        expected = (module.in_channels, module.out_channels, kernel, module.stride, padding, groups)
+        dilation, mode = (module.dilation, module.padding_mode) if name == "gwc" else ((1,) * module._dims, "zeros")
+        expected = (module.in_channels, module.out_channels, kernel, module.stride, padding, groups, dilation, mode)
         got = (child.in_channels, child.out_channels, tuple(child.kernel_size), tuple(child.stride),
-               child.padding if isinstance(child.padding, str) else tuple(child.padding), child.groups)
-        labels = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups")
+               child.padding if isinstance(child.padding, str) else tuple(child.padding), child.groups,
+               tuple(child.dilation), child.padding_mode)
+        labels = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "groups", "dilation",
+                  "padding_mode")
         problems += [f"{name}.{label} is {g}, expected {e}" for label, g, e in zip(labels, got, expected) if g != e]
-        if any(d != 1 for d in child.dilation) or child.padding_mode != "zeros":
-            problems.append(f"{name} must have dilation 1 and padding_mode 'zeros'")
     if problems:
         raise ValueError(f"{where} does not compute the HetConv it declares (part={module.part}, kernel_size="
                          f"{module.kernel_size}, stride={module.stride}): " + "; ".join(problems))
@@ -365,7 +391,8 @@ def _read_masked(module: nn.Module, where: str) -> HetConvWeights:
         bias = None if gwc.bias is None else gwc.bias.detach().clone()
         if pwc.bias is not None:
             bias = pwc.bias.detach().clone() if bias is None else bias + pwc.bias.detach()
-    return HetConvWeights(pattern, tuple(gwc.stride), weight_kxk, dense, bias)
+    return HetConvWeights(pattern, tuple(gwc.stride), weight_kxk, dense, bias, module.padding, module.dilation,
+                          module.padding_mode)
 
 
 def _check_published_pair(gwc: nn.Module, pwc: nn.Module, dims: int, where: str) -> None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ._base import _HetConvBase
 from ._checks import check_bool, check_int
 from ._memory_format import check_memory_format
+from ._probe import probe_extent
 from ._report import ConversionReport
 from .backends import check_backend
 from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
@@ -31,7 +32,7 @@ from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_het
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation, between_permutations, permutation_finisher
 from .probing import Probe, block_weights, read_probed
-from .sparse import _SparseHetConvNd
+from .sparse import _SparseHetConvNd, conv_geometry
 
 __all__ = ["ChannelPermutation", "from_shifted", "shifted_mask", "to_shifted"]
 
@@ -228,6 +229,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
             p_in, p_out = (shifted_to_block_permutation(c, part) for c in (module.in_channels, module.out_channels))
             read, dropped = block_weights(module.weight.detach().double(), bias, part, p_in, p_out, module.stride,
                                           module.weight.dtype)
+            read = read._replace(**conv_geometry(module))  # dilation, padding and its mode carry over
             if dropped and not approximate:
                 report.skipped[path] = (f"weights outside the shifted pattern (largest |w| {dropped:.3g}); "
                                         "approximate=True drops them")
@@ -237,7 +239,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
         layer = _layer(read, form, backend, module.training)
         new = between_permutations(p_in, layer, torch.argsort(p_out))
         change = _verify(path, module, new, exact=not dropped, channels=read.pattern.in_channels,
-                         kernel_size=read.pattern.kernel_size)
+                         kernel_size=probe_extent(layer))
         if dropped:
             report.dropped[path] = (dropped, change)
         if new is not layer:
@@ -282,7 +284,8 @@ def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.c
         if isinstance(module, _SparseHetConvNd):
             bias = None if module.bias is None else module.bias.detach()
             read = HetConvWeights(module.pattern, module.stride, module.weight_kxk.detach(),
-                                  module.dense_1x1().detach(), bias)
+                                  module.dense_1x1().detach(), bias, module.padding, module.dilation,
+                                  module.padding_mode)
         elif isinstance(module, _MaskedHetConvNd):
             read = read_hetconv_weights(module, path)
         else:
@@ -299,16 +302,18 @@ def to_shifted(model: nn.Module, *, inplace: bool = False, memory_format=torch.c
         p_out = shifted_to_block_permutation(pattern.out_channels, p).to(kxk.device)
         shifted = torch.empty_like(block)
         shifted[p_out[:, None], p_in[None, :]] = block
+        geometry = read.geometry()
         conv = _CONV_TYPES[pattern.dims](pattern.in_channels, pattern.out_channels, pattern.kernel_size, read.stride,
-                                         pattern.padding, bias=read.bias is not None, device=kxk.device,
-                                         dtype=kxk.dtype)
+                                         pattern.padding if geometry["padding"] is None else geometry["padding"],
+                                         geometry["dilation"], bias=read.bias is not None,
+                                         padding_mode=geometry["padding_mode"], device=kxk.device, dtype=kxk.dtype)
         with torch.no_grad():
             conv.weight.copy_(shifted)
             if read.bias is not None:
                 conv.bias[p_out] = read.bias
         conv.train(module.training)
         new = between_permutations(torch.argsort(p_in).cpu(), conv, p_out.cpu())
-        _verify(path, module, new, channels=pattern.in_channels, kernel_size=pattern.kernel_size)
+        _verify(path, module, new, channels=pattern.in_channels, kernel_size=probe_extent(conv))
         if new is not conv:
             wrappers.add(id(new))
         protected.append(conv)

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ._compact import _CompactHetConv
-from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
+from ._probe import no_global_hooks, probe_extent, probe_input, quiet_copy, relative_change
 from ._report import ConversionReport
-from ._checks import check_int
+from ._checks import centre_padding, check_int
 from .backends import check_backend
 from .functional import dispatch
 from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
@@ -53,9 +53,12 @@ class _SparseHetConvNd(_CompactHetConv):
         backend: str = "auto",
         device=None,
         dtype=None,
+        padding=None,
+        dilation=1,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        self._init_geometry(in_channels, out_channels, part, kernel_size, stride)
+        self._init_geometry(in_channels, out_channels, part, kernel_size, stride, padding, dilation, padding_mode)
         self.backend = backend
         self._resolved_backend: str | None = None
         self._init_parameters(bias, device, dtype)
@@ -69,7 +72,12 @@ class _SparseHetConvNd(_CompactHetConv):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = check_backend(value)
+        value = check_backend(value)
+        if value == "triton" and not self.default_geometry:
+            raise ValueError(f"backend 'triton' computes padding kernel_size // 2 = {self.pattern.padding}, dilation 1 "
+                             f"and padding_mode 'zeros' only, not padding={self.padding}, dilation={self.dilation}, "
+                             f"padding_mode={self.padding_mode!r}; use another backend (all exact)")
+        self._backend = value
 
     @property
     def resolved_backend(self) -> str | None:
@@ -91,8 +99,9 @@ class _SparseHetConvNd(_CompactHetConv):
         ``load_state_dict``, ``torch.func.functional_call``.
         """
         self._check_input(input)
+        input, padding = self._padded(input)
         out, backend = dispatch(input, self.weight_kxk, self.weight_1x1, self.bias, self.pattern, self._backend,
-                                self.stride)
+                                self.stride, padding, self.dilation)
         if self.part > 1:
             self._resolved_backend = backend
         return out
@@ -128,7 +137,7 @@ class _SparseHetConvNd(_CompactHetConv):
     def _from_weights(cls, read, backend: str) -> "_SparseHetConvNd":
         p, weight = read.pattern, read.weight_kxk
         layer = cls(p.in_channels, p.out_channels, p.part, p.kernel_size, read.stride, read.bias is not None,
-                    backend, device=weight.device, dtype=weight.dtype)
+                    backend, device=weight.device, dtype=weight.dtype, **read.geometry())
         with torch.no_grad():
             layer.weight_kxk.copy_(weight)
             if layer.weight_1x1 is not None:
@@ -142,7 +151,8 @@ class _SparseHetConvNd(_CompactHetConv):
         :meth:`from_masked`, with the same device, dtype and train/eval state."""
         weight = self.weight_kxk
         masked = self._masked_type(self.in_channels, self.out_channels, self.part, self.kernel_size, self.stride,
-                                   self.bias is not None, device=weight.device, dtype=weight.dtype)
+                                   self.bias is not None, device=weight.device, dtype=weight.dtype,
+                                   padding=self.padding, dilation=self.dilation, padding_mode=self.padding_mode)
         with torch.no_grad():
             masked.gwc.weight.copy_(weight)
             masked.pwc.weight.copy_(self.dense_1x1().view(masked.pwc.weight.shape))
@@ -164,8 +174,9 @@ class _SparseHetConvNd(_CompactHetConv):
         output changes and fine-tuning recovers it. ``return_report=True`` says which.
 
         Args:
-            conv (nn.Conv2d or nn.Conv3d): ``groups=1``, dilation 1, an odd kernel with padding
-                ``k // 2`` and zero padding mode; channels divisible by ``part``.
+            conv (nn.Conv2d or nn.Conv3d): ``groups=1``, an odd kernel, padding at most
+                ``dilation * (k // 2)`` (``"same"``, ``"valid"`` or ints; any dilation and
+                ``padding_mode``, carried over); channels divisible by ``part``.
             part (int): ``P`` of the new layer.
             reduce (str): ``"center"`` or ``"sum"``.
             backend (str): the new layer's ``backend``.
@@ -192,7 +203,7 @@ class _SparseHetConvNd(_CompactHetConv):
             raise TypeError(f"return_report must be a bool, got {type(return_report).__name__} ({return_report!r})")
         weight = conv.weight.detach()
         layer = cls(conv.in_channels, conv.out_channels, part, conv.kernel_size, conv.stride,
-                    conv.bias is not None, backend, device=weight.device, dtype=weight.dtype)
+                    conv.bias is not None, backend, device=weight.device, dtype=weight.dtype, **conv_geometry(conv))
         p = layer.pattern
         n, m = p.block_out, p.block_in
         with torch.no_grad():
@@ -236,9 +247,14 @@ def dropped_taps(weight: Tensor, pattern) -> float:
 
 def layer_change(old: nn.Module, new: nn.Module) -> float:
     """``||new(x) - old(x)|| / ||old(x)||`` on a float64 probe, without firing any hook."""
-    x = probe_input(new.in_channels, tuple(new.kernel_size), new.weight_kxk.device)
+    x = probe_input(new.in_channels, probe_extent(new), new.weight_kxk.device)
     with torch.no_grad(), no_global_hooks():
         return relative_change(quiet_copy(new)(x), quiet_copy(old)(x))
+
+
+def conv_geometry(conv: nn.Module) -> dict:
+    """A convolution's ``padding``, ``dilation`` and ``padding_mode`` as a HetConv layer takes them."""
+    return {"padding": conv.padding, "dilation": tuple(conv.dilation), "padding_mode": conv.padding_mode}
 
 
 def _dense_conv_problem(conv: nn.Module, part: int, dims: int) -> str | None:
@@ -253,10 +269,10 @@ def _dense_conv_problem(conv: nn.Module, part: int, dims: int) -> str | None:
         return "a 1x1 convolution has no k x k kernels to make heterogeneous"
     if any(k % 2 == 0 for k in conv.kernel_size):
         return f"kernel_size {tuple(conv.kernel_size)} is even; HetConv needs a centre tap"
-    if isinstance(conv.padding, str) or tuple(conv.padding) != tuple(k // 2 for k in conv.kernel_size):
-        return f"padding {conv.padding} is not kernel_size // 2"
-    if any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros":
-        return "dilation must be 1 and padding_mode 'zeros'"
+    full = centre_padding(tuple(conv.kernel_size), tuple(conv.dilation))
+    if not isinstance(conv.padding, str) and any(p > f for p, f in zip(conv.padding, full)):
+        return (f"padding {tuple(conv.padding)} is more than dilation * (kernel_size // 2) = {full}: the 1x1 kernels "
+                "would read the padding at the input's edges, which a HetConv's centre taps never do")
     for name in ("in_channels", "out_channels"):
         if getattr(conv, name) % part:
             return f"{name} ({getattr(conv, name)}) is not divisible by part ({part})"
@@ -282,6 +298,12 @@ class SparseHetConv2d(_SparseHetConvNd):
             :mod:`sparse_hetconv.backends` (``"dense"``, ``"grouped"``, ``"blocked"``,
             ``"torch_sparse"``, ``"triton"``: 2-D, CUDA); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
+        padding (int, tuple or str): ``None`` (default) or ``"same"`` for ``dilation * (k // 2)``
+            (the centre taps on the input's pixels; ``"same"`` needs stride 1, as in ``nn.Conv2d``),
+            ``"valid"``, or ints down to 0 from there (the 1 x 1 part still reads the centre tap).
+        dilation (int or tuple): of the k x k kernels; default 1.
+        padding_mode (str): ``"zeros"`` (default), ``"reflect"``, ``"replicate"`` or
+            ``"circular"``, as in ``nn.Conv2d`` (the input padded by ``F.pad``, then padding 0).
 
     Attributes:
         weight_kxk (Tensor[N, M/P, k, k]): grouped k x k kernels.
@@ -291,6 +313,7 @@ class SparseHetConv2d(_SparseHetConvNd):
 
     Shape:
         input (Tensor[batch, M, H, W]) -> Tensor[batch, N, floor((H-1)/s)+1, floor((W-1)/s)+1]
+        (the default padding; ``nn.Conv2d``'s output size in general)
 
     Raises:
         TypeError: a non-int channel count, part, kernel size or stride, a ``bias`` that is not a
@@ -298,8 +321,11 @@ class SparseHetConv2d(_SparseHetConvNd):
             ``torch.dtype``, a ``device`` that is not a device name; at call time, an input
             that is not a tensor.
         ValueError: a part that does not divide the channels, an even kernel, a stride below 1,
-            an unknown backend, an integer ``dtype``, an unknown device; at call time, an input of
-            the wrong rank or channel count.
+            an unknown backend, an integer ``dtype``, an unknown device, a padding beyond
+            ``dilation * (k // 2)`` or another string than ``"same"``/``"valid"``, ``"same"`` with a
+            stride, an unknown ``padding_mode``, ``backend="triton"`` with another geometry than
+            padding ``k // 2``, dilation 1 and zeros; at call time, an input of the wrong rank or
+            channel count.
 
     Example:
         >>> layer = SparseHetConv2d(256, 256, part=4)

@@ -309,7 +309,8 @@ class _SubMHetConvNd(_CompactHetConv):
         Raises:
             TypeError: ``module`` is not a HetConv.
             ValueError: another dimension, or a stride other than 1 (a submanifold convolution
-                keeps the active sites, which only a stride-1 layer does).
+                keeps the active sites, which only a stride-1 layer does), or a dilation, padding
+                or padding mode other than HetConv's default (not computed there).
         """
         dense = module
         if not isinstance(dense, _SparseHetConvNd):
@@ -323,6 +324,10 @@ class _SubMHetConvNd(_CompactHetConv):
         if any(s != 1 for s in dense.stride):
             raise ValueError(f"stride ({dense.stride}) of {type(module).__name__} must be 1: a submanifold "
                              "convolution keeps the input's active sites, which only a stride-1 layer does")
+        if not dense.default_geometry:
+            raise ValueError(f"{type(module).__name__} has padding {dense.padding}, dilation {dense.dilation} and "
+                             f"padding_mode {dense.padding_mode!r}: a submanifold convolution computes padding "
+                             "kernel_size // 2, dilation 1 and zero padding only")
         weight = dense.weight_kxk
         layer = cls(dense.in_channels, dense.out_channels, dense.part, dense.kernel_size, 1, dense.bias is not None,
                     chunks, device=weight.device, dtype=weight.dtype, indice_key=indice_key, algo=algo)

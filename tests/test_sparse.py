@@ -238,8 +238,8 @@ def test_from_conv_keeps_block_kernels_and_reduces_the_rest(reduce):
 def test_from_conv_errors():
     with pytest.raises(ValueError, match=r"groups is 2, expected 1"):
         SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, padding=1, groups=2), part=2)
-    with pytest.raises(ValueError, match=r"padding \(0, 0\) is not kernel_size // 2"):
-        SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3), part=2)
+    with pytest.raises(ValueError, match=r"padding \(2, 2\) is more than dilation \* \(kernel_size // 2\)"):
+        SparseHetConv2d.from_conv(torch.nn.Conv2d(8, 8, 3, padding=2), part=2)
     with pytest.raises(ValueError, match=r"in_channels \(6\) is not divisible by part \(4\)"):
         SparseHetConv2d.from_conv(torch.nn.Conv2d(6, 8, 3, padding=1), part=4)
     with pytest.raises(TypeError, match=r"conv must be an Conv2d, got Linear"):

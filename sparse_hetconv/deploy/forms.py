@@ -51,6 +51,10 @@ class ExportHetConv2d(nn.Module):
             raise ValueError(f"form ({form!r}) must be one of {FORMS}")
         if not isinstance(layer, SparseHetConv2d):
             raise TypeError(f"layer must be a SparseHetConv2d, got {type(layer).__name__}")
+        if not layer.default_geometry:
+            raise ValueError(f"{layer} has padding {layer.padding}, dilation {layer.dilation} and padding_mode "
+                             f"{layer.padding_mode!r}; the export forms are built for padding kernel_size // 2, "
+                             "dilation 1 and zero padding only")
         p = layer.pattern
         self.form, self.part = form, p.part
         self.in_channels, self.out_channels = p.in_channels, p.out_channels

@@ -27,7 +27,10 @@ gradients. Measured over 900 examples: 4e-16, 1.5e-7 and 8.4e-3.
 product instead of a convolution; every layer here is far under it, so each example also draws
 whether to lower it to 0 (the convolution route at a small size), and
 :func:`test_a_product_over_the_threshold_takes_the_convolution_route` runs one layer genuinely over
-it. Default run: about 20 s on two cores; ``HYPOTHESIS_PROFILE=thorough`` runs ten times as many
+it. The second half sweeps autograd beyond a plain backward for every backend and the masked layer
+(double backward, forward-mode AD, batched gradients and Jacobians, saved-tensor hooks that change
+layout or dtype), each against the float64 oracle: about 50 s on two loaded cores.
+Default run: about 20 s on two cores for the first half; ``HYPOTHESIS_PROFILE=thorough`` runs ten times as many
 examples of each sweep (8 to 20 minutes).
 """
 
@@ -312,3 +315,151 @@ def test_a_product_over_the_threshold_takes_the_convolution_route(channels_last)
                 precision="float32", weights_cl=channels_last, input_cl=channels_last,
                 calls=[("no_grad", "update"), ("inference", "none")])  # (the threshold is for no-grad calls)
     run_case(case)
+
+
+# -- autograd beyond a plain backward ---------------------------------------------------------------------
+# Every backend (triton too where it runs: tiny shapes, Triton's CPU interpreter is slow) and the masked
+# layer, for the default geometry and a strided, dilated, reflect-padded one: double backward (a gradient
+# penalty), forward-mode AD (torch.autograd.forward_ad and torch.func.jvp), batched gradients
+# (is_grads_batched, jacobian(vectorize=True)) and saved-tensor hooks that hand the saved tensors back
+# in another memory layout or through another dtype. Each against the float64 oracle: the same
+# numbers, or the test fails (no feature may give silently different ones).
+AUTOGRAD_FEATURES = ("double_backward", "forward_ad", "func_jvp", "grads_batched", "jacobian", "save_on_cpu",
+                     "layout_hooks", "float64_hooks")
+AUTOGRAD_FORMS = [name for name in BACKENDS if name != "triton" or backend_available("triton", "cpu")] + ["masked"]
+GEOMETRY = {"default": {}, "strided": {"stride": 2, "dilation": 2, "padding_mode": "reflect"}}
+AM, AN, AP = 4, 4, 2  # channels and part: tiny
+
+
+def autograd_layer(form: str, geometry: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(7)
+    kwargs = dict(bias=True, dtype=dtype, **GEOMETRY[geometry])
+    if form == "masked":
+        return MaskedHetConv2d(AM, AN, AP, **kwargs)
+    return SparseHetConv2d(AM, AN, AP, backend=form, **kwargs)
+
+
+def reference_fn(layer: nn.Module):
+    """``f(x, params) -> y``: the oracle of the layer's geometry for these parameter values (any
+    dtype; run it in float64)."""
+    mode, padding = layer.padding_mode, layer.padding
+
+    def f(x, params):
+        if layer.padding_mode != "zeros":
+            x = torch.nn.functional.pad(x, [p for size in reversed(padding) for p in (size, size)], mode=mode)
+        pad = (0, 0) if mode != "zeros" else padding
+        if isinstance(layer, MaskedHetConv2d):
+            dense_1x1 = params["pwc.weight"].reshape(AN, AM)
+            values = torch.stack([dense_1x1[j, one_by_one_channels(j, AM, AN, AP)] for j in range(AN)])
+            weights = params["gwc.weight"], values, params.get("gwc.bias")
+        else:
+            weights = params["weight_kxk"], params.get("weight_1x1"), params.get("bias")
+        return oracle(x, *weights, layer.stride, layer.part, pad, layer.dilation)
+
+    return f
+
+
+def layer_fn(layer: nn.Module):
+    return lambda x, params: torch.func.functional_call(layer, params, (x,))
+
+
+class _Relayout(torch.autograd.graph.saved_tensors_hooks):
+    """Hands every saved 4-D tensor back in the other memory format (contiguous <-> channels-last)."""
+
+    def __init__(self):
+        def pack(t):
+            if t.dim() != 4:
+                return t
+            if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+                return t.contiguous()
+            return t.contiguous(memory_format=torch.channels_last)
+
+        super().__init__(pack, lambda t: t)
+
+
+class _ThroughFloat64(torch.autograd.graph.saved_tensors_hooks):
+    """Stores every saved floating tensor as float64 and hands it back in its own dtype."""
+
+    def __init__(self):
+        def pack(t):
+            return (t.double(), t.dtype) if t.is_floating_point() else (t, None)
+
+        def unpack(packed):
+            return packed[0] if packed[1] is None else packed[0].to(packed[1])
+
+        super().__init__(pack, unpack)
+
+
+def run_feature(feature: str, f, x: torch.Tensor, params: dict, seed: int):
+    """The feature's results for ``f(x, params)``: a list of tensors (None where nothing reaches)."""
+    g = torch.Generator().manual_seed(seed)
+    names = list(params)
+    leaves = [x] + [params[n] for n in names]
+    if feature == "double_backward":  # a gradient penalty: d/d(x, w) of |dL/dx|^2, L = |y|^2 / 2
+        y = f(x, params)
+        gx, = torch.autograd.grad((y * y).sum() / 2, x, create_graph=True)
+        return list(torch.autograd.grad((gx * gx).sum(), leaves, allow_unused=True))
+    if feature in ("forward_ad", "func_jvp"):
+        tangents = [torch.randn(t.shape, dtype=torch.float64, generator=g).to(t.dtype) for t in leaves]
+        if feature == "func_jvp":
+            _, tangent = torch.func.jvp(f, (x, params), (tangents[0], dict(zip(names, tangents[1:]))))
+            return [tangent]
+        with torch.autograd.forward_ad.dual_level():
+            duals = [torch.autograd.forward_ad.make_dual(t.detach(), d) for t, d in zip(leaves, tangents)]
+            out = f(duals[0], dict(zip(names, duals[1:])))
+            return [torch.autograd.forward_ad.unpack_dual(out).tangent]
+    if feature == "grads_batched":
+        y = f(x, params)
+        vectors = torch.randn((3,) + y.shape, dtype=torch.float64, generator=g).to(y.dtype)
+        return list(torch.autograd.grad(y, leaves, vectors, is_grads_batched=True, allow_unused=True))
+    if feature == "jacobian":  # the input Jacobian, weights frozen (grads_batched covers the weights)
+        frozen = {name: p.detach() for name, p in params.items()}
+        return [torch.autograd.functional.jacobian(lambda t: f(t, frozen), x.detach(), vectorize=True)]
+    hooks = {"save_on_cpu": lambda: torch.autograd.graph.save_on_cpu(pin_memory=False),
+             "layout_hooks": _Relayout, "float64_hooks": _ThroughFloat64}.get(feature)
+    context = hooks() if hooks is not None else contextlib.nullcontext()
+    with context:
+        y = f(x, params)
+    u = torch.randn(y.shape, dtype=torch.float64, generator=g).to(y.dtype)
+    return list(torch.autograd.grad((y * u).sum(), leaves, allow_unused=True))
+
+
+def check_feature(form: str, feature: str, geometry: str, dtype: torch.dtype) -> None:
+    layer = autograd_layer(form, geometry, dtype)
+    size = (1, AM, 3, 3) if feature == "jacobian" else (2, AM, 6, 5)
+    x64 = torch.randn(size, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    x = x64.to(dtype).requires_grad_()
+    params = {name: p for name, p in layer.named_parameters()}
+    params64 = {name: p.detach().double().requires_grad_() for name, p in params.items()}
+    what = f"{feature} through {form} ({geometry} geometry, {str(dtype)[6:]})"
+    got = run_feature(feature, layer_fn(layer), x, params, seed=5)
+    expected = run_feature(feature, reference_fn(layer), x.detach().double().requires_grad_(), params64, seed=5)
+    names = ["input"] + list(params) if len(got) > 1 else ["result"]
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for name, a, e in zip(names, got, expected):
+        if e is None:
+            assert a is None or not a.abs().max() > 0, f"{what}: {name} is not zero where the oracle has none"
+            continue
+        assert_agrees(a, e, f"{what}: {name}", tol)
+
+
+@pytest.mark.parametrize("feature", AUTOGRAD_FEATURES)
+@pytest.mark.parametrize("form", AUTOGRAD_FORMS)
+def test_every_autograd_feature_matches_the_oracle_in_float64(form, feature):
+    check_feature(form, feature, "default", torch.float64)
+
+
+@pytest.mark.parametrize("feature", ["double_backward", "forward_ad", "grads_batched"])
+@pytest.mark.parametrize("form", [name for name in AUTOGRAD_FORMS if name != "triton"])  # (it refuses the geometry)
+def test_autograd_features_with_stride_dilation_and_padding_mode(form, feature):
+    """The formulas that depend on the geometry (the operator's and the backends' padding, crop
+    and centre offset) under stride 2, dilation 2 and reflect padding."""
+    check_feature(form, feature, "strided", torch.float64)
+
+
+@pytest.mark.parametrize("feature", AUTOGRAD_FEATURES)
+@pytest.mark.parametrize("form", ["fused"])
+def test_every_autograd_feature_through_the_cpu_kernels_in_float32(form, feature):
+    """float32: where ``fused`` (and ``auto``) take the compiled CPU kernels, whose backward reads
+    its saved tensors as the hooks return them."""
+    check_feature(form, feature, "default", torch.float32)
