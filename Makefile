@@ -43,7 +43,7 @@ bench: $(STAMP)
 # The paper's accuracy-vs-P table on Fashion-MNIST (apt-get install dataset-fashion-mnist): VGG-16 at
 # P = 1..64, 3 seeds at P = 1 and 4, the three forms at P = 4, the conversion and deployment chain;
 # about two hours on 2 cores, resumable (runs already in benchmarks/results/reproduce.json are skipped).
-# Writes that JSON, docs/reproduce.md and notebooks/05_reproduce.ipynb. REPRODUCE_ARGS=--quick: minutes.
+# Writes that JSON, docs/reproduce.md and notebooks/05_reproduce.ipynb. REPRODUCE_ARGS=--quick: minutes; --short: the whole plan on fewer images and epochs (about 35 min).
 reproduce: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.reproduce $(REPRODUCE_ARGS)
 

@@ -163,6 +163,16 @@ def page(results: dict, image: str | None, command: str, source: str) -> str:
                   f"{full['epochs']} epochs (lr x {full['gamma']} after epochs "
                   f"{', '.join(map(str, full['milestones']))}), seeds 0–{full['seeds'] - 1} at P = 1 and P = 4, the "
                   "whole test set, the autotuner's confirm mode; the rest as below.", ""]
+    if results.get("recipe_name") == "short":
+        from .reproduce import RECIPES
+
+        full = RECIPES["full"]
+        lines += ["> **Short run** (`--short`): the whole plan on fewer images and epochs than `make reproduce`'s "
+                  f"full recipe ({recipe['train_subset']:,} instead of {full['train_subset']:,} training images, "
+                  f"{recipe['epochs']} instead of {full['epochs']} epochs, the autotuner's cost model instead of its "
+                  "confirm mode), run where two quiet hours were not available. Accuracies are lower than the full "
+                  "recipe's; how they move with P and between the forms is the question. `make reproduce` writes "
+                  "the full table here.", ""]
     lines += [
         "HetConv (Singh et al., CVPR 2019, [arXiv 1903.04120](https://arxiv.org/abs/1903.04120)) reports that VGG-16's "
         "accuracy on CIFAR-10 holds as P grows while the MACs fall. CIFAR-10 cannot be installed here, so this page "
@@ -195,7 +205,7 @@ def page(results: dict, image: str | None, command: str, source: str) -> str:
         f"| backend choice | `backend=\"auto\"` in its `{recipe['autotune']}` mode "
         + ("(one-off timings on this machine)" if recipe["autotune"] == "confirm" else "(the cost model, no timing)")
         + " | — |", "",
-        ("What a quick run reduces further: " if quick else "What was reduced to fit about two hours on two cores: ")
+        ("What a quick run reduces further: " if quick else "What was reduced to fit the run's time on two cores: ")
         + f"the training set ({recipe['train_subset']:,} of "
         f"Fashion-MNIST's 60,000 images) and the epochs ({recipe['epochs']}, the schedule compressed to them). Not "
         "reduced: the network and its channel widths (every HetConv layer has 64 or more input channels, which P = 64 "
