@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import BACKENDS
-from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, to_masked
+from sparse_hetconv import MaskedHetConv2d, SparseHetConv2d, autotune, to_masked
 from sparse_hetconv.models import vgg16_cifar
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,6 +94,7 @@ def eval_mode_grads(model, x, target, dtype=None):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
+@autotune.mode("model")  # what auto runs is not the question here; its one-off timings of 13 layers took most of it
 def test_vgg16_under_autocast(device, dtype):
     torch.manual_seed(0)
     sparse = vgg16_cifar(part=4, form="sparse").to(device)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import assert_close
+from sparse_hetconv import autotune
 from sparse_hetconv.models import vgg16_cifar
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -77,6 +78,9 @@ def set_mode(model: nn.Module, bn: str) -> None:
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on two cores
+    # backend="auto" by its cost model: the same backends in both ranks and the reference (one-off
+    # timings could choose differently per process), and no timing of VGG-16's layers per rank
+    autotune.set_mode("model")
     if sys.platform.startswith("linux"):  # both ranks on this machine: talk over the loopback device
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -101,6 +105,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@autotune.mode("model")
 def single_process(form: str, bn: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     model = build(form, dtype)
     set_mode(model, bn)
