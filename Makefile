@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard sparse_hetconv/csrc/*)
 demo: $(STAMP)
 	$(TIMING_ENV) $(PY) -m sparse_hetconv demo
 
+# One pytest worker per core (pytest-xdist; TEST_WORKERS=0 runs in this process).
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
 # int8); about 20 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes

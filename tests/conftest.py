@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# Under pytest-xdist (make test runs one worker per core) the workers share the cores: each takes
+# its share of torch's threads, so no worker's OpenMP team spins waiting for a core another holds.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 settings.register_profile(
