@@ -9,7 +9,6 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A layer of t
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -147,9 +146,3 @@ class _CompactHetConv(_HetConvBase):
         with torch.no_grad():
             self.weight_1x1.copy_(p.gather_1x1(dense))
         return self
-
-    def from_scipy(self, matrix) -> "_CompactHetConv":
-        """Deprecated 0.1 name of :meth:`load_scipy` (it loads in place; it is not a constructor)."""
-        warnings.warn(f"{type(self).__name__}.from_scipy is deprecated: it loads in place; use load_scipy",
-                      DeprecationWarning, stacklevel=2)
-        return self.load_scipy(matrix)

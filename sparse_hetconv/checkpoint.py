@@ -607,12 +607,3 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
         source.stat().st_size, target.stat().st_size, max_abs, batch, relative,
         str(dtype).replace("torch.", ""), source_form, paths, permutations, probed, shape[1:])
 
-
-def __getattr__(name: str):
-    if name == "infer_layout":  # 0.1 name ("layout" also meant memory format and torch.layout)
-        import warnings
-
-        warnings.warn("sparse_hetconv.checkpoint.infer_layout is deprecated; use infer_form", DeprecationWarning,
-                      stacklevel=2)
-        return infer_form
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -444,7 +444,7 @@ def hetconvify(
     inplace: bool = False,
     backend: str = "auto",
     memory_format=torch.channels_last,
-    return_report: bool | None = None,
+    return_report: bool = False,
 ):
     """Replace standard k x k convolutions by HetConv layers initialised from their weights.
 
@@ -466,14 +466,13 @@ def hetconvify(
         form (str): ``"sparse"`` (:class:`SparseHetConv2d`) or ``"masked"``.
         skip_first (bool): leave the first convolution (module order) alone, as the paper does
             with the RGB stem. Default True.
-        reduce (str): ``"center"`` or ``"sum"``, see above (``"centre"``: deprecated spelling).
+        reduce (str): ``"center"`` or ``"sum"``, see above.
         include (callable, optional): ``include(path, conv) -> bool``; False skips the layer.
         inplace (bool): change ``model`` itself instead of a deep copy.
         backend (str): ``backend`` of new sparse layers.
         memory_format (torch.memory_format or None): as for :func:`to_sparse`.
         return_report (bool): also return the :class:`ConversionReport` (what was replaced,
-            skipped and why, and exactness). Not given: ``(model, report)`` as in 0.1, with a
-            ``DeprecationWarning``; from 0.3 the model alone, like the other converters.
+            skipped and why, and exactness). Default False: the model alone.
 
     Returns:
         nn.Module, or ``(nn.Module, ConversionReport)`` with ``return_report=True``.
@@ -493,13 +492,7 @@ def hetconvify(
         raise TypeError(f"include must be callable or None, got {type(include).__name__}")
     check_backend(backend)
     check_memory_format(memory_format)
-    legacy = return_report is None
-    if legacy:
-        warnings.warn("hetconvify returns (model, report) without return_report; pass return_report=True to keep "
-                      "the report or return_report=False for the model alone (the default from 0.3)",
-                      DeprecationWarning, stacklevel=2)
-    else:
-        check_bool("return_report", return_report)
+    check_bool("return_report", return_report)
     report = ConversionReport("hetconvify", part=part, form=form)
     seen_first = []
 
@@ -514,11 +507,5 @@ def hetconvify(
 
     empty = f"hetconvify: no convolution could be replaced with part={part}; see the report"
     model, report = _convert(model, build, inplace, "hetconvify", memory_format, True, report=report, empty=empty)
-    return (model, report) if legacy or return_report else model
+    return (model, report) if return_report else model
 
-
-def __getattr__(name: str):
-    if name == "HetConvifyReport":  # 0.1 name
-        warnings.warn("HetConvifyReport is deprecated; use ConversionReport", DeprecationWarning, stacklevel=2)
-        return ConversionReport
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

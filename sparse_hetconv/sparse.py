@@ -9,7 +9,6 @@ parameters, no gradient ever reaches a missing one: no masking, and any stock op
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -28,12 +27,7 @@ _REDUCTIONS = ("center", "sum")
 
 
 def check_reduce(reduce: object) -> str:
-    """``reduce`` of :meth:`SparseHetConv2d.from_conv`: ``"center"`` or ``"sum"`` (``"centre"``, the
-    0.1 spelling, is accepted with a ``DeprecationWarning``)."""
-    if reduce == "centre":
-        warnings.warn("reduce='centre' is deprecated; use 'center' (PyTorch's spelling)", DeprecationWarning,
-                      stacklevel=3)
-        return "center"
+    """``reduce`` of :meth:`SparseHetConv2d.from_conv`: ``"center"`` or ``"sum"``."""
     if not isinstance(reduce, str) or reduce not in _REDUCTIONS:
         raise ValueError(f"reduce ({reduce!r}) must be one of {_REDUCTIONS}")
     return reduce
@@ -214,13 +208,6 @@ class _SparseHetConvNd(_CompactHetConv):
         if dropped > 0:
             report.dropped[""] = (dropped, layer_change(conv, layer))
         return layer, report
-
-    @classmethod
-    def from_dense(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto"):
-        """Deprecated 0.1 name of :meth:`from_conv`."""
-        warnings.warn(f"{cls.__name__}.from_dense is deprecated; use {cls.__name__}.from_conv", DeprecationWarning,
-                      stacklevel=2)
-        return cls.from_conv(conv, part, reduce, backend)
 
 
 def dropped_taps(weight: Tensor, pattern) -> float:

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparse_hetconv"
 
 # (module prefix, layer); the longest matching prefix decides.
 LAYERS = [
-    ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0), ("sparse_hetconv._deprecated", 0),
+    ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0),
     ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv._files", 0), ("sparse_hetconv.pattern", 0),
     ("sparse_hetconv._probe", 0), ("sparse_hetconv._report", 0), ("sparse_hetconv._frozen", 0),
     ("sparse_hetconv.ops", 1), ("sparse_hetconv.backends", 1),

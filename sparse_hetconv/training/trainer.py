@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._deprecated import renamed
 from .._files import check_output_folder
 from ..checkpoint import TRAIN_FORMAT, load_model, read_checkpoint, save_atomic, state_dict_of
 from ..convert import to_masked, to_sparse
@@ -442,4 +441,3 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     return result
 
 
-__getattr__ = renamed(__name__, {"train_cifar": "train"})  # 0.2: it trains on other data sets too
