@@ -16,11 +16,11 @@ spconv layers (:mod:`sparse_hetconv.submanifold`) and the command line
 """
 
 from . import _flop_formulas, autotune, backends, functional, models, ops
-from .checkpoint import ConvertReport, convert_checkpoint
+from .checkpoint import CheckpointReport, convert_checkpoint
 from .convert import ConversionReport, hetconvify, to_masked, to_sparse
 from .counting import LayerCount, ModelCounts, count_macs, count_model, count_params
 from .functional import het_conv2d, het_conv3d
-from .fuse import fuse_bn
+from .batchnorm import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation
@@ -33,7 +33,7 @@ __version__ = "0.4.0"
 __all__ = [
     "ChannelPermutation",
     "ConversionReport",
-    "ConvertReport",
+    "CheckpointReport",
     "HetConvPattern",
     "LayerCount",
     "MaskedHetConv2d",

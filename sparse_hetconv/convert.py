@@ -50,7 +50,7 @@ from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, prob
                      tolerance)
 from ._report import ConversionReport
 from .backends import check_backend
-from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
+from .layouts import NotAHetConvError, hetconv_kind, read_hetconv_weights
 from .permutation import between_permutations, permutation_finisher
 from .probing import ProbeTargets, read_probed
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd, check_reduce
@@ -280,7 +280,7 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
     """Turn every HetConv in ``model`` that is computed as a sum of convolutions into a
     :class:`SparseHetConv2d` (or ``3d``), exactly.
 
-    Converted (docs/design.md §4; :func:`~sparse_hetconv.masked.read_hetconv_weights` has the
+    Converted (docs/design.md §4; :func:`~sparse_hetconv.layouts.read_hetconv_weights` has the
     details):
 
     * :class:`MaskedHetConv2d` / ``3d``; one whose ``gwc``/``pwc`` no longer match its declared

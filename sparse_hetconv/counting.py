@@ -14,7 +14,7 @@ published masked form count its zeroed 1 x 1 weights as work; this module report
 A module is counted as a HetConv by what it computes, not by its class: besides
 :class:`MaskedHetConv2d` and :class:`SparseHetConv2d`, any module that :func:`to_sparse` would convert
 exactly (children ``gwc`` and ``pwc`` with output ``gwc(x) + pwc(x)``, as in the published code;
-recognised by :func:`~sparse_hetconv.masked.read_hetconv_weights`) counts its pattern's useful MACs
+recognised by :func:`~sparse_hetconv.layouts.read_hetconv_weights`) counts its pattern's useful MACs
 and parameters, and executes what its two convolutions run. Its parameters are those of the layer
 ``to_sparse`` makes of it (both biases one).
 
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masked import _MaskedHetConvNd, hetconv_kind, read_hetconv_weights
+from .layouts import hetconv_kind, read_hetconv_weights
+from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern
 from .sparse import _SparseHetConvNd
 

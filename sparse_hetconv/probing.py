@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_tuple, import_object
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
-from .masked import HetConvWeights
+from .layouts import HetConvWeights
 from .pattern import HetConvPattern
 from .sparse import dropped_taps
 

@@ -27,7 +27,8 @@ from ._memory_format import check_memory_format
 from ._report import ConversionReport
 from .backends import check_backend
 from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
-from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_hetconv_weights
+from .layouts import HetConvWeights, _has_own_tensors, read_hetconv_weights
+from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation, between_permutations, permutation_finisher
 from .probing import Probe, block_weights, read_probed

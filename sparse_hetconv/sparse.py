@@ -19,7 +19,8 @@ from ._report import ConversionReport
 from ._checks import check_int
 from .backends import check_backend
 from .functional import dispatch
-from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
+from .layouts import read_hetconv_weights
+from .masked import MaskedHetConv2d, MaskedHetConv3d
 
 __all__ = ["SparseHetConv2d", "SparseHetConv3d", "check_reduce"]
 

@@ -29,7 +29,7 @@ from ..pattern import HetConvPattern
 from . import blocked
 from ._common import CONV, Call, centre, centre_origin, channels_last, crop, kxk_part, rows
 
-__all__ = ["het_conv", "SMALL_PRODUCT"]
+__all__ = ["compute", "SMALL_PRODUCT"]
 
 SMALL_PRODUCT = 1 << 25  # MACs under which one MKL product beats a oneDNN call (measured: 2-3x at batch 1)
 
@@ -73,9 +73,9 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, call: Call) ->
     return out
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     if call.nonfinite:  # 0 * inf: the zeros must not be multiplied (the dispatcher summed the input)
-        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, call)
+        return blocked.compute(input, weight_kxk, weight_1x1, bias, call)
     pattern = call.pattern
     out = kxk_part(input, weight_kxk, bias, call)
     # The in-place fast paths are for ordinary eager calls: graph capture records stock operations

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import to_sparse
-from ..fuse import fuse_bn
+from ..batchnorm import fuse_bn
 from ..sparse import SparseHetConv2d
 
 __all__ = ["FORMS", "ExportHetConv2d", "export_form", "hetconv_layers"]
