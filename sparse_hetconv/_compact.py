@@ -4,7 +4,7 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A layer of t
 ``weight_kxk`` (``N x M/P x k x k [x k]``), the compact 1 x 1 values ``weight_1x1``
 (``N x (M - M/P)``, row ``j`` in increasing channel order; docs/design.md §3) and an optional
 ``bias``. :class:`sparse_hetconv.SparseHetConv2d` (dense inputs) and the submanifold layers of
-:mod:`sparse_hetconv.spconv` (spatially sparse inputs) differ only in how they compute with them.
+:mod:`sparse_hetconv.submanifold` (spatially sparse inputs) differ only in how they compute with them.
 """
 
 from __future__ import annotations

@@ -344,9 +344,17 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
         >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
         >>> type(to_sparse(masked)[0]).__name__
         'SparseHetConv2d'
-        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)  # any HetConv code
-        >>> report.probed  # the paths of the MyHetConv modules, now SparseHetConv2d layers
-        ['features.3', 'features.7']
+        >>> import torch.nn.functional as F
+        >>> class MyHetConv(nn.Module):  # any HetConv code: here one masked dense convolution
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * shifted_mask(8, 8, part=4))
+        ...     def forward(self, x):
+        ...         return F.conv2d(x, self.weight, padding=1)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MyHetConv(), nn.ReLU(), MyHetConv())
+        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)
+        >>> report.probed, type(new[1]).__name__, new[1].part
+        (['1', '3'], 'SparseHetConv2d', 4)
     """
 
     check_backend(backend)

@@ -75,7 +75,17 @@ class Probe:
         ValueError: a setting below 1; a ``"package.module:Class"`` that cannot be imported.
 
     Example:
-        >>> new = to_sparse(model, probe=[Probe(BranchHetConv, stride=2), "features.7"])
+        >>> import torch.nn.functional as F
+        >>> class MyHetConv(nn.Module):  # a HetConv as one masked dense convolution
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * shifted_mask(8, 8, part=4))
+        ...     def forward(self, x):
+        ...         return F.conv2d(x, self.weight, padding=1)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MyHetConv(), nn.ReLU(), MyHetConv())
+        >>> new = to_sparse(model, probe=[Probe(MyHetConv, stride=1), "3"])  # a class and a path
+        >>> [type(m).__name__ for m in new]  # the last one comes with its channel permutation
+        ['Conv2d', 'SparseHetConv2d', 'ReLU', 'Sequential']
     """
 
     target: object

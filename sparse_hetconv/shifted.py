@@ -193,7 +193,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
     Example:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
         >>> with torch.no_grad():
-        ...     conv.weight.mul_(shifted_mask(8, 8, part=4))
+        ...     _ = conv.weight.mul_(shifted_mask(8, 8, part=4))
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(8, 2, 1))
         >>> new, report = from_shifted(net, part=4, return_report=True)
         >>> type(new[2]).__name__, report.exact, report.permutations

@@ -268,7 +268,8 @@ class SparseHetConv2d(_SparseHetConvNd):
         bias (bool): add a learnable bias; default False.
         backend (str): ``"auto"`` (default) or one of the backends of
             :mod:`sparse_hetconv.backends` (``"dense"``, ``"grouped"``, ``"blocked"``,
-            ``"torch_sparse"``, ``"triton"``: 2-D, CUDA); all exact.
+            ``"torch_sparse"``, ``"fused"``: the registered operator, 2-D, ``"triton"``: the
+            operator's Triton kernel, 2-D, CUDA); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
 
     Attributes:
