@@ -294,27 +294,19 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
       all with bias) and the like. A module with such children whose forward is something else
       (a depthwise-separable ``pw(dw(x))`` has the same children) is left alone and listed in
       ``report.skipped`` with the reason.
-    * With ``probe``: the modules it names (a class, ``"package.module:Class"``, a module path
-      such as ``"features.3"``, or a :class:`~sparse_hetconv.probing.Probe` with what is known of
-      the module), **read by probing**: any module that computes a HetConv up to a permutation of
-      its channels, whatever its code (:mod:`sparse_hetconv.probing`). Its convolution is read
-      from its responses to a batch of unit impulses (stride and bias from its output on a zero
-      input), checked on random inputs, and split into the largest ``P`` blocks that hold its
-      k x k taps; the channel permutations this needs are absorbed by the neighbouring layers as
+    * With ``probe``: the modules it names, **read by probing** (:mod:`sparse_hetconv.probing`,
+      docs/conversion.md): any module that computes a HetConv up to a permutation of its channels,
+      whatever its code. The permutations are absorbed by the neighbours as
       :func:`~sparse_hetconv.shifted.from_shifted` does, or kept as
-      :class:`~sparse_hetconv.ChannelPermutation` modules around the layer (listed in
-      ``report.permutations``; always, around a module with hooks, which then see what they saw).
-      A named module that is not linear, has state (a BatchNorm in training mode), is random, is
-      no convolution, or has no HetConv pattern (a dense, grouped or depthwise convolution) is a
-      ``ValueError`` naming its path and what was found. ``report.probed`` lists these layers.
+      :class:`~sparse_hetconv.ChannelPermutation` modules (``report.permutations``). A named module
+      that is not a linear, stateless, deterministic HetConv is a ``ValueError`` naming its path;
+      ``report.probed`` lists these layers.
 
-    The coefficients of the sum are found on a probe, and every converted module is checked
-    against its replacement on a random float64 input run on a hook-free copy, so no user hook
-    fires. A non-zero pointwise block diagonal is folded into the centre taps, so unmasked
-    "approximate HetConv" models convert exactly too. The paper's *shifted* pattern (sxpro's
-    ``HetConv2d``) is :func:`sparse_hetconv.shifted.from_shifted`'s job. ``model`` itself may be a
-    single layer. Shared modules stay shared; hooks on a replaced module move to its replacement,
-    others are refused (the module docstring says which).
+    Every converted module is checked against its replacement on a random float64 input run on a
+    hook-free copy. A non-zero pointwise block diagonal is folded into the centre taps, so unmasked
+    "approximate HetConv" models convert exactly too; the paper's *shifted* pattern is
+    :func:`~sparse_hetconv.shifted.from_shifted`'s job. Shared modules and hooks: see the module
+    docstring.
 
     Args:
         model (nn.Module): the model (or a single layer).

@@ -157,18 +157,12 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
       ``approximate=True``, which drops them and reports the largest dropped weight and the
       relative output change (``report.dropped``).
 
-    Each layer becomes ``block(x[:, p_in])[:, argsort(p_out)]`` (docs/design.md §2). The
-    permutations are then absorbed (docs/design.md §8): moved through BatchNorm, elementwise
-    activations, pooling and dropout, folded into a neighbouring standard convolution or a
-    ``Linear`` after a flatten, or cancelled against the next shifted layer's (two consecutive
-    layers with the same part need none). The data flow comes from ``torch.fx`` where the model
-    traces, from ``nn.Sequential`` order otherwise. Only where a permutation cannot be absorbed
-    safely (the model's input or output, a residual branch, another part next door, a module used
-    twice or with hooks) does a :class:`ChannelPermutation` remain, as ``<path>.permute_in`` /
-    ``<path>.permute_out`` around ``<path>.layer``; ``report.permutations`` lists them. Standard
-    convolutions and ``Linear`` layers next to converted ones get permuted weights (the function
-    is unchanged). The converted layer's output channels are in block order, so hooks on a
-    replaced module are refused rather than carried over.
+    Each layer becomes ``block(x[:, p_in])[:, argsort(p_out)]`` (docs/design.md §2), and the
+    permutations are absorbed by the neighbours (docs/design.md §8: through BatchNorm, activations,
+    pooling, into standard convolutions and ``Linear`` layers, or cancelled by the next shifted
+    layer). Where that is not safe, a :class:`ChannelPermutation` remains as
+    ``<path>.permute_in`` / ``<path>.permute_out`` around ``<path>.layer`` (``report.permutations``).
+    Hooks on a replaced module are refused (its output channels are in block order).
 
     Args:
         model (nn.Module): the model (or a single layer).
