@@ -58,17 +58,13 @@ def read_hetconv_weights(module: nn.Module, path: str = "") -> HetConvWeights:
     * :class:`MaskedHetConv2d` / ``3d``, whose ``gwc`` and ``pwc`` must be the convolutions its
       ``part``, kernel size and stride declare (a ``gwc`` swapped for one with other ``groups``
       is refused, not read as a layer of another part).
-    * A module whose only children are convolutions of one dimension (``nn.Conv2d`` or
-      ``nn.Conv3d``) with the same channels and stride, at least one of them a grouped k x k
-      convolution (odd k, padding ``k // 2``) and one a 1 x 1 convolution (any ``groups``), and
-      whose forward returns a *signed sum* of them: the published ``gwc(x) + pwc(x)``, sxpro's
-      ``conv3x3(x) + conv1x1(x) - conv1x1_(x)``, or any other linear combination. The
-      coefficients are found on a random probe (run on a float64 copy without hooks, so no user
-      hook fires and the module is not changed) and the result is checked against the module's
-      output. The HetConv's part is the gcd of the k x k children's ``groups``; smaller k x k
-      kernels are centred in the largest one; every pointwise weight on the block diagonal is
-      folded into the centre taps with its sign, and the biases add up with theirs. The sum is
-      formed in float64 and rounded once to the module's dtype.
+    * A module whose only children are convolutions of one dimension with the same channels and
+      stride, at least one a grouped k x k (odd k, padding ``k // 2``) and one a 1 x 1, whose
+      forward returns a *signed sum* of them (the published ``gwc(x) + pwc(x)``, sxpro's
+      ``conv3x3(x) + conv1x1(x) - conv1x1_(x)``, ...). The coefficients are found on a random
+      float64 probe of a hook-free copy and the result checked against the module's output; the
+      part is the gcd of the k x k children's ``groups``, and the sum is formed in float64 and
+      rounded once to the module's dtype.
 
     Args:
         module (nn.Module): the module.

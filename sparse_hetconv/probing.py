@@ -1,28 +1,14 @@
 """Conversion by probing: the convolution a module computes, read from its responses, and its HetConv pattern.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The converters read the
-published layouts by their structure (:mod:`sparse_hetconv.masked`, :mod:`sparse_hetconv.shifted`).
-Any other module that computes a HetConv up to a permutation of its channels is linear and
-translation-equivariant: it *is* one convolution, whose weights its responses give away
-(docs/conversion.md, "Conversion by probing"):
-
-1. **Geometry.** The input channels (given, or the smallest plausible count its forward accepts),
-   the kernel (given, or the largest one among its 4-D / 5-D tensors) and, from one call on a zero
-   input, the bias and the stride (given and checked, or read from the output size at padding
-   ``k // 2``).
-2. **Weights.** One batched call on unit impulses: per input channel ``prod(stride)`` impulses at
-   different offsets, so that every tap of a strided kernel is seen.
-3. **Checks.** Its buffers must not change (a BatchNorm in training mode), and on a random input
-   its output must equal the convolution read; otherwise the error says whether it is random,
-   not linear, or linear but not that convolution.
-4. **Pattern.** The non-centre taps link filters to channels; the groups they form are packed
-   into the largest ``P`` equal blocks; the permutations that sort filters and channels into those
-   blocks are kept beside the block-pattern layer (and absorbed by the neighbours, docs/design.md §8).
-
-It all runs on a copy without hooks: the module is never changed and no hook fires. The copy is in
-float64, or in float32 for a float32 (or half) module on the CPU, at a third of the cost or less
-(docs/conversion.md); impulses of 2**20 keep a bias from rounding the taps away, a float64 reading is
-the fallback for anything a float32 one cannot read, and the converters check the result in float64.
+The converters read the known layouts by their structure (:mod:`sparse_hetconv.layouts`,
+:mod:`sparse_hetconv.shifted`). Any other module that computes a HetConv up to a permutation of its
+channels is linear and translation-equivariant: it *is* one convolution, read here from one call on
+a zero input (bias, stride) and one batched call on unit impulses (weights), checked on a random
+input (random, not linear, stateful or another convolution: each its own error), and split into the
+largest ``P`` blocks that hold its k x k taps, with the permutations that sort filters and channels
+into them (docs/conversion.md, "Conversion by probing"; docs/design.md §8). It runs on a copy
+without hooks, in float64 (or float32 for a float32 or half module on the CPU, with float64 as the
+fallback); the converters check the result in float64.
 """
 
 from __future__ import annotations
