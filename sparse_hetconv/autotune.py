@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_model
 from .backends import CONCRETE, Call, available, get
 from .backends._common import channels_last, eager_call, eager_tensor, reduced_precision
 from .pattern import HetConvPattern
@@ -363,8 +364,7 @@ def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = F
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     # Sparse HetConv layers (this module sits below the layers and does not import them).

@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import _HetConvBase
-from ._checks import check_bool
+from ._checks import check_bool, check_model
 from ._probe import hook_names, no_global_hooks, silenced
 from .convert import ConversionReport
 from .masked import _MaskedHetConvNd
@@ -182,8 +182,7 @@ def fuse_bn(model: nn.Module, inplace: bool = False, return_report: bool = False
         >>> len(report.replaced), sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
         (14, 0)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_bool("inplace", inplace)
     check_bool("return_report", return_report)
     training = [name or "<root>" for name, m in model.named_modules() if m.training]

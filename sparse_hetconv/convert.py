@@ -44,7 +44,7 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, check_model
 from ._memory_format import apply_memory_format, check_memory_format
 from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_input, quiet_copy, relative_change,
                      tolerance)
@@ -59,11 +59,6 @@ __all__ = ["ConversionReport", "hetconvify", "to_masked", "to_sparse"]
 
 _SPARSE_BY_DIMS = {2: SparseHetConv2d, 3: SparseHetConv3d}
 _FORMS = ("sparse", "masked")
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
 def _params(model: nn.Module) -> int:
@@ -246,7 +241,7 @@ def _convert(model, build, inplace: bool, what: str, memory_format=None, return_
              report: ConversionReport | None = None, carry_hooks: bool = True, finish=None, empty: str | None = None):
     """The steps every converter shares: check, plan (``build`` per module), check ties and hooks,
     apply, ``finish(model, report)`` (e.g. absorb permutations), memory format, report."""
-    _check_model(model)
+    check_model(model)
     check_bool("inplace", inplace)
     check_bool("return_report", return_report)
     check_memory_format(memory_format)
@@ -350,7 +345,7 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
     """
 
     check_backend(backend)
-    _check_model(model)
+    check_model(model)
     targets = None if probe is None else ProbeTargets(probe, model)
     report = ConversionReport("to_sparse", form="sparse")
     wrappers: set[int] = set()
@@ -481,7 +476,7 @@ def hetconvify(
         TypeError / ValueError: bad arguments, a shared tensor or a hook that cannot be carried
             over, before anything is changed.
     """
-    _check_model(model)
+    check_model(model)
     check_int("part", part)
     if form not in _FORMS:
         raise ValueError(f"form ({form!r}) must be one of {_FORMS}")

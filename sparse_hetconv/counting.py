@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._checks import check_model
 from .layouts import hetconv_kind, read_hetconv_weights
 from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern
@@ -233,11 +234,6 @@ def _hetconv_units(model: nn.Module) -> list[tuple[str, nn.Module, tuple[HetConv
     return units
 
 
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-
-
 def _check_input_size(input_size: object) -> tuple[int, ...]:
     example = "(batch, channels, *spatial), e.g. (1, 3, 32, 32)"
     if isinstance(input_size, torch.Tensor):
@@ -319,7 +315,7 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
         >>> counts.useful_macs < counts.executed_macs
         True
     """
-    _check_model(model)
+    check_model(model)
     size = _check_input_size(input_size)
     if not isinstance(norm, bool):
         raise TypeError(f"norm must be a bool, got {type(norm).__name__}")
@@ -421,7 +417,7 @@ def count_params(model: nn.Module, stored: bool = False) -> int:
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``stored`` not a bool.
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(stored, bool):
         raise TypeError(f"stored must be a bool, got {type(stored).__name__}")
     total = sum(p.numel() for p in model.parameters())

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._checks import check_model
 from ._flop_formulas import _macs, register_flop_counter_formulas
 from .masked import MaskedHetConv2d, MaskedHetConv3d, _MaskedHetConvNd
 from .sparse import SparseHetConv2d, SparseHetConv3d, _SparseHetConvNd
@@ -79,8 +80,7 @@ def fvcore_handles(model: nn.Module) -> dict[str, Callable]:
         >>> round(analysis.total() / 1e6)  # MACs, HetConv layers by the paper's convention (106 M)
         106
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     from fvcore.nn import jit_handles
 
     layers = {name: module for name, module in model.named_modules() if isinstance(module, _HETCONV)}

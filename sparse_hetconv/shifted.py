@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, check_model
 from ._memory_format import check_memory_format
 from ._report import ConversionReport
 from .backends import check_backend
-from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
+from .convert import _FORMS, _SPARSE_BY_DIMS, _convert, _dense_candidate, _verify, _where
 from .layouts import HetConvWeights, _has_own_tensors, read_hetconv_weights
 from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern, shifted_to_block_permutation
@@ -193,7 +193,7 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
         >>> type(new[2]).__name__, report.exact, report.permutations
         ('SparseHetConv2d', True, [])
     """
-    _check_model(model)
+    check_model(model)
     if part is not None:
         check_int("part", part)
     for name, value in (("approximate", approximate), ("skip_first", skip_first), ("inplace", inplace),

@@ -19,8 +19,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..convert import to_sparse
+from .._checks import check_model
 from ..batchnorm import fuse_bn
+from ..convert import to_sparse
 from ..sparse import SparseHetConv2d
 
 __all__ = ["FORMS", "ExportHetConv2d", "export_form", "hetconv_layers"]
@@ -140,8 +141,7 @@ def export_form(model: nn.Module, form: str = "masked", fuse: bool = True) -> nn
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: an unknown ``form``, or a 3-D HetConv layer (2-D only).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if form not in FORMS:
         raise ValueError(f"form ({form!r}) must be one of {FORMS}")
     with warnings.catch_warnings():

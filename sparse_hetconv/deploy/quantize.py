@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import MissingExtraError
+from .._checks import MissingExtraError, check_model
 from .._files import atomic_write, check_output_file
 from .._frozen import FrozenCompiled
 from .calibration import calibration_batches
@@ -141,8 +141,7 @@ def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=Non
             model that cannot be captured (the message names the module).
         ImportError: torchao is not installed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if backend != "x86":
         raise ValueError(f"backend ({backend!r}) must be 'x86' (the X86 Inductor quantizer)")
     if isinstance(calibration, str) and calibration == "digits" and input_size is None:
