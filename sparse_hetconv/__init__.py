@@ -15,12 +15,12 @@ spconv layers (:mod:`sparse_hetconv.submanifold`) and the command line
 (:mod:`sparse_hetconv.cli`) are imported when asked for.
 """
 
-from . import _deprecated, _flop_formulas, autotune, backends, functional, models, ops
-from .checkpoint import ConvertReport, convert_checkpoint
+from . import _flop_formulas, autotune, backends, functional, models, ops
+from .checkpoint import CheckpointReport, convert_checkpoint
 from .convert import ConversionReport, hetconvify, to_masked, to_sparse
 from .counting import LayerCount, ModelCounts, count_macs, count_model, count_params
 from .functional import het_conv2d, het_conv3d
-from .fuse import fuse_bn
+from .batchnorm import fuse_bn
 from .masked import MaskedHetConv2d, MaskedHetConv3d
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation
@@ -28,12 +28,12 @@ from .probing import Probe
 from .shifted import from_shifted, shifted_mask, to_shifted
 from .sparse import SparseHetConv2d, SparseHetConv3d
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "ChannelPermutation",
     "ConversionReport",
-    "ConvertReport",
+    "CheckpointReport",
     "HetConvPattern",
     "LayerCount",
     "MaskedHetConv2d",
@@ -64,15 +64,14 @@ __all__ = [
 ]
 
 _OPT_IN = ("cli", "flop_tools", "profiling", "submanifold", "training")
-_deprecated.install()
 _flop_formulas.register_when_imported()
 
 
 def __getattr__(name: str):
     # The opt-in subpackages load on first attribute access (``sparse_hetconv.profiling.x``), as
-    # ``import sparse_hetconv.profiling`` would; 0.1 names warn and resolve to their new homes.
+    # ``import sparse_hetconv.profiling`` would.
     if name in _OPT_IN:
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
-    return _deprecated.attribute(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

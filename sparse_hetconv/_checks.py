@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["PADDING_MODES", "MissingExtraError", "centre_padding", "check_bool", "check_padding", "check_padding_mode", "check_device", "check_dtype", "check_int", "check_tuple", "check_odd",
-           "check_input", "import_object"]
+__all__ = ["PADDING_MODES", "MissingExtraError", "centre_padding", "check_bool", "check_device", "check_dtype",
+           "check_input", "check_int", "check_model", "check_odd", "check_padding", "check_padding_mode", "check_tuple",
+           "import_object"]
 
 
 class MissingExtraError(ImportError):
@@ -20,6 +21,12 @@ class MissingExtraError(ImportError):
 
     The command line reports it in one line (exit status 2), like a user's mistake.
     """
+
+
+def check_model(model: object) -> None:
+    """Raise ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
 def check_bool(name: str, value: object) -> bool:

@@ -4,12 +4,11 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A layer of t
 ``weight_kxk`` (``N x M/P x k x k [x k]``), the compact 1 x 1 values ``weight_1x1``
 (``N x (M - M/P)``, row ``j`` in increasing channel order; docs/design.md §3) and an optional
 ``bias``. :class:`sparse_hetconv.SparseHetConv2d` (dense inputs) and the submanifold layers of
-:mod:`sparse_hetconv.spconv` (spatially sparse inputs) differ only in how they compute with them.
+:mod:`sparse_hetconv.submanifold` (spatially sparse inputs) differ only in how they compute with them.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -147,9 +146,3 @@ class _CompactHetConv(_HetConvBase):
         with torch.no_grad():
             self.weight_1x1.copy_(p.gather_1x1(dense))
         return self
-
-    def from_scipy(self, matrix) -> "_CompactHetConv":
-        """Deprecated 0.1 name of :meth:`load_scipy` (it loads in place; it is not a constructor)."""
-        warnings.warn(f"{type(self).__name__}.from_scipy is deprecated: it loads in place; use load_scipy",
-                      DeprecationWarning, stacklevel=2)
-        return self.load_scipy(matrix)

@@ -1,48 +1,26 @@
 """How ``backend="auto"`` picks the backend that computes a HetConv layer.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Every backend of
-:mod:`sparse_hetconv.backends` computes the same numbers; which is fastest depends on the call's
-*signature*: (in/out channels, part, kernel, stride, batch, spatial size, device, dtype, memory
-format, training or not) and on the machine. The choice is made once per signature and cached,
-in one of three modes:
+Every backend computes the same numbers; which is fastest depends on the call's *signature* (shape,
+part, kernel, stride, batch, device, dtype, memory format, training or not) and on the machine. The
+choice is made once per signature and cached, in one of three modes (docs/performance.md):
 
-* ``"confirm"`` (default): on the CPU a cost model of the stock convolution kernels (below)
-  proposes a backend; a proposal other than ``dense`` (the masked form's own kernel) is kept only
-  if a one-off timing on random data of the signature confirms it is faster than ``dense``. The
-  model's constants were calibrated on one machine; the confirmation makes the choice hold on
-  any CPU (AVX2 or AVX-512, any core count), so the sparse layer is never meaningfully slower
-  than the masked layer it replaces. On CUDA every available backend is timed (the model knows
-  nothing of GPUs), like ``torch.backends.cudnn.benchmark``.
-* ``"model"``: the cost model alone. Deterministic and free; nothing is timed.
-* ``"measure"``: every available backend is timed on the first call of a signature (forward,
-  plus backward when training) and the fastest kept, on any device.
+* ``"confirm"`` (default): on the CPU the cost model proposes a backend (``fused`` for every call
+  the compiled kernels compute, :func:`fused_proposed`; else ``grouped`` where :func:`estimate`
+  predicts it 10 % faster, else ``dense``); a proposal other than ``dense`` is kept only if a
+  one-off timing on random data of the signature confirms it beats ``dense``. On CUDA every
+  candidate is timed (:func:`candidates`), like ``torch.backends.cudnn.benchmark``.
+* ``"model"``: the cost model alone; nothing is timed.
+* ``"measure"``: every candidate is timed on the first call of a signature (forward, plus
+  backward when training) and the fastest kept, on any device.
 
-Under ``torch.compile`` / ``torch.export`` the choice is the cost model's (a traced graph cannot
-time anything, and must not guard on the cache). The repository's ``make bench`` reports, per
-layer, auto's pick beside the fastest backend measured.
-
-The cost model, in multiply-accumulate equivalents. A convolution with ``c_in`` input and
-``c_out`` output channels per group runs at an efficiency ``e(c_in) e(c_out)`` of its peak, with
-``e(c) = c / (c + C0)`` (oneDNN is slow with few channels per group), plus a fixed cost per call;
-an elementwise pass costs a few MAC-equivalents per element. Then, for ``L`` output pixels:
-
-* ``dense``: one ``M -> N`` 1 x 1 convolution of ``L M N`` MACs, on the dense matrix; without
-  autograd the sum into the k x k output is fused (free), with autograd it is one pass, and the
-  backward is two more convolutions of the same size.
-* ``grouped``: ``P - 1`` grouped convolutions of ``L m N`` MACs each with ``m`` and ``n`` channels
-  per group, each followed by a pass that adds it into the output. Fewer MACs (``(P - 1) / P``),
-  lower efficiency and more calls: in inference it wins for small ``P`` with wide groups
-  (``P = 2``, 5-10 % of a layer); its backward (per-group weight gradients, gradients of the
-  sliced sums) measured 1.04-4x slower than the masked form's, so in training the model keeps
-  ``dense``.
-* ``blocked`` and ``torch_sparse``: matrix products (MKL) that run at a fraction of oneDNN's
-  convolution speed on this kind of CPU; the model ranks them last, as measured.
+Under graph capture, ``torch.func`` transforms and for fake or symbolic inputs the cost model
+decides alone (nothing can be timed, and a compiled graph must not guard on the cache).
 
 Example:
     >>> layer = SparseHetConv2d(256, 256, part=2)
     >>> x = torch.randn(32, 256, 8, 8).contiguous(memory_format=torch.channels_last)
-    >>> choose(layer.pattern, x, training=True)
-    'dense'
+    >>> choose(layer.pattern, x, training=True) in CONCRETE  # timed once here, then cached
+    True
 """
 
 from __future__ import annotations
@@ -56,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import check_model
 from .backends import CONCRETE, Call, available, get
 from .backends._common import channels_last, eager_call, eager_tensor, reduced_precision
 from .pattern import HetConvPattern
@@ -183,6 +162,10 @@ def _conv_cost(macs: float, c_in: int, c_out: int) -> float:
 
 def estimate(pattern: HetConvPattern, pixels: int, training: bool) -> dict[str, float]:
     """The cost model's estimate for each backend (MAC-equivalents; only ratios matter).
+
+    A convolution with ``c_in`` / ``c_out`` channels per group runs at ``e(c_in) e(c_out)`` of its
+    peak, ``e(c) = c / (c + C0)``, plus :data:`CALL` per call; an elementwise pass costs
+    :data:`PASS` per element; matrix products run at :data:`MATMUL_SPEED`, CSR ones at :data:`SPARSE_SPEED`.
 
     Args:
         pattern: the layer.
@@ -381,8 +364,7 @@ def resolve_backends(model: nn.Module, example_input: Tensor, training: bool = F
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     # Sparse HetConv layers (this module sits below the layers and does not import them).

@@ -32,7 +32,7 @@ from .models import create_model, list_models
 from .permutation import ChannelPermutation
 from .shifted import from_shifted
 
-__all__ = ["ConvertReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_form",
+__all__ = ["CheckpointReport", "convert_checkpoint", "read_checkpoint", "state_dict_of", "infer_form",
            "load_model", "resolve_model", "save_atomic", "TRAIN_FORMAT"]
 
 TRAIN_FORMAT = "sparse_hetconv.train"
@@ -428,7 +428,7 @@ def _check_kwargs(model_kwargs) -> dict:
 
 
 @dataclass
-class ConvertReport:
+class CheckpointReport:
     """What :func:`convert_checkpoint` did.
 
     ``masked_params`` are the parameters the source model stores (for a registered model its
@@ -519,7 +519,7 @@ def _compare(source: nn.Module, converted: nn.Module, shape: tuple[int, ...], se
 
 def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg16_cifar", force: bool = False,
                        batch: int = 8, seed: int = 0, *, model_kwargs: dict | None = None, input_size=None,
-                       allow_nonfinite: bool = False, probe=None) -> ConvertReport:
+                       allow_nonfinite: bool = False, probe=None) -> CheckpointReport:
     """Convert a checkpoint of any HetConv model into the sparse model's ``state_dict`` (exact).
 
     The source model is built from ``model`` (a registered name, whose part, form and classes are
@@ -550,7 +550,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
             :class:`~sparse_hetconv.probing.Probe`, or a list of them).
 
     Returns:
-        ConvertReport: what was converted, parameter counts, file sizes, the output difference.
+        CheckpointReport: what was converted, parameter counts, file sizes, the output difference.
 
     Raises:
         FileNotFoundError: ``source`` or ``target``'s folder is missing.
@@ -599,19 +599,10 @@ def convert_checkpoint(source: str | Path, target: str | Path, model: str = "vgg
     save_atomic(converted.state_dict(), target)
     parts = _parts(converted)
     head = _last_linear(converted)
-    return ConvertReport(
+    return CheckpointReport(
         source, target, model, info["part"] or (parts[0] if len(parts) == 1 else None),
         info["num_classes"] or (converted.get_submodule(head).out_features if head else None),
         count_params(net, stored=True), count_params(converted, stored=True), count_params(converted),
         source.stat().st_size, target.stat().st_size, max_abs, batch, relative,
         str(dtype).replace("torch.", ""), source_form, paths, permutations, probed, shape[1:])
 
-
-def __getattr__(name: str):
-    if name == "infer_layout":  # 0.1 name ("layout" also meant memory format and torch.layout)
-        import warnings
-
-        warnings.warn("sparse_hetconv.checkpoint.infer_layout is deprecated; use infer_form", DeprecationWarning,
-                      stacklevel=2)
-        return infer_form
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,13 +44,13 @@ from torch import nn
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, check_model
 from ._memory_format import apply_memory_format, check_memory_format
 from ._probe import (FORWARD_HOOKS, CopyError, hook_names, no_global_hooks, probe_extent, probe_input, quiet_copy,
                      relative_change, tolerance)
 from ._report import ConversionReport
 from .backends import check_backend
-from .masked import NotAHetConvError, hetconv_kind, read_hetconv_weights
+from .layouts import NotAHetConvError, hetconv_kind, read_hetconv_weights
 from .permutation import between_permutations, permutation_finisher
 from .probing import ProbeTargets, read_probed
 from .sparse import SparseHetConv2d, SparseHetConv3d, _dense_conv_problem, _SparseHetConvNd, check_reduce
@@ -59,11 +59,6 @@ __all__ = ["ConversionReport", "hetconvify", "to_masked", "to_sparse"]
 
 _SPARSE_BY_DIMS = {2: SparseHetConv2d, 3: SparseHetConv3d}
 _FORMS = ("sparse", "masked")
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
 def _params(model: nn.Module) -> int:
@@ -246,7 +241,7 @@ def _convert(model, build, inplace: bool, what: str, memory_format=None, return_
              report: ConversionReport | None = None, carry_hooks: bool = True, finish=None, empty: str | None = None):
     """The steps every converter shares: check, plan (``build`` per module), check ties and hooks,
     apply, ``finish(model, report)`` (e.g. absorb permutations), memory format, report."""
-    _check_model(model)
+    check_model(model)
     check_bool("inplace", inplace)
     check_bool("return_report", return_report)
     check_memory_format(memory_format)
@@ -280,7 +275,7 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
     """Turn every HetConv in ``model`` that is computed as a sum of convolutions into a
     :class:`SparseHetConv2d` (or ``3d``), exactly.
 
-    Converted (docs/design.md §4; :func:`~sparse_hetconv.masked.read_hetconv_weights` has the
+    Converted (docs/design.md §4; :func:`~sparse_hetconv.layouts.read_hetconv_weights` has the
     details):
 
     * :class:`MaskedHetConv2d` / ``3d``; one whose ``gwc``/``pwc`` no longer match its declared
@@ -294,27 +289,19 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
       all with bias) and the like. A module with such children whose forward is something else
       (a depthwise-separable ``pw(dw(x))`` has the same children) is left alone and listed in
       ``report.skipped`` with the reason.
-    * With ``probe``: the modules it names (a class, ``"package.module:Class"``, a module path
-      such as ``"features.3"``, or a :class:`~sparse_hetconv.probing.Probe` with what is known of
-      the module), **read by probing**: any module that computes a HetConv up to a permutation of
-      its channels, whatever its code (:mod:`sparse_hetconv.probing`). Its convolution is read
-      from its responses to a batch of unit impulses (stride and bias from its output on a zero
-      input), checked on random inputs, and split into the largest ``P`` blocks that hold its
-      k x k taps; the channel permutations this needs are absorbed by the neighbouring layers as
+    * With ``probe``: the modules it names, **read by probing** (:mod:`sparse_hetconv.probing`,
+      docs/conversion.md): any module that computes a HetConv up to a permutation of its channels,
+      whatever its code. The permutations are absorbed by the neighbours as
       :func:`~sparse_hetconv.shifted.from_shifted` does, or kept as
-      :class:`~sparse_hetconv.ChannelPermutation` modules around the layer (listed in
-      ``report.permutations``; always, around a module with hooks, which then see what they saw).
-      A named module that is not linear, has state (a BatchNorm in training mode), is random, is
-      no convolution, or has no HetConv pattern (a dense, grouped or depthwise convolution) is a
-      ``ValueError`` naming its path and what was found. ``report.probed`` lists these layers.
+      :class:`~sparse_hetconv.ChannelPermutation` modules (``report.permutations``). A named module
+      that is not a linear, stateless, deterministic HetConv is a ``ValueError`` naming its path;
+      ``report.probed`` lists these layers.
 
-    The coefficients of the sum are found on a probe, and every converted module is checked
-    against its replacement on a random float64 input run on a hook-free copy, so no user hook
-    fires. A non-zero pointwise block diagonal is folded into the centre taps, so unmasked
-    "approximate HetConv" models convert exactly too. The paper's *shifted* pattern (sxpro's
-    ``HetConv2d``) is :func:`sparse_hetconv.shifted.from_shifted`'s job. ``model`` itself may be a
-    single layer. Shared modules stay shared; hooks on a replaced module move to its replacement,
-    others are refused (the module docstring says which).
+    Every converted module is checked against its replacement on a random float64 input run on a
+    hook-free copy. A non-zero pointwise block diagonal is folded into the centre taps, so unmasked
+    "approximate HetConv" models convert exactly too; the paper's *shifted* pattern is
+    :func:`~sparse_hetconv.shifted.from_shifted`'s job. Shared modules and hooks: see the module
+    docstring.
 
     Args:
         model (nn.Module): the model (or a single layer).
@@ -344,13 +331,21 @@ def to_sparse(model: nn.Module, inplace: bool = False, backend: str = "auto",
         >>> masked = nn.Sequential(MaskedHetConv2d(16, 16, part=4), nn.ReLU())
         >>> type(to_sparse(masked)[0]).__name__
         'SparseHetConv2d'
-        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)  # any HetConv code
-        >>> report.probed  # the paths of the MyHetConv modules, now SparseHetConv2d layers
-        ['features.3', 'features.7']
+        >>> import torch.nn.functional as F
+        >>> class MyHetConv(nn.Module):  # any HetConv code: here one masked dense convolution
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * shifted_mask(8, 8, part=4))
+        ...     def forward(self, x):
+        ...         return F.conv2d(x, self.weight, padding=1)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MyHetConv(), nn.ReLU(), MyHetConv())
+        >>> new, report = to_sparse(model, probe=[MyHetConv], return_report=True)
+        >>> report.probed, type(new[1]).__name__, new[1].part
+        (['1', '3'], 'SparseHetConv2d', 4)
     """
 
     check_backend(backend)
-    _check_model(model)
+    check_model(model)
     targets = None if probe is None else ProbeTargets(probe, model)
     report = ConversionReport("to_sparse", form="sparse")
     wrappers: set[int] = set()
@@ -444,7 +439,7 @@ def hetconvify(
     inplace: bool = False,
     backend: str = "auto",
     memory_format=torch.channels_last,
-    return_report: bool | None = None,
+    return_report: bool = False,
 ):
     """Replace standard k x k convolutions by HetConv layers initialised from their weights.
 
@@ -467,14 +462,13 @@ def hetconvify(
         form (str): ``"sparse"`` (:class:`SparseHetConv2d`) or ``"masked"``.
         skip_first (bool): leave the first convolution (module order) alone, as the paper does
             with the RGB stem. Default True.
-        reduce (str): ``"center"`` or ``"sum"``, see above (``"centre"``: deprecated spelling).
+        reduce (str): ``"center"`` or ``"sum"``, see above.
         include (callable, optional): ``include(path, conv) -> bool``; False skips the layer.
         inplace (bool): change ``model`` itself instead of a deep copy.
         backend (str): ``backend`` of new sparse layers.
         memory_format (torch.memory_format or None): as for :func:`to_sparse`.
         return_report (bool): also return the :class:`ConversionReport` (what was replaced,
-            skipped and why, and exactness). Not given: ``(model, report)`` as in 0.1, with a
-            ``DeprecationWarning``; from 0.3 the model alone, like the other converters.
+            skipped and why, and exactness). Default False: the model alone.
 
     Returns:
         nn.Module, or ``(nn.Module, ConversionReport)`` with ``return_report=True``.
@@ -483,7 +477,7 @@ def hetconvify(
         TypeError / ValueError: bad arguments, a shared tensor or a hook that cannot be carried
             over, before anything is changed.
     """
-    _check_model(model)
+    check_model(model)
     check_int("part", part)
     if form not in _FORMS:
         raise ValueError(f"form ({form!r}) must be one of {_FORMS}")
@@ -494,13 +488,7 @@ def hetconvify(
         raise TypeError(f"include must be callable or None, got {type(include).__name__}")
     check_backend(backend)
     check_memory_format(memory_format)
-    legacy = return_report is None
-    if legacy:
-        warnings.warn("hetconvify returns (model, report) without return_report; pass return_report=True to keep "
-                      "the report or return_report=False for the model alone (the default from 0.3)",
-                      DeprecationWarning, stacklevel=2)
-    else:
-        check_bool("return_report", return_report)
+    check_bool("return_report", return_report)
     report = ConversionReport("hetconvify", part=part, form=form)
     seen_first = []
 
@@ -515,11 +503,5 @@ def hetconvify(
 
     empty = f"hetconvify: no convolution could be replaced with part={part}; see the report"
     model, report = _convert(model, build, inplace, "hetconvify", memory_format, True, report=report, empty=empty)
-    return (model, report) if legacy or return_report else model
+    return (model, report) if return_report else model
 
-
-def __getattr__(name: str):
-    if name == "HetConvifyReport":  # 0.1 name
-        warnings.warn("HetConvifyReport is deprecated; use ConversionReport", DeprecationWarning, stacklevel=2)
-        return ConversionReport
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

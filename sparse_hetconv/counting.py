@@ -1,31 +1,19 @@
 """Counting multiply-accumulates and parameters the way the HetConv paper does.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The paper's "FLOPs" are
-multiply-accumulates (MACs, no factor 2) of the kernels that exist: a HetConv layer costs
-``N (k^2 M/P + M - M/P)`` per output pixel, whatever form computes it. Generic counters run on the
-published masked form count its zeroed 1 x 1 weights as work; this module reports both numbers:
+The paper's "FLOPs" are multiply-accumulates (MACs, no factor 2) of the kernels that exist: a
+HetConv layer costs ``N (k^2 M/P + M - M/P)`` per output pixel, whatever form computes it. This
+module reports both **useful** MACs (the paper's convention, the same in every form) and
+**executed** MACs (the masked form's full 1 x 1 convolution, the ``dense`` backend's likewise; the
+other backends only the existing kernels). A module counts as a HetConv by what it computes: any
+module :func:`to_sparse` converts exactly by its layout
+(:func:`~sparse_hetconv.layouts.read_hetconv_weights`) counts its pattern's useful MACs and the
+parameters of the layer ``to_sparse`` makes of it.
 
-* **useful** MACs — the paper's convention: the existing kernels of a HetConv layer, so a model
-  counts the same in every form that computes the same function;
-* **executed** MACs — what the layer really computes: the masked form's full 1 x 1 convolution,
-  the sparse form's ``dense`` backend likewise, its other backends (``blocked``, ``grouped``,
-  ``torch_sparse``) only the existing kernels.
-
-A module is counted as a HetConv by what it computes, not by its class: besides
-:class:`MaskedHetConv2d` and :class:`SparseHetConv2d`, any module that :func:`to_sparse` would convert
-exactly (children ``gwc`` and ``pwc`` with output ``gwc(x) + pwc(x)``, as in the published code;
-recognised by :func:`~sparse_hetconv.masked.read_hetconv_weights`) counts its pattern's useful MACs
-and parameters, and executes what its two convolutions run. Its parameters are those of the layer
-``to_sparse`` makes of it (both biases one).
-
-One handler per layer type: convolutions (``in/groups * prod(kernel)`` per output element),
-``nn.Linear`` (``in_features`` per output element), HetConv layers as above, and BatchNorm at one
-MAC per output element (its inference-time scale and shift, ``y = a x + b``, which folds into the
-preceding layer). Additions (biases, residual sums), activations and pooling contain no
-multiplication and are not counted. With BatchNorm included this reproduces the paper's VGG-16 /
+Convolutions count ``in/groups * prod(kernel)`` per output element, ``nn.Linear`` ``in_features``,
+BatchNorm one (its inference-time scale, which folds into the layer before it); additions,
+activations and pooling are not counted. With BatchNorm this reproduces the paper's VGG-16 /
 CIFAR-10 column within 0.5 % for every ``P`` (exactly, 313.74 M, at ``P = 1``); ``norm=False``
-counts convolutions and linear layers only, which is half of what
-``torch.utils.flop_counter.FlopCounterMode`` reports for standard layers.
+counts convolutions and linear layers only (half of ``FlopCounterMode``'s FLOPs for standard layers).
 """
 
 from __future__ import annotations
@@ -37,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masked import _MaskedHetConvNd, hetconv_kind, read_hetconv_weights
+from ._checks import check_model
+from .layouts import hetconv_kind, read_hetconv_weights
+from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern
 from .sparse import _SparseHetConvNd
 
@@ -244,11 +234,6 @@ def _hetconv_units(model: nn.Module) -> list[tuple[str, nn.Module, tuple[HetConv
     return units
 
 
-def _check_model(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-
-
 def _check_input_size(input_size: object) -> tuple[int, ...]:
     example = "(batch, channels, *spatial), e.g. (1, 3, 32, 32)"
     if isinstance(input_size, torch.Tensor):
@@ -330,7 +315,7 @@ def count_model(model: nn.Module, input_size: Sequence[int], norm: bool = True) 
         >>> counts.useful_macs < counts.executed_macs
         True
     """
-    _check_model(model)
+    check_model(model)
     size = _check_input_size(input_size)
     if not isinstance(norm, bool):
         raise TypeError(f"norm must be a bool, got {type(norm).__name__}")
@@ -432,7 +417,7 @@ def count_params(model: nn.Module, stored: bool = False) -> int:
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` or ``stored`` not a bool.
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(stored, bool):
         raise TypeError(f"stored must be a bool, got {type(stored).__name__}")
     total = sum(p.numel() for p in model.parameters())

@@ -1,29 +1,17 @@
 """Make generic FLOP counters count HetConv layers the way the paper does.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The paper counts
-multiply-accumulates (MACs) of the kernels that exist: a HetConv layer costs
+The paper counts multiply-accumulates (MACs) of the kernels that exist,
 ``N (k^2 M/P + M - M/P)`` per output pixel (:meth:`HetConvPattern.useful_macs_per_pixel`), whatever
-form or backend computes it. Generic counters see only the operations a layer runs, so they count
-what *executes* instead, and some miss operations they have no formula for:
+form or backend computes it; generic counters count what *executes*, and miss what they have no
+formula for (docs/compatibility.md has the per-tool, per-backend table):
 
-* ``torch.utils.flop_counter.FlopCounterMode`` counts aten operations as they run (FLOPs, two per
-  MAC). Importing this module registers formulas for the two operations of HetConv layers it
-  would otherwise count as zero (oneDNN's fused convolution-plus-sum of the ``dense`` backend and
-  the in-place ``addmm_`` of the ``blocked`` backend, :func:`register_flop_counter_formulas`;
-  ``import sparse_hetconv`` arranges it without importing the counter itself); the
-  counter then reports what really executes, except that it prices the ``torch_sparse`` backend's
-  CSR product like a dense one. docs/compatibility.md has the per-backend table.
-* fvcore (``FlopCountAnalysis``, JIT-trace based, counts MACs): :func:`fvcore_handles` returns
-  operator handles that count each HetConv layer as ``N (k^2 m + M - m)`` MACs per output pixel
-  and every operation inside it as nothing else, for every backend and both forms;
-  :func:`fvcore_analysis` builds the analysis with them.
-* ptflops (``get_model_complexity_info``, module-hook based, counts MACs): :func:`ptflops_hooks`
-  returns ``custom_modules_hooks`` that count HetConv layers the same way (plus one addition per
-  output element for a bias, as ptflops counts ``nn.Conv2d``). Without them ptflops' default
-  ``pytorch`` backend counts a sparse layer as zero and a masked layer as its ``gwc`` only (the
-  layer applies ``pwc``'s masked weight through ``pwc._conv_forward``, so ``pwc``'s hook never
-  fires). Its ``aten`` backend ignores module hooks; it counts executed convolutions and matrix
-  products like ``FlopCounterMode``.
+* ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs, two per MAC): importing this module registers
+  formulas for the operations of HetConv layers it would count as zero
+  (:func:`register_flop_counter_formulas`; ``import sparse_hetconv`` arranges it lazily).
+* fvcore (``FlopCountAnalysis``, MACs): :func:`fvcore_handles` / :func:`fvcore_analysis` count each
+  HetConv layer by the paper, for every backend and both forms.
+* ptflops (``get_model_complexity_info``, MACs): :func:`ptflops_hooks` does the same through
+  ``custom_modules_hooks`` (without them a sparse layer counts as zero, a masked one as its ``gwc``).
 
 fvcore and ptflops are optional (the ``dev`` extra); they are imported only when used.
 """
@@ -37,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._checks import check_model
 from ._flop_formulas import _macs, register_flop_counter_formulas
 from .masked import MaskedHetConv2d, MaskedHetConv3d, _MaskedHetConvNd
 from .sparse import SparseHetConv2d, SparseHetConv3d, _SparseHetConvNd
@@ -83,11 +72,15 @@ def fvcore_handles(model: nn.Module) -> dict[str, Callable]:
         ImportError: fvcore is not installed.
 
     Example:
+        >>> from fvcore.nn import FlopCountAnalysis
+        >>> model, x = vgg16_cifar(part=4).eval(), torch.randn(1, 3, 32, 32)
         >>> analysis = FlopCountAnalysis(model, x).set_op_handle(**fvcore_handles(model))
-        >>> analysis.total()  # MACs, HetConv layers by the paper's convention
+        >>> analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)  # doctest: +ELLIPSIS
+        <...>
+        >>> round(analysis.total() / 1e6)  # MACs, HetConv layers by the paper's convention (106 M)
+        106
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     from fvcore.nn import jit_handles
 
     layers = {name: module for name, module in model.named_modules() if isinstance(module, _HETCONV)}
@@ -186,7 +179,11 @@ def ptflops_hooks() -> dict[type, Callable]:
         dict: layer type -> hook.
 
     Example:
+        >>> from ptflops import get_model_complexity_info
+        >>> model = vgg16_cifar(part=4).eval()
         >>> macs, params = get_model_complexity_info(model, (3, 32, 32), as_strings=False,
         ...     print_per_layer_stat=False, custom_modules_hooks=ptflops_hooks())
+        >>> params == count_params(model)
+        True
     """
     return {cls: _ptflops_hook for cls in (SparseHetConv2d, SparseHetConv3d, MaskedHetConv2d, MaskedHetConv3d)}

@@ -1,28 +1,14 @@
 """Conversion by probing: the convolution a module computes, read from its responses, and its HetConv pattern.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The converters read the
-published layouts by their structure (:mod:`sparse_hetconv.masked`, :mod:`sparse_hetconv.shifted`).
-Any other module that computes a HetConv up to a permutation of its channels is linear and
-translation-equivariant: it *is* one convolution, whose weights its responses give away
-(docs/conversion.md, "Conversion by probing"):
-
-1. **Geometry.** The input channels (given, or the smallest plausible count its forward accepts),
-   the kernel (given, or the largest one among its 4-D / 5-D tensors) and, from one call on a zero
-   input, the bias and the stride (given and checked, or read from the output size at padding
-   ``k // 2``).
-2. **Weights.** One batched call on unit impulses: per input channel ``prod(stride)`` impulses at
-   different offsets, so that every tap of a strided kernel is seen.
-3. **Checks.** Its buffers must not change (a BatchNorm in training mode), and on a random input
-   its output must equal the convolution read; otherwise the error says whether it is random,
-   not linear, or linear but not that convolution.
-4. **Pattern.** The non-centre taps link filters to channels; the groups they form are packed
-   into the largest ``P`` equal blocks; the permutations that sort filters and channels into those
-   blocks are kept beside the block-pattern layer (and absorbed by the neighbours, docs/design.md §8).
-
-It all runs on a copy without hooks: the module is never changed and no hook fires. The copy is in
-float64, or in float32 for a float32 (or half) module on the CPU, at a third of the cost or less
-(docs/conversion.md); impulses of 2**20 keep a bias from rounding the taps away, a float64 reading is
-the fallback for anything a float32 one cannot read, and the converters check the result in float64.
+The converters read the known layouts by their structure (:mod:`sparse_hetconv.layouts`,
+:mod:`sparse_hetconv.shifted`). Any other module that computes a HetConv up to a permutation of its
+channels is linear and translation-equivariant: it *is* one convolution, read here from one call on
+a zero input (bias, stride) and one batched call on unit impulses (weights), checked on a random
+input (random, not linear, stateful or another convolution: each its own error), and split into the
+largest ``P`` blocks that hold its k x k taps, with the permutations that sort filters and channels
+into them (docs/conversion.md, "Conversion by probing"; docs/design.md §8). It runs on a copy
+without hooks, in float64 (or float32 for a float32 or half module on the CPU, with float64 as the
+fallback); the converters check the result in float64.
 """
 
 from __future__ import annotations
@@ -39,7 +25,7 @@ from torch import Tensor, nn
 
 from ._checks import check_int, check_tuple, import_object
 from ._probe import no_global_hooks, probe_input, quiet_copy, relative_change
-from .masked import HetConvWeights
+from .layouts import HetConvWeights
 from .pattern import HetConvPattern
 from .sparse import dropped_taps
 
@@ -75,7 +61,17 @@ class Probe:
         ValueError: a setting below 1; a ``"package.module:Class"`` that cannot be imported.
 
     Example:
-        >>> new = to_sparse(model, probe=[Probe(BranchHetConv, stride=2), "features.7"])
+        >>> import torch.nn.functional as F
+        >>> class MyHetConv(nn.Module):  # a HetConv as one masked dense convolution
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * shifted_mask(8, 8, part=4))
+        ...     def forward(self, x):
+        ...         return F.conv2d(x, self.weight, padding=1)
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), MyHetConv(), nn.ReLU(), MyHetConv())
+        >>> new = to_sparse(model, probe=[Probe(MyHetConv, stride=1), "3"])  # a class and a path
+        >>> [type(m).__name__ for m in new]  # the last one comes with its channel permutation
+        ['Conv2d', 'SparseHetConv2d', 'ReLU', 'Sequential']
     """
 
     target: object

@@ -22,13 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from ._base import _HetConvBase
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_int, check_model
 from ._memory_format import check_memory_format
 from ._probe import probe_extent
 from ._report import ConversionReport
 from .backends import check_backend
-from .convert import _FORMS, _SPARSE_BY_DIMS, _check_model, _convert, _dense_candidate, _verify, _where
-from .masked import HetConvWeights, _has_own_tensors, _MaskedHetConvNd, read_hetconv_weights
+from .convert import _FORMS, _SPARSE_BY_DIMS, _convert, _dense_candidate, _verify, _where
+from .layouts import HetConvWeights, _has_own_tensors, read_hetconv_weights
+from .masked import _MaskedHetConvNd
 from .pattern import HetConvPattern, shifted_to_block_permutation
 from .permutation import ChannelPermutation, between_permutations, permutation_finisher
 from .probing import Probe, block_weights, read_probed
@@ -157,18 +158,12 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
       ``approximate=True``, which drops them and reports the largest dropped weight and the
       relative output change (``report.dropped``).
 
-    Each layer becomes ``block(x[:, p_in])[:, argsort(p_out)]`` (docs/design.md §2). The
-    permutations are then absorbed (docs/design.md §8): moved through BatchNorm, elementwise
-    activations, pooling and dropout, folded into a neighbouring standard convolution or a
-    ``Linear`` after a flatten, or cancelled against the next shifted layer's (two consecutive
-    layers with the same part need none). The data flow comes from ``torch.fx`` where the model
-    traces, from ``nn.Sequential`` order otherwise. Only where a permutation cannot be absorbed
-    safely (the model's input or output, a residual branch, another part next door, a module used
-    twice or with hooks) does a :class:`ChannelPermutation` remain, as ``<path>.permute_in`` /
-    ``<path>.permute_out`` around ``<path>.layer``; ``report.permutations`` lists them. Standard
-    convolutions and ``Linear`` layers next to converted ones get permuted weights (the function
-    is unchanged). The converted layer's output channels are in block order, so hooks on a
-    replaced module are refused rather than carried over.
+    Each layer becomes ``block(x[:, p_in])[:, argsort(p_out)]`` (docs/design.md §2), and the
+    permutations are absorbed by the neighbours (docs/design.md §8: through BatchNorm, activations,
+    pooling, into standard convolutions and ``Linear`` layers, or cancelled by the next shifted
+    layer). Where that is not safe, a :class:`ChannelPermutation` remains as
+    ``<path>.permute_in`` / ``<path>.permute_out`` around ``<path>.layer`` (``report.permutations``).
+    Hooks on a replaced module are refused (its output channels are in block order).
 
     Args:
         model (nn.Module): the model (or a single layer).
@@ -193,13 +188,13 @@ def from_shifted(model: nn.Module, part: int | None = None, *, approximate: bool
     Example:
         >>> conv = nn.Conv2d(8, 8, 3, padding=1)
         >>> with torch.no_grad():
-        ...     conv.weight.mul_(shifted_mask(8, 8, part=4))
+        ...     _ = conv.weight.mul_(shifted_mask(8, 8, part=4))
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(8, 2, 1))
         >>> new, report = from_shifted(net, part=4, return_report=True)
         >>> type(new[2]).__name__, report.exact, report.permutations
         ('SparseHetConv2d', True, [])
     """
-    _check_model(model)
+    check_model(model)
     if part is not None:
         check_int("part", part)
     for name, value in (("approximate", approximate), ("skip_first", skip_first), ("inplace", inplace),

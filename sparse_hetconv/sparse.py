@@ -9,7 +9,6 @@ parameters, no gradient ever reaches a missing one: no masking, and any stock op
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +19,8 @@ from ._report import ConversionReport
 from ._checks import centre_padding, check_int
 from .backends import check_backend
 from .functional import dispatch
-from .masked import MaskedHetConv2d, MaskedHetConv3d, read_hetconv_weights
+from .layouts import read_hetconv_weights
+from .masked import MaskedHetConv2d, MaskedHetConv3d
 
 __all__ = ["SparseHetConv2d", "SparseHetConv3d", "check_reduce"]
 
@@ -28,12 +28,7 @@ _REDUCTIONS = ("center", "sum")
 
 
 def check_reduce(reduce: object) -> str:
-    """``reduce`` of :meth:`SparseHetConv2d.from_conv`: ``"center"`` or ``"sum"`` (``"centre"``, the
-    0.1 spelling, is accepted with a ``DeprecationWarning``)."""
-    if reduce == "centre":
-        warnings.warn("reduce='centre' is deprecated; use 'center' (PyTorch's spelling)", DeprecationWarning,
-                      stacklevel=3)
-        return "center"
+    """``reduce`` of :meth:`SparseHetConv2d.from_conv`: ``"center"`` or ``"sum"``."""
     if not isinstance(reduce, str) or reduce not in _REDUCTIONS:
         raise ValueError(f"reduce ({reduce!r}) must be one of {_REDUCTIONS}")
     return reduce
@@ -226,13 +221,6 @@ class _SparseHetConvNd(_CompactHetConv):
             report.dropped[""] = (dropped, layer_change(conv, layer))
         return layer, report
 
-    @classmethod
-    def from_dense(cls, conv: nn.Module, part: int, reduce: str = "center", backend: str = "auto"):
-        """Deprecated 0.1 name of :meth:`from_conv`."""
-        warnings.warn(f"{cls.__name__}.from_dense is deprecated; use {cls.__name__}.from_conv", DeprecationWarning,
-                      stacklevel=2)
-        return cls.from_conv(conv, part, reduce, backend)
-
 
 def dropped_taps(weight: Tensor, pattern) -> float:
     """The largest ``|w|`` among the taps a HetConv of ``pattern`` does not have: the non-centre
@@ -296,7 +284,8 @@ class SparseHetConv2d(_SparseHetConvNd):
         bias (bool): add a learnable bias; default False.
         backend (str): ``"auto"`` (default) or one of the backends of
             :mod:`sparse_hetconv.backends` (``"dense"``, ``"grouped"``, ``"blocked"``,
-            ``"torch_sparse"``, ``"triton"``: 2-D, CUDA); all exact.
+            ``"torch_sparse"``, ``"fused"``: the registered operator, 2-D, ``"triton"``: the
+            operator's Triton kernel, 2-D, CUDA); all exact.
         device, dtype: factory arguments, as for ``nn.Conv2d``.
         padding (int, tuple or str): ``None`` (default) or ``"same"`` for ``dilation * (k // 2)``
             (the centre taps on the input's pixels; ``"same"`` needs stride 1, as in ``nn.Conv2d``),

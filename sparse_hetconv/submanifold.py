@@ -1,23 +1,13 @@
 """HetConv for spatially sparse inputs: submanifold HetConv layers over spconv tensors.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. spconv
-(https://github.com/traveller59/spconv) runs CNNs on point clouds and voxel grids, where features
-exist only at *active sites*: a ``spconv.pytorch.SparseConvTensor`` holds a ``(sites, channels)``
-feature matrix and the sites' integer coordinates. :class:`SubMHetConv3d` and
-:class:`SubMHetConv2d` are submanifold HetConvs: the output has the same active sites as the
-input, and at every active site it equals the dense HetConv (:class:`SparseHetConv3d`) evaluated
-on the dense grid with zeros at the inactive sites.
-
-How the layer computes (exact, docs/design.md §7). spconv has no ``groups``, so the grouped k x k
-part runs as ``chunks`` submanifold convolutions by spconv's own kernels, all sharing one set of
-index pairs through an ``indice_key``: chunk ``q`` maps input channels ``[q M/Q, (q+1) M/Q)`` to
-filters ``[q N/Q, (q+1) N/Q)`` with a weight that is block-diagonal over its ``P/Q`` channel
-blocks. ``chunks = part`` is the grouped convolution itself (no zero ever multiplied);
-``chunks = 1`` is one convolution with a block-diagonal weight. The 1 x 1 part samples the centre
-site, so its weights inside a chunk's square are added to that chunk's centre tap (docs/design.md
-section 4) and the rest is one product with the ``(sites, M)`` feature matrix. spconv's CPU
-kernels pay per gathered row, so narrow chunks are slow: by default the layer uses the most chunks
-that keep at least 16 channels per chunk (measured in ``benchmarks/bench_spconv.py``).
+spconv (https://github.com/traveller59/spconv) runs CNNs on point clouds and voxel grids, where
+features exist only at *active sites* (a ``spconv.pytorch.SparseConvTensor``). :class:`SubMHetConv3d`
+and :class:`SubMHetConv2d` keep the input's active sites, and at each equal the dense HetConv
+(:class:`SparseHetConv3d`) on the grid with zeros elsewhere. spconv has no ``groups``: the k x k part
+runs as ``chunks`` submanifold convolutions sharing one ``indice_key``, each block-diagonal over its
+``P/Q`` channel blocks, and the 1 x 1 part is one product with the ``(sites, M)`` features, its
+in-chunk weights folded into the centre taps (docs/design.md §7, exact). By default the layer uses
+the most chunks that keep at least 16 channels per chunk (``benchmarks/bench_spconv.py``).
 
 spconv is an optional dependency (``pip install sparse_hetconv[spconv]``); ``import sparse_hetconv``
 never imports it.

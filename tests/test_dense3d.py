@@ -1,6 +1,6 @@
 """The dense 3-D HetConv layers against the definition oracle: the reference of the spconv tests.
 
-``test_spconv.py`` takes :class:`SparseHetConv3d` as the truth at the active sites; here that layer
+``test_submanifold.py`` takes :class:`SparseHetConv3d` as the truth at the active sites; here that layer
 and its masked twin are checked against the oracle on the same shapes and kernels, on grids that
 are zero outside a few active sites (how the spconv tests use them).
 """

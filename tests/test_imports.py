@@ -21,15 +21,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparse_hetconv"
 
 # (module prefix, layer); the longest matching prefix decides.
 LAYERS = [
-    ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0), ("sparse_hetconv._deprecated", 0),
+    ("sparse_hetconv._checks", 0), ("sparse_hetconv._memory_format", 0),
     ("sparse_hetconv._flop_formulas", 0), ("sparse_hetconv._files", 0), ("sparse_hetconv.pattern", 0),
     ("sparse_hetconv._probe", 0), ("sparse_hetconv._report", 0), ("sparse_hetconv._frozen", 0),
     ("sparse_hetconv.ops", 1), ("sparse_hetconv.backends", 1),
     ("sparse_hetconv.autotune", 2),
     ("sparse_hetconv.functional", 3),
-    ("sparse_hetconv._base", 4), ("sparse_hetconv.masked", 4), ("sparse_hetconv._compact", 4),
+    ("sparse_hetconv._base", 4), ("sparse_hetconv.masked", 4), ("sparse_hetconv.layouts", 4), ("sparse_hetconv._compact", 4),
     ("sparse_hetconv.sparse", 4),
-    ("sparse_hetconv.convert", 5), ("sparse_hetconv.counting", 5), ("sparse_hetconv.fuse", 5),
+    ("sparse_hetconv.convert", 5), ("sparse_hetconv.counting", 5), ("sparse_hetconv.batchnorm", 5),
     ("sparse_hetconv.flop_tools", 5), ("sparse_hetconv.models", 5), ("sparse_hetconv.shifted", 5),
     ("sparse_hetconv.permutation", 5), ("sparse_hetconv.probing", 5),
     ("sparse_hetconv.checkpoint", 6), ("sparse_hetconv.submanifold", 6),

@@ -1,5 +1,5 @@
 """The registered operator ``torch.ops.sparse_hetconv.het_conv2d`` and its backward operators
-(sparse_hetconv/ops.py): PyTorch's own operator checks, the definition oracle in float64 for every
+(sparse_hetconv/ops/): PyTorch's own operator checks, the definition oracle in float64 for every
 code path (the compiled CPU kernels, the stock formulation; Triton's under its interpreter in
 tests/backends/test_triton.py), every autograd feature (double backward, forward mode, batched
 gradients, saved-tensor hooks of any layout and dtype), graph capture, FLOP counting and the

@@ -15,7 +15,7 @@ part, device, dtype and memory format:
 * ``triton``: the same operator with its Triton kernel required (CUDA; on the CPU under Triton's
   interpreter only). ``import sparse_hetconv`` does not load triton.
 
-Each is a function ``het_conv(input, weight_kxk, weight_1x1, bias, call)`` computing the whole
+Each is a function ``compute(input, weight_kxk, weight_1x1, bias, call)`` computing the whole
 layer for ``part > 1``; :class:`Call` holds the call's geometry and what the dispatcher found out
 about it once (whether autograd records it, whether its tensors are ordinary eager ones). Every call
 reads the parameters as they are: nothing derived from them (a scattered matrix, packed panels)
@@ -39,11 +39,11 @@ __all__ = ["BACKENDS", "CONCRETE", "Call", "available", "check_backend", "get"]
 
 
 _REGISTRY: dict[str, Callable] = {
-    "dense": dense.het_conv,
-    "grouped": grouped.het_conv,
-    "blocked": blocked.het_conv,
-    "torch_sparse": torch_sparse.het_conv,
-    "fused": fused.het_conv,
+    "dense": dense.compute,
+    "grouped": grouped.compute,
+    "blocked": blocked.compute,
+    "torch_sparse": torch_sparse.compute,
+    "fused": fused.compute,
     "triton": fused.triton,
 }
 #: The backends, in the order the cost model and the tests list them.
@@ -60,7 +60,7 @@ def check_backend(value: object) -> str:
 
 
 def get(name: str) -> Callable:
-    """The ``het_conv`` function of the concrete backend ``name``."""
+    """The ``compute`` function of the concrete backend ``name``."""
     return _REGISTRY[name]
 
 

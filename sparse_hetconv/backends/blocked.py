@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ._common import Call, centre, channels_last, kxk_part
 
-__all__ = ["het_conv"]
+__all__ = ["compute"]
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     pattern = call.pattern
     if call.grad and call.eager and input.dim() in (4, 5) and not channels_last(input):
         # With autograd, the NCHW products below each save a copy of their channel slice of the

@@ -1,21 +1,14 @@
 """``dense``: the compact values scattered into a zero ``N x M`` matrix, one 1 x 1 convolution.
 
-The masked form's own kernel, so never meaningfully slower than it. Autograd sends gradients
-only to the values (the scatter is differentiable). Without autograd on the CPU the product is
-added straight into the k x k output: oneDNN's fused convolution-plus-sum in channels-last, or,
-for tiny products (batch 1, deep layers), one MKL ``addmm`` into the output's rows. The scattered
-matrix is built on every call (N x M writes), from the values as they are then.
+The masked form's own kernel, so never meaningfully slower than it; the matrix is built on every
+call from the values as they are then, and gradients reach only the values. Without autograd on
+the CPU the product is added straight into the k x k output (oneDNN's fused convolution-plus-sum
+in channels-last; one MKL ``addmm`` for tiny products).
 
-Non-finite inputs (docs/design.md §9): the product multiplies the stored zeros of the block
-diagonal, and ``0 * inf`` is NaN where the definition adds nothing. An eager call on the CPU
-therefore sums its input first (one read pass; measured +2 to +9 % of a layer's time) and, when
-that sum is not finite, computes the call with the ``blocked`` backend, which reads the existing
-kernels only; the answer is then the definition's. Where reading that sum would cost a device
-synchronisation (CUDA) or a graph break (``torch.compile``, ``torch.export``, ``torch.jit.trace``),
-the check is left out: there an ``inf`` on a channel of filter ``j``'s own block turns filter
-``j``'s output at that pixel from ``+-inf`` into NaN. The definition's output is non-finite there
-too (its k x k centre tap reads the same ``inf``), so which outputs are finite, and their values,
-never change; NaN inputs always agree.
+Non-finite inputs (docs/design.md §9): ``0 * inf`` on the stored zeros is NaN where the definition
+adds nothing, so an eager CPU call sums its input first and, when that sum is not finite, computes
+with ``blocked``. Where the sum would cost a device synchronisation or a graph break the check is
+left out; only an output that is non-finite in the definition too can then differ (``+-inf`` vs NaN).
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ from ..pattern import HetConvPattern
 from . import blocked
 from ._common import CONV, Call, centre, centre_origin, channels_last, crop, kxk_part, rows
 
-__all__ = ["het_conv", "SMALL_PRODUCT"]
+__all__ = ["compute", "SMALL_PRODUCT"]
 
 SMALL_PRODUCT = 1 << 25  # MACs under which one MKL product beats a oneDNN call (measured: 2-3x at batch 1)
 
@@ -73,9 +66,9 @@ def _accumulate_small(out: Tensor, input: Tensor, values: Tensor, call: Call) ->
     return out
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     if call.nonfinite:  # 0 * inf: the zeros must not be multiplied (the dispatcher summed the input)
-        return blocked.het_conv(input, weight_kxk, weight_1x1, bias, call)
+        return blocked.compute(input, weight_kxk, weight_1x1, bias, call)
     pattern = call.pattern
     out = kxk_part(input, weight_kxk, bias, call)
     # The in-place fast paths are for ordinary eager calls: graph capture records stock operations

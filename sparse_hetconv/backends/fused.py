@@ -19,10 +19,10 @@ from torch import Tensor
 from .. import ops
 from ._common import Call
 
-__all__ = ["het_conv", "triton"]
+__all__ = ["compute", "triton"]
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     return ops.het_conv2d(input, weight_kxk, weight_1x1, bias, call.stride, call.padding, call.dilation,
                           call.pattern.part, "auto")
 

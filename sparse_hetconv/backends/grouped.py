@@ -13,7 +13,7 @@ from torch import Tensor
 from ..pattern import HetConvPattern
 from ._common import CONV, Call, centre_origin, crop, kxk_part
 
-__all__ = ["het_conv"]
+__all__ = ["compute"]
 
 
 def _weights(values: Tensor, pattern: HetConvPattern) -> Tensor:
@@ -21,7 +21,7 @@ def _weights(values: Tensor, pattern: HetConvPattern) -> Tensor:
     return weight.view(weight.shape + (1,) * pattern.dims)
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     pattern = call.pattern
     out = kxk_part(input, weight_kxk, bias, call)
     weights = _weights(weight_1x1, pattern)

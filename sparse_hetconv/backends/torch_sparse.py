@@ -16,7 +16,7 @@ from torch import Tensor
 from ..pattern import csr_tensor
 from ._common import Call, centre, kxk_part, transformed
 
-__all__ = ["het_conv"]
+__all__ = ["compute"]
 
 
 def _batched(t: Tensor) -> bool:
@@ -84,7 +84,7 @@ class _CsrMatmul(torch.autograd.Function):
         return grad_values, grad_cols, None, None, None
 
 
-def het_conv(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
+def compute(input: Tensor, weight_kxk: Tensor, weight_1x1: Tensor, bias: Tensor | None, call: Call) -> Tensor:
     pattern = call.pattern
     out = kxk_part(input, weight_kxk, bias, call)
     x = centre(input, out, call)

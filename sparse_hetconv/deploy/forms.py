@@ -1,19 +1,11 @@
 """HetConv layers as stock operators: what exporters, quantizers and inference runtimes see.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. A runtime (ONNX Runtime,
-OpenVINO, Inductor after PT2E quantization) has no HetConv operator; the layer reaches it as a
-composition of stock ones. The exact compositions (docs/design.md §4, §12):
-
-* ``"masked"`` — ``Conv(k x k, groups=P) + Conv(1 x 1)`` with the compact values scattered into a
-  constant ``N x M`` matrix whose block diagonal is zero: two convolutions every runtime fuses
-  well (oneDNN's and MLAS's blocked layouts, a fused sum); ``N M / P`` zero multiplies per pixel.
-* ``"folded"`` — the same two convolutions with the k x k centre taps folded into the 1 x 1 matrix
-  (its every entry an existing weight) and zero centre taps in the grouped convolution.
-* ``"shifted"`` — the grouped k x k convolution plus ``P - 1`` grouped 1 x 1 convolutions over the
-  input rotated by ``s`` blocks: only the useful multiplies, at the price of ``P - 1`` rotations of
-  the input and ``P`` small convolutions.
-* ``"dense"`` — one standard k x k convolution holding the pattern's zeros (``P`` times the
-  useful work of the k x k part; for comparison at small ``P``).
+A runtime (ONNX Runtime, OpenVINO, Inductor after PT2E quantization) has no HetConv operator; the
+layer reaches it as one of these exact compositions of stock ones (docs/deploy.md has the table and
+what each costs; docs/design.md §4): ``"masked"`` (grouped k x k + a 1 x 1 over the scattered
+``N x M`` matrix), ``"folded"`` (the same, the k x k centre taps folded into the 1 x 1 matrix),
+``"shifted"`` (grouped k x k + ``P - 1`` grouped 1 x 1 convolutions over the input rotated by
+``s`` blocks: useful multiplies only) and ``"dense"`` (one k x k convolution holding the zeros).
 
 :func:`export_form` replaces every HetConv layer of a model (any form :func:`~sparse_hetconv.to_sparse`
 reads) by one of them, after folding BatchNorms (:func:`~sparse_hetconv.fuse_bn`).
@@ -27,8 +19,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_model
+from ..batchnorm import fuse_bn
 from ..convert import to_sparse
-from ..fuse import fuse_bn
 from ..sparse import SparseHetConv2d
 
 __all__ = ["FORMS", "ExportHetConv2d", "export_form", "hetconv_layers"]
@@ -152,8 +145,7 @@ def export_form(model: nn.Module, form: str = "masked", fuse: bool = True) -> nn
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: an unknown ``form``, or a 3-D HetConv layer (2-D only).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if form not in FORMS:
         raise ValueError(f"form ({form!r}) must be one of {FORMS}")
     with warnings.catch_warnings():

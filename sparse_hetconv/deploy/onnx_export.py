@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import MissingExtraError
+from .._checks import MissingExtraError, check_model
 from .._files import atomic_write, check_output_file
 from . import runtimes
 from .forms import FORMS, export_form, hetconv_layers
@@ -128,8 +128,7 @@ def export_onnx(model: nn.Module, path, input_size, dynamic_batch: bool = True, 
         OSError: ``path`` is a folder, its folder does not exist or is not writable, or it exists
             and ``force`` is False.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     size = check_input_size(input_size)
     if runtime not in runtimes.RUNTIMES:
         raise ValueError(f"runtime ({runtime!r}) must be one of {runtimes.RUNTIMES}")

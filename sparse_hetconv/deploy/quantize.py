@@ -1,25 +1,15 @@
 """Post-training static int8 quantization of HetConv models with the ecosystem's own tools.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120.
+* :func:`quantize` — PT2E (torchao's ``prepare_pt2e`` / ``convert_pt2e``, ``X86InductorQuantizer``):
+  the model's export form is captured with ``torch.export``, calibrated, and converted to int8
+  weights (per output channel) and activations (per tensor); :func:`compile_int8` lowers it with
+  Inductor onto oneDNN's int8 convolutions.
+* :func:`quantize_onnx` — an ONNX file to QDQ int8 with ``onnxruntime.quantization``.
 
-* :func:`quantize` — PT2E (``torchao``'s ``prepare_pt2e`` / ``convert_pt2e`` with the
-  ``X86InductorQuantizer``): the model in its export form (both HetConv branches as stock
-  convolutions, BatchNorms folded) is captured with ``torch.export``, observed on calibration
-  data and converted to quantize / dequantize pairs around int8 weights (per output channel) and
-  activations (per tensor); :func:`compile_int8` lowers it with Inductor, whose x86 passes fuse
-  each pair into oneDNN's int8 convolutions (VNNI / AMX where the CPU has them).
-* :func:`quantize_onnx` — an ONNX file to QDQ int8 with ``onnxruntime.quantization``
-  (``quantize_static``, per-channel weights, ``MinMax`` calibration on the same data).
-
-A model that cannot be captured is a ``ValueError`` naming the smallest module that fails.
-
-**CPUs without VNNI** (AVX2 or AVX-512 without its VNNI extension, or oneDNN capped below it by
-``ONEDNN_MAX_CPU_ISA``): x86 int8 kernels then multiply unsigned 8-bit activations by signed 8-bit
-weights with ``vpmaddubsw``, which saturates the sum of two products at 16 bits. Both routes then
-quantize with a *reduced range* (7-bit activations for PT2E, 7-bit weights for ONNX Runtime), as
-their documentation advises for such CPUs; :func:`reduced_range` says which applies here. Measured on
-the digits test (``tests/deploy/test_quantize.py``): with oneDNN capped to AVX2 and the full range,
-top-1 agreement with float32 fell to 97.5 %.
+A model that cannot be captured is a ``ValueError`` naming the smallest module that fails. On CPUs
+without VNNI (or oneDNN capped below it) x86 int8 kernels saturate pairs of products at 16 bits, so
+both routes then quantize with a reduced range, as their documentation advises
+(:func:`reduced_range`; with the full range the digits test's top-1 agreement fell to 97.5 %).
 """
 
 from __future__ import annotations
@@ -30,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._checks import MissingExtraError
+from .._checks import MissingExtraError, check_model
 from .._files import atomic_write, check_output_file
 from .._frozen import FrozenCompiled
 from .calibration import calibration_batches
@@ -151,8 +141,7 @@ def quantize(model: nn.Module, calibration, backend: str = "x86", input_size=Non
             model that cannot be captured (the message names the module).
         ImportError: torchao is not installed.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     if backend != "x86":
         raise ValueError(f"backend ({backend!r}) must be 'x86' (the X86 Inductor quantizer)")
     if isinstance(calibration, str) and calibration == "digits" and input_size is None:

@@ -1,35 +1,17 @@
 """The HetConv operator, registered with PyTorch: ``torch.ops.sparse_hetconv.het_conv2d`` and the two
 operators of its backward, defined here once with their fake (meta) kernels, autograd (backward,
-double backward and forward-mode), vmap and autocast rules (its FLOP-counter formulas:
-:mod:`sparse_hetconv._flop_formulas`).
-
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. The schema::
-
-    het_conv2d(Tensor input, Tensor weight_kxk, Tensor weight_1x1, Tensor? bias, int[2] stride,
-               int[2] padding, int[2] dilation, int part, str impl="auto") -> Tensor
-    het_conv2d_grad_input(Tensor grad, Tensor weight_kxk, Tensor weight_1x1, SymInt[4] input_size, ...)
-    het_conv2d_grad_weight(Tensor grad, Tensor input, int[2] kernel_size, ...) -> (Tensor, Tensor)
+double backward and forward-mode), vmap and autocast rules (FLOP formulas:
+:mod:`sparse_hetconv._flop_formulas`). docs/design.md §10 has the schemas.
 
 ``input`` is ``(B, M, H, W)``, ``weight_kxk`` ``(N, M/P, kh, kw)`` (odd sizes), ``weight_1x1`` the
 compact ``(N, M - M/P)`` values (``(N, 0)`` when ``part`` is 1), ``0 <= padding <= dilation * (k //
-2)`` (the 1 x 1 part reads the input at the k x k kernels' centre tap; padding other than zeros is
-the caller's ``F.pad``). The output is channels-last, in the input's dtype; its size is
-``nn.Conv2d``'s.
-
-Which code computes a call (``impl``):
-
-* ``"cpu"`` — the compiled CPU kernels (``csrc/``, built with the package, AVX-512 or AVX2 chosen
-  at run time): float32 (bfloat16 and float16 computed in float32 and rounded), ``padding = k // 2``,
-  dilation 1, ``part >= 2``, kernels up to 7 x 7.
-* ``"triton"`` — the Triton kernels (CUDA; on the CPU under Triton's interpreter only), same
-  geometry.
-* ``"stock"`` — grouped convolutions and per-group matrix products (:mod:`sparse_hetconv.ops.stock`),
-  any device, dtype and geometry.
-* ``"auto"`` (default) — the compiled kernel of the call's device where it computes the call,
-  else ``"stock"``. A named implementation that cannot compute the call is a ``ValueError``.
-
-:func:`kernel_info` says in one line which compiled kernels this install has and why
-(``python -m sparse_hetconv.backends``).
+2)``. The output is channels-last, in the input's dtype, of ``nn.Conv2d``'s size. ``impl`` picks the
+code: ``"cpu"`` (the compiled kernels of ``csrc/``: float32, bfloat16 and float16 computed in
+float32, ``padding = k // 2``, dilation 1, ``part >= 2``, kernels up to 7 x 7), ``"triton"`` (CUDA,
+same geometry), ``"stock"`` (:mod:`sparse_hetconv.ops.stock`, anything) or ``"auto"`` (the compiled
+kernel of the call's device where it computes the call, else stock); a named implementation that
+cannot compute the call is a ``ValueError``. :func:`kernel_info` says which compiled kernels this
+install has (``python -m sparse_hetconv.backends``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
-"""The Triton kernels of the ``het_conv2d`` operator (:mod:`sparse_hetconv.ops`, ``kernel="triton"``;
-what ``kernel="auto"`` runs on CUDA).
+"""The Triton kernels of the ``het_conv2d`` operator (:mod:`sparse_hetconv.ops`, ``impl="triton"``;
+what ``impl="auto"`` runs on CUDA).
 
-HetConv: Singh et al., "HetConv: Heterogeneous Kernel-Based Convolutions for Deep CNNs", CVPR 2019,
-https://arxiv.org/abs/1903.04120. :func:`forward` computes ``grouped k x k conv + compact 1 x 1
-part + bias`` in one channels-last implicit GEMM (:mod:`._triton_kernels`): each program reduces
-over the ``k*k*m`` taps of its group's block and then over the ``M - m`` existing 1 x 1 kernels,
-read straight from ``weight_1x1`` in two contiguous channel ranges; nothing is scattered and no zero
-is multiplied (docs/design.md §10).
-
-* **Layout.** The kernel reads NHWC: an input that is not channels-last is first copied to
-  channels-last (one copy per call). The output is channels-last.
-* **Precision.** float16 and bfloat16 accumulate in float32. float32 runs ``tl.dot`` in TF32 exactly
-  when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's convolution convention, read at call
-  time), else in IEEE float32. float64 runs under Triton's interpreter only.
-* **Backward.** :func:`grad_input` at stride 1 reuses the forward kernel: the transposed layer is a
-  HetConv again (``N`` inputs, ``M`` filters, the same ``P``; k x k weights flipped and transposed
-  per group, its compact 1 x 1 values a block permutation of the layer's), one fused pass. At
-  stride > 1 and for the weight gradients the operator uses the stock formulation (cuDNN and
-  cuBLAS on a GPU, :mod:`sparse_hetconv.ops.stock`).
+:func:`forward` computes ``grouped k x k conv + compact 1 x 1 part + bias`` in one channels-last
+implicit GEMM (:mod:`._triton_kernels`, docs/design.md §10): no zero is multiplied. A non-channels-last
+input is copied to channels-last once; float16 and bfloat16 accumulate in float32; float32 uses TF32
+exactly when ``torch.backends.cudnn.allow_tf32`` is True; float64 runs under Triton's interpreter
+only. :func:`grad_input` at stride 1 reuses the forward kernel (the transposed layer is a HetConv
+again); other gradients use :mod:`sparse_hetconv.ops.stock`.
 
 Triton is imported on first use: importing this module needs only torch. To run the kernel on the
 CPU with Triton's (slow) interpreter, set ``TRITON_INTERPRET=1`` before triton is first imported.

@@ -13,7 +13,6 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120 (Table 1, VGG
   epoch, for loops of one's own), :func:`evaluate`, :class:`TrainResult`.
 """
 
-from .._deprecated import renamed
 from .data import (DATASETS, FASHION_MNIST_DEFAULT, ImageData, augment, find_cifar10, find_dataset,
                    find_fashion_mnist, iterate_batches, load_cifar10, load_dataset, load_fashion_mnist,
                    load_image_folder, normalize, read_idx)
@@ -43,5 +42,3 @@ __all__ = [
     "train_epoch",
 ]
 
-
-__getattr__ = renamed(__name__, {"train_cifar": "train", "Cifar10": "ImageData"})  # 0.2 names

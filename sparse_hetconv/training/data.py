@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import MissingExtraError, check_int
-from .._deprecated import renamed
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "DATASETS", "FASHION_MNIST_DEFAULT", "ImageData", "augment",
            "find_cifar10", "find_dataset", "find_fashion_mnist", "iterate_batches", "load_cifar10", "load_dataset",
@@ -440,4 +439,3 @@ def iterate_batches(count: int, batch_size: int, generator: torch.Generator | No
         yield index
 
 
-__getattr__ = renamed(__name__, {"Cifar10": "ImageData"})  # 0.2: every data set is an ImageData now

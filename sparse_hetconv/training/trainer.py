@@ -1,24 +1,15 @@
 """Train a HetConv model on an image data set: the published recipe, checkpoints, resume, evaluation.
 
-HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120 (Table 1, VGG-16 on CIFAR-10).
-:class:`TrainConfig`'s defaults are the published recipe: CIFAR-10, SGD (lr 0.1, momentum 0.9,
-weight decay 5e-4), batch 128, random 32x32 crops with 4 pixels of padding and horizontal flips,
-MultiStepLR at epochs 50, 140, 210, 240, 270, 300 with gamma 0.2, 330 epochs; ``dataset`` also
-takes Fashion-MNIST and an image folder (:mod:`.data`). :func:`train` runs it with tqdm progress,
-a checkpoint every ``checkpoint_every`` epochs and on the best test accuracy, resumption, and an
-evaluation-only mode; at the end the model is converted to the other form (masked <-> sparse) and
-its test accuracy checked again. :func:`train_epoch` is one epoch of it, for loops of one's own.
-
-With a seed, a run is deterministic on the CPU (same thread count) and with cuDNN's deterministic
-algorithms on a GPU: the model is initialised from the seed and epoch ``e``'s shuffling and
-augmentation come from a generator seeded with ``(seed, e)``, so a resumed run gives bit for bit
-the weights of an uninterrupted one.
-
-Files are written atomically (:func:`sparse_hetconv.checkpoint.save_atomic`): an interrupted run
-leaves its previous checkpoints whole. Everything that can be checked before training is checked
-first: the settings, the resume checkpoint (its entries and that they fit the model), the data set,
-and that ``out_dir`` can be written and holds no other run (unless ``resume`` continues the run
-in it, or ``force``).
+:class:`TrainConfig`'s defaults are the published recipe (Table 1, VGG-16 on CIFAR-10;
+docs/counting_and_training.md); ``dataset`` also takes Fashion-MNIST and an image folder
+(:mod:`.data`). :func:`train` runs it with progress, checkpoints (every ``checkpoint_every`` epochs
+and on the best test accuracy), resumption and an evaluation-only mode, and at the end converts the
+model to the other form (masked <-> sparse) and checks its accuracy again; :func:`train_epoch` is
+one epoch, for loops of one's own. With a seed a run is deterministic (CPU, same thread count;
+cuDNN's deterministic algorithms on a GPU): epoch ``e`` shuffles and augments from ``(seed, e)``,
+so a resumed run gives the weights of an uninterrupted one bit for bit. Files are written
+atomically, and everything that can be checked (settings, resume checkpoint, data, ``out_dir``) is
+checked before training.
 """
 
 from __future__ import annotations
@@ -38,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._deprecated import renamed
 from .._files import check_output_folder
 from ..checkpoint import TRAIN_FORMAT, load_model, read_checkpoint, save_atomic, state_dict_of
 from ..convert import to_masked, to_sparse
@@ -442,4 +432,3 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     return result
 
 
-__getattr__ = renamed(__name__, {"train_cifar": "train"})  # 0.2: it trains on other data sets too

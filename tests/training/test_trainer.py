@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from sparse_hetconv import cli  # noqa: E402
 from sparse_hetconv.models import vgg16_cifar  # noqa: E402
 from sparse_hetconv.training import TrainConfig, config_from_checkpoint  # noqa: E402
-from sparse_hetconv.training import train as train_cifar  # noqa: E402
+from sparse_hetconv.training import train  # noqa: E402
 from writers import write_cifar10, write_fashion_mnist, write_image_folder  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def runs(cifar, tmp_path_factory):
     common = ["--data", str(root), "--part", "4", "--form", "masked", "--no-progress", "--checkpoint-every", "1"]
     status = cli.main(["train", *common, "--epochs", "1", "--out", str(out / "a")])
     first = torch.load(out / "a" / "last.pt", weights_only=True)
-    resumed = train_cifar(data=str(root), epochs=2, resume=str(out / "a" / "last.pt"), out_dir=str(out / "a"),
+    resumed = train(data=str(root), epochs=2, resume=str(out / "a" / "last.pt"), out_dir=str(out / "a"),
                           part=4, form="masked", progress=False)
-    straight = train_cifar(data=str(root), epochs=2, out_dir=str(out / "b"), part=4, form="masked",
+    straight = train(data=str(root), epochs=2, out_dir=str(out / "b"), part=4, form="masked",
                            progress=False, checkpoint_every=5)
     return {"status": status, "out": out, "first": first, "resumed": resumed, "straight": straight, "root": root}
 
@@ -86,7 +86,7 @@ def test_conversion_keeps_accuracy(runs):
 
 def test_eval_only(runs, capsys):
     root, b = runs["root"], runs["out"] / "b"
-    result = train_cifar(data=str(root), eval_only=True, weights=str(b / "model_sparse.pt"), progress=False)
+    result = train(data=str(root), eval_only=True, weights=str(b / "model_sparse.pt"), progress=False)
     assert result.final_acc == runs["straight"].final_acc and result.converted_form == "masked"
     assert result.converted_acc == result.final_acc
     assert cli.main(["train", "--data", str(root), "--eval-only", "--weights", str(b / "last.pt"),
@@ -121,7 +121,7 @@ def test_evaluate_takes_any_callable(runs):
 
 
 def test_eval_only_from_a_training_checkpoint(runs):
-    result = train_cifar(data=str(runs["root"]), eval_only=True, resume=str(runs["out"] / "b" / "last.pt"),
+    result = train(data=str(runs["root"]), eval_only=True, resume=str(runs["out"] / "b" / "last.pt"),
                          progress=False)
     assert result.final_acc == runs["straight"].final_acc == result.converted_acc
 
@@ -129,17 +129,17 @@ def test_eval_only_from_a_training_checkpoint(runs):
 def test_resume_with_another_recipe_fails_before_training(runs, tmp_path):
     last = runs["out"] / "a" / "last.pt"
     with pytest.raises(ValueError, match=r"trained with other settings: part=4 \(given 8\)"):
-        train_cifar(data=str(runs["root"]), resume=str(last), part=8, form="masked", out_dir=str(tmp_path / "x"))
+        train(data=str(runs["root"]), resume=str(last), part=8, form="masked", out_dir=str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
     assert config_from_checkpoint(last)["form"] == "masked"
     weights_only = runs["out"] / "a" / "model_sparse.pt"
     with pytest.raises(ValueError, match="is not a training checkpoint written by sparse_hetconv.train"):
-        train_cifar(data=str(runs["root"]), resume=str(weights_only), out_dir=str(tmp_path / "x"))
+        train(data=str(runs["root"]), resume=str(weights_only), out_dir=str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
 def test_same_seed_same_run(runs, tmp_path):
-    again = train_cifar(data=str(runs["root"]), epochs=1, out_dir=str(tmp_path), part=4, form="masked",
+    again = train(data=str(runs["root"]), epochs=1, out_dir=str(tmp_path), part=4, form="masked",
                         progress=False)
     assert untimed(again.history) == untimed(runs["first"]["history"]), "the same seed must give the same epoch"
 
@@ -156,17 +156,17 @@ def test_same_seed_same_run(runs, tmp_path):
 ])
 def test_bad_settings(setting, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        train_cifar(data=str(tmp_path), out_dir=str(tmp_path / "out"), **setting)
+        train(data=str(tmp_path), out_dir=str(tmp_path / "out"), **setting)
     assert not (tmp_path / "out").exists()
 
 
 def test_unknown_setting_and_missing_data(tmp_path):
     with pytest.raises(TypeError, match=r"unknown settings \['learning_rate'\]"):
-        train_cifar(learning_rate=0.1)
+        train(learning_rate=0.1)
     with pytest.raises(TypeError, match="config must be a TrainConfig or None, got dict"):
-        train_cifar({"part": 4})
+        train({"part": 4})
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
-        train_cifar(TrainConfig(data=str(tmp_path), out_dir=str(tmp_path / "out")))
+        train(TrainConfig(data=str(tmp_path), out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists(), "nothing is written when the data are missing"
     assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
 
@@ -175,7 +175,7 @@ def test_eval_only_bad_weights_fail_before_reading_data(tmp_path):
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="is not a readable PyTorch checkpoint"):
-        train_cifar(data=str(tmp_path / "no_data"), eval_only=True, weights=str(weights))
+        train(data=str(tmp_path / "no_data"), eval_only=True, weights=str(weights))
 
 
 # -- outputs and resume checkpoints: refused before any work, in one line from the command line --
@@ -205,7 +205,7 @@ def test_out_holding_a_run_needs_resume_or_force(runs, capsys, no_data_read):
            "to continue it or force=True (--force) to replace it" in line, line
     assert {name: (a / name).read_bytes() for name in before} == before, "the previous run was overwritten"
     with pytest.raises(FileExistsError, match="holds a training run"):
-        train_cifar(data=str(runs["root"]), out_dir=str(a), epochs=1, progress=False)
+        train(data=str(runs["root"]), out_dir=str(a), epochs=1, progress=False)
 
 
 def test_resume_into_another_folder_holding_a_run_is_refused(runs, capsys, no_data_read):
@@ -261,7 +261,7 @@ def test_resume_of_a_damaged_checkpoint_names_the_file_and_what_is_missing(runs,
                                                                           no_data_read):
     path = _damaged(runs, tmp_path, change)  # these were KeyError / RuntimeError tracebacks
     with pytest.raises(ValueError, match=rf"resume \({__import__('re').escape(str(path))}\).*{message}"):
-        train_cifar(data=str(runs["root"]), resume=str(path), out_dir=str(path.parent), epochs=2, part=4,
+        train(data=str(runs["root"]), resume=str(path), out_dir=str(path.parent), epochs=2, part=4,
                     form="masked", progress=False)
     status = cli.main(["train", "--data", str(runs["root"]), "--resume", str(path), "--epochs", "2", "--no-progress"])
     assert status == 2
@@ -300,12 +300,12 @@ def test_unwritable_output_folder_is_refused_before_the_work(runs, tmp_path, cap
 ])
 def test_settings_of_the_wrong_type(setting, error, message, tmp_path):
     with pytest.raises(error, match=message):
-        train_cifar(**({"data": str(tmp_path), "out_dir": str(tmp_path / "out")} | setting))
+        train(**({"data": str(tmp_path), "out_dir": str(tmp_path / "out")} | setting))
 
 
 def test_weights_that_are_a_folder(tmp_path):
     with pytest.raises(IsADirectoryError, match="weights is a folder, expected a checkpoint file"):
-        train_cifar(data=str(tmp_path), eval_only=True, weights=str(tmp_path))
+        train(data=str(tmp_path), eval_only=True, weights=str(tmp_path))
 
 
 # -- the run's length and data come back with --resume; damaged files are one line -------------------
@@ -379,7 +379,7 @@ def test_old_checkpoints_resume_as_cifar10(runs, tmp_path):
     path = tmp_path / "old" / "last.pt"
     path.parent.mkdir()
     torch.save(payload, path)
-    result = train_cifar(data=str(runs["root"]), resume=str(path), out_dir=str(path.parent), epochs=2, part=4,
+    result = train(data=str(runs["root"]), resume=str(path), out_dir=str(path.parent), epochs=2, part=4,
                          form="masked", progress=False)
     assert untimed(result.history) == untimed(runs["straight"].history)
 
@@ -387,14 +387,14 @@ def test_old_checkpoints_resume_as_cifar10(runs, tmp_path):
 # -- other data sets -------------------------------------------------------------------------------------
 def test_trains_on_fashion_mnist_files(tmp_path):
     write_fashion_mnist(tmp_path / "fm", train=40, test=24)
-    result = train_cifar(dataset="fashion_mnist", data=str(tmp_path / "fm"), out_dir=str(tmp_path / "run"), epochs=1,
+    result = train(dataset="fashion_mnist", data=str(tmp_path / "fm"), out_dir=str(tmp_path / "run"), epochs=1,
                          train_subset=30, test_subset=20, progress=False)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert last["config"]["dataset"] == "fashion_mnist" and last["config"]["train_subset"] == 30
     assert last["classes"][0] == "T-shirt/top" and len(last["classes"]) == 10
     assert round(result.final_acc * 20) == pytest.approx(result.final_acc * 20), "tested on the 20 images asked for"
     with pytest.raises(ValueError, match=r"trained with other settings: train_subset=30 \(given 40\)"):
-        train_cifar(dataset="fashion_mnist", data=str(tmp_path / "fm"), resume=str(tmp_path / "run" / "last.pt"),
+        train(dataset="fashion_mnist", data=str(tmp_path / "fm"), resume=str(tmp_path / "run" / "last.pt"),
                     out_dir=str(tmp_path / "run"), epochs=2, train_subset=40, test_subset=20)
 
 

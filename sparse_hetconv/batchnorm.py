@@ -28,7 +28,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._base import _HetConvBase
-from ._checks import check_bool
+from ._checks import check_bool, check_model
 from ._probe import hook_names, no_global_hooks, silenced
 from .convert import ConversionReport
 from .masked import _MaskedHetConvNd
@@ -88,28 +88,26 @@ def _new_bias(old: torch.Tensor | None, scale, shift, like: torch.Tensor) -> nn.
 
 
 def _fold(module: nn.Module, bn: nn.Module) -> None:
-    """Fold ``bn`` into ``module`` in place."""
-    scale, shift = _scale_shift(bn)
+    """Fold ``bn`` into ``module`` in place: every weight scaled per filter, one new bias."""
     with torch.no_grad():
-        if isinstance(module, _SparseHetConvNd):
-            scale, shift = scale.to(module.weight_kxk.device), shift.to(module.weight_kxk.device)
-            module.weight_kxk.copy_(_scaled(module.weight_kxk, scale))
-            if module.weight_1x1 is not None:
-                module.weight_1x1.copy_(_scaled(module.weight_1x1, scale))
-            module.bias = _new_bias(module.bias, scale, shift, module.weight_kxk)
-        elif isinstance(module, _MaskedHetConvNd):
-            scale, shift = scale.to(module.gwc.weight.device), shift.to(module.gwc.weight.device)
-            module.gwc.weight.copy_(_scaled(module.gwc.weight, scale))
-            module.pwc.weight.copy_(_scaled(module.pwc.weight, scale))
-            bias = module.gwc.bias
-            if module.pwc.bias is not None:  # a published-style pair with two biases: sum them
-                bias = module.pwc.bias if bias is None else bias + module.pwc.bias
-                module.pwc.bias = None
-            module.gwc.bias = _new_bias(bias, scale, shift, module.gwc.weight)
-        else:  # nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear
-            scale, shift = scale.to(module.weight.device), shift.to(module.weight.device)
-            module.weight.copy_(_scaled(module.weight, scale))
-            module.bias = _new_bias(module.bias, scale, shift, module.weight)
+        _fold_weights(module, *_scale_shift(bn))
+
+
+def _fold_weights(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    if isinstance(module, _SparseHetConvNd):
+        weights, owner, bias = (module.weight_kxk, module.weight_1x1), module, module.bias
+    elif isinstance(module, _MaskedHetConvNd):
+        weights, owner, bias = (module.gwc.weight, module.pwc.weight), module.gwc, module.gwc.bias
+        if module.pwc.bias is not None:  # a published-style pair with two biases: sum them
+            bias = module.pwc.bias if bias is None else bias + module.pwc.bias
+            module.pwc.bias = None
+    else:  # nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear
+        weights, owner, bias = (module.weight,), module, module.bias
+    scale, shift = scale.to(weights[0].device), shift.to(weights[0].device)
+    for weight in weights:
+        if weight is not None:
+            weight.copy_(_scaled(weight, scale))
+    owner.bias = _new_bias(bias, scale, shift, weights[0])
 
 
 @dataclass
@@ -184,8 +182,7 @@ def fuse_bn(model: nn.Module, inplace: bool = False, return_report: bool = False
         >>> len(report.replaced), sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
         (14, 0)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_model(model)
     check_bool("inplace", inplace)
     check_bool("return_report", return_report)
     training = [name or "<root>" for name, m in model.named_modules() if m.training]

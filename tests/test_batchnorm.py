@@ -11,7 +11,7 @@ from torch import nn
 from helpers import assert_close
 from sparse_hetconv import (ConversionReport, MaskedHetConv2d, MaskedHetConv3d, SparseHetConv2d, SparseHetConv3d,
                             fuse_bn)
-from sparse_hetconv.fuse import FuseReport, _Tracer
+from sparse_hetconv.batchnorm import FuseReport, _Tracer
 from sparse_hetconv.models import resnet18, vgg16_cifar
 
 BATCHNORMS = nn.modules.batchnorm._BatchNorm
