@@ -38,7 +38,7 @@ from sparse_hetconv._files import atomic_write, check_output_folder
 from sparse_hetconv._frozen import FrozenCompiled
 from sparse_hetconv.convert import to_sparse
 from sparse_hetconv.counting import count_macs
-from sparse_hetconv.fuse import fuse_bn
+from sparse_hetconv import fuse_bn
 from sparse_hetconv.models import resnet18, vgg16_cifar
 from sparse_hetconv.profiling.timing import interleaved_latency
 

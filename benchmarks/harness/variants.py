@@ -25,7 +25,7 @@ from torch import nn
 
 from sparse_hetconv._frozen import FrozenCompiled
 from sparse_hetconv.convert import to_sparse
-from sparse_hetconv.fuse import fuse_bn
+from sparse_hetconv import fuse_bn
 from sparse_hetconv.masked import MaskedHetConv2d
 from sparse_hetconv.models import vgg16_cifar
 from sparse_hetconv.sparse import SparseHetConv2d
