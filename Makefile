@@ -37,11 +37,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
-# int8); about 20 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes
+# int8), then torch.compile against eager at P = 2..64 (benchmarks/compiled.py); about 30 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes
 # benchmarks/results/ (JSON as results come in, markdown, plots) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)
 	$(TIMING_ENV) $(PY) -m benchmarks.deploy $(BENCH_ARGS)
+	$(TIMING_ENV) $(PY) -m benchmarks.compiled
 
 # The paper's accuracy-vs-P table on Fashion-MNIST (apt-get install dataset-fashion-mnist): VGG-16 at
 # P = 1..64, 3 seeds at P = 1 and 4, the three forms at P = 4, the conversion and deployment chain;

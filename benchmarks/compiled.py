@@ -4,7 +4,7 @@ HetConv: Singh et al., CVPR 2019, https://arxiv.org/abs/1903.04120. Since the CP
 registered operator ``torch.ops.sparse_hetconv.het_conv2d``, ``torch.compile`` keeps them (it used
 to run ``blocked`` under graph capture) and Inductor fuses BatchNorm, ReLU and pooling around them.
 This measures what that buys: per P, the sparse model (``to_sparse``'s default, ``backend="auto"``)
-and the masked model (the published gwc + pwc layout), eager and compiled (``torch.compile``,
+and, with ``--masked``, the masked model (the published gwc + pwc layout), eager and compiled (``torch.compile``,
 default mode), in interleaved rounds: an eval forward (``no_grad``) and a training step (forward,
 cross-entropy, backward, SGD with momentum), channels-last, batch ``--batch``. Reported: medians and the median
 of per-round ratios. Compilation time is reported separately (it happens once per model and mode).
@@ -54,7 +54,9 @@ def _step(model: nn.Module, run, optimizer, x, y, train: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled", description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--parts", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    parser.add_argument("--masked", action="store_true",
+                        help="also the masked model, eager and compiled (two more compilations per P)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "compiled.json", help="JSON (and .md beside it)")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for part in args.parts:
         variants = {}
-        for form in ("sparse", "masked"):
+        for form in ("sparse", "masked") if args.masked else ("sparse",):
             for compiled in (False, True):
                 name = f"{form}{' compiled' if compiled else ''}"
                 model, run, optimizer = _models(part, form, compiled)
@@ -86,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
             ms = {name: 1e3 * statistics.median(times[name, train]) for name in variants}
             ratio = statistics.median(e / c for e, c in zip(times["sparse", train], times["sparse compiled", train]))
             over_masked = statistics.median(
-                p / s for p, s in zip(times["masked compiled", train], times["sparse compiled", train]))
+                p / s for p, s in zip(times["masked compiled", train], times["sparse compiled", train])) if args.masked \
+                else None
             rows.append({"part": part, "mode": "training step" if train else "eval forward", "ms": ms,
                          "compiled_speedup": ratio, "compiled_over_masked_compiled": over_masked,
                          "first_calls_s": {name: v[3] for name, v in variants.items()}})
             print(f"P={part} {rows[-1]['mode']}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
-                  + f"; eager/compiled {ratio:.2f}x; masked compiled/sparse compiled {over_masked:.2f}x",
+                  + f"; eager/compiled {ratio:.2f}x"
+                  + (f"; masked compiled/sparse compiled {over_masked:.2f}x" if args.masked else ""),
                   flush=True)
     out = {"machine": machine, "batch": args.batch, "rounds": args.rounds, "rows": rows,
            "command": " ".join(["python -m benchmarks.compiled"] + (sys.argv[1:] if argv is None else argv))}
@@ -103,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
              "masked compiled (ms) | masked compiled / sparse compiled |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ms = r["ms"]
+        masked = (f"{ms['masked']:.1f} | {ms['masked compiled']:.1f} | {r['compiled_over_masked_compiled']:.2f}x"
+                  if args.masked else "— | — | —")
         lines.append(f"| {r['part']} | {r['mode']} | {ms['sparse']:.1f} | {ms['sparse compiled']:.1f} | "
-                     f"{r['compiled_speedup']:.2f}x | {ms['masked']:.1f} | {ms['masked compiled']:.1f} | "
-                     f"{r['compiled_over_masked_compiled']:.2f}x |")
+                     f"{r['compiled_speedup']:.2f}x | {masked} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
