@@ -98,15 +98,18 @@ def test_every_path_matches_the_oracle_forward_and_backward(kernel):
 def test_gradcheck_gradgradcheck_forward_mode_and_batched_gradients_in_float64():
     """PyTorch's numerical checks through the operator (the stock path computes float64): first
     and second derivatives, forward-mode AD and vmap over the backward (batched gradients)."""
-    x, wk, w1, b = _layer(M=8, N=8, P=2, batch=1, size=(4, 3), dtype=torch.float64)
-    for geometry in (_geometry(part=2), _geometry(stride=(2, 1), part=2), _geometry(dilation=(1, 2), part=2)):
+    x, wk, w1, b = _layer(M=4, N=4, P=2, batch=1, size=(4, 3), dtype=torch.float64)
+    geometries = (_geometry(part=2), _geometry(stride=(2, 1), part=2), _geometry(dilation=(1, 2), part=2))
+    for first, geometry in zip((True, False, False), geometries):
         inputs = tuple(t.clone().requires_grad_() for t in (x, wk, w1, b))
 
         def f(*t, geometry=geometry):
             return ops.het_conv2d(*t, *geometry)
 
         assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_batched_grad=True)
-        assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=True)
+        # batched second derivatives run one backward per vector (the legacy vmap of gradgradcheck
+        # does not use the operator's vmap rule): checked on one geometry, which is minutes otherwise
+        assert torch.autograd.gradgradcheck(f, inputs, check_fwd_over_rev=True, check_batched_grad=first)
 
 
 def _reference_grads(x, wk, w1, b, geometry, u):

@@ -186,7 +186,10 @@ def _select(impl: str, input: Tensor, weight_kxk: Tensor, padding, dilation, par
     if impl == "stock":
         return "stock"
     if impl == "auto":
-        for name in ("cpu", "triton"):
+        # Triton on CUDA only: on the CPU its interpreter (TRITON_INTERPRET=1) runs the kernels for
+        # testing, thousands of times slower than the stock formulation; it is asked for by name.
+        names = ("cpu", "triton") if input.device.type != "cpu" else ("cpu",)
+        for name in names:
             if _cannot(name, input, weight_kxk, padding, dilation, part) is None:
                 return name
         return "stock"
