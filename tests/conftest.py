@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Under pytest-xdist (make test runs one worker per core) the workers share the cores: each takes
 # its share of torch's threads, so no worker's OpenMP team spins waiting for a core another holds.
+# (OMP_NUM_THREADS too, so that the processes a test starts take the same share.)
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    _share = max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_share)
+    os.environ["OMP_NUM_THREADS"] = str(_share)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
