@@ -37,7 +37,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Latency and memory of every HetConv form, then the deployment benchmark (ONNX Runtime, OpenVINO,
-# int8), then torch.compile against eager at P = 2..64 (benchmarks/compiled.py); about 30 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes
+# int8), then torch.compile against eager at P = 2..64 (benchmarks/compiled.py, 1.5 min); about
+# 22 min in all on 2 cores (BENCH_ARGS=--quick: the first in under 6 min). Writes
 # benchmarks/results/ (JSON as results come in, markdown, plots) and regenerates docs/performance.md.
 bench: $(STAMP)
 	$(TIMING_ENV) $(PY) -m benchmarks.bench $(BENCH_ARGS)

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.randint(0, 10, (args.batch,))
     rows = []
     for part in args.parts:
+        # Each P is a new model through the same forward code: without a reset, dynamo's recompile
+        # limit (8 graphs per code object, grad mode included) sends the later P back to eager.
+        torch._dynamo.reset()
         variants = {}
         for form in ("sparse", "masked") if args.masked else ("sparse",):
             for compiled in (False, True):
